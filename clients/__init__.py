@@ -1,0 +1,1 @@
+"""ropeserve clients: the `ropeserve` command line and a small Python client."""

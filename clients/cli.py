@@ -1,0 +1,76 @@
+"""The `ropeserve` command: serve, convert the bundled model, run benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.logging_setup import configure_logging
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from server.model_store import ensure_default_checkpoint
+
+    path = ensure_default_checkpoint(Path(args.cache_dir) if args.cache_dir else None)
+    print(path)
+    return 0
+
+
+def _bench_passkey(args: argparse.Namespace) -> int:
+    from clients.bench_passkey import main as passkey_main
+
+    return passkey_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ropeserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the HTTP API (settings also from ROPESERVE_* env vars)")
+    serve.add_argument("--model", help="HF checkpoint dir or hub id (default: bundled SmolLM2-135M-Instruct)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--default-strategy", dest="default_strategy")
+    serve.add_argument("--served-model-name", dest="served_model_name")
+    serve.add_argument("--kv-cache-gib", dest="kv_cache_gib", type=int)
+    serve.add_argument("--max-num-seqs", dest="max_num_seqs", type=int)
+    serve.add_argument("--dtype")
+    serve.set_defaults(func=_serve)
+
+    convert = sub.add_parser("convert", help="convert the bundled GGUF to a HF checkpoint (once)")
+    convert.add_argument("--cache-dir", help="default: $ROPESERVE_MODEL_CACHE or ~/.cache/ropeserve/models")
+    convert.set_defaults(func=_convert)
+
+    bench = sub.add_parser("bench", help="benchmarks against a running server")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    passkey = bench_sub.add_parser("passkey", help="passkey retrieval per strategy and length; prints a markdown table")
+    from clients.bench_passkey import add_arguments as _passkey_arguments
+
+    _passkey_arguments(passkey)
+    passkey.set_defaults(func=_bench_passkey)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

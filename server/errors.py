@@ -1,0 +1,92 @@
+"""Every error leaves as `{"error", "error_type"}` with a 4xx status when the client is at fault."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engines.pool import EnginePoolFull
+from server.schemas import ErrorResponse, ErrorType
+from server.service import Overloaded
+from server.sse import ClientDisconnected
+from strategies.base import StrategyError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, error_type: ErrorType) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+
+
+def validation_error(message: str) -> ApiError:
+    return ApiError(422, message, "validation")
+
+
+def error_body(message: str, error_type: ErrorType) -> dict[str, Any]:
+    return ErrorResponse(error=message, error_type=error_type).model_dump()
+
+
+def error_response(status: int, message: str, error_type: ErrorType) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(message, error_type))
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "none"}
+
+
+def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        # pydantic reports the union branch it tried (e.g. "str", "list[str]"); the field is enough.
+        loc = [p for p in loc if p not in _UNION_TAGS and not p.startswith(("list[", "dict[", "function-"))]
+        where = ".".join(loc) or "body"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":
+            where, msg = "body", f"malformed JSON ({err.get('ctx', {}).get('error', 'parse error')})"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(dict.fromkeys(parts))
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    """Map a domain exception to its HTTP meaning (also used inside SSE streams)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, StrategyError):
+        return validation_error(exc.message)
+    if isinstance(exc, ClientDisconnected):
+        return ApiError(499, "the client closed the connection", "generation")
+    if isinstance(exc, (Overloaded, EnginePoolFull)):
+        return ApiError(429, str(exc), "overloaded")
+    log.error("generation failed", exc_info=exc)
+    # TGI answers engine failures with 424 (the request was fine; the backend failed).
+    return ApiError(424, f"generation failed: {type(exc).__name__}: {exc}", "generation")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, describe_validation_errors(list(exc.errors())), "validation")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type: ErrorType = "unauthorized" if exc.status_code == 401 else "validation"
+        return error_response(exc.status_code, str(exc.detail), error_type)
+
+    async def _domain(_: Request, exc: Exception) -> JSONResponse:
+        err = as_api_error(exc)
+        return error_response(err.status, err.message, err.error_type)
+
+    # Expected errors get their own handlers: Starlette's catch-all for Exception also re-raises
+    # into the server log as a crash, which these are not.
+    for expected in (ApiError, StrategyError, Overloaded, EnginePoolFull, ClientDisconnected):
+        app.add_exception_handler(expected, _domain)
+    app.add_exception_handler(Exception, _domain)

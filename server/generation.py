@@ -1,0 +1,106 @@
+"""Request bodies to engine-neutral values, and engine steps back to full results.
+
+Shared by the TGI and OpenAI routes, so both apply the same limits and the same TGI meanings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.engines.base import EngineStep, FinishReason, SamplingOptions, TokenEvent
+from server.errors import validation_error
+from server.schemas import CompletionRequest, GenerateParameters, GenerateRequest
+from server.settings import Settings
+
+TGI_DEFAULT_MAX_NEW_TOKENS = 100
+
+
+def documents_of(context: str | list[str] | None) -> tuple[str, ...]:
+    if context is None:
+        return ()
+    return (context,) if isinstance(context, str) else tuple(context)
+
+
+def check_limits(settings: Settings, max_new_tokens: int, field_name: str, texts: list[str]) -> None:
+    if max_new_tokens > settings.max_new_tokens_limit:
+        raise validation_error(
+            f"{field_name}: must be <= {settings.max_new_tokens_limit} (got {max_new_tokens})"
+        )
+    chars = sum(len(t) for t in texts)
+    if chars > settings.max_input_chars:
+        raise validation_error(
+            f"inputs: inputs and context together hold {chars} characters; the limit is {settings.max_input_chars}"
+        )
+
+
+def tgi_sampling(params: GenerateParameters, settings: Settings) -> SamplingOptions:
+    """TGI samples when do_sample is set or any warper is set (temperature != 1, top_k, top_p < 1, typical_p < 1)."""
+    max_new = params.max_new_tokens or min(TGI_DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens_limit)
+    warped = (
+        (params.temperature is not None and params.temperature != 1.0)
+        or params.top_k is not None
+        or (params.top_p is not None and params.top_p < 1.0)
+        or (params.typical_p is not None and params.typical_p < 1.0)
+    )
+    return SamplingOptions(
+        max_new_tokens=max_new,
+        greedy=not (params.do_sample or warped),
+        temperature=params.temperature or 1.0,
+        top_p=params.top_p or 1.0,
+        top_k=params.top_k,
+        seed=params.seed,
+        stop=tuple(params.stop),
+        repetition_penalty=params.repetition_penalty or 1.0,
+        frequency_penalty=params.frequency_penalty or 0.0,
+        top_logprobs=params.top_n_tokens or 0,
+    )
+
+
+def tgi_request_values(body: GenerateRequest, settings: Settings) -> tuple[tuple[str, ...], SamplingOptions]:
+    documents = documents_of(body.context)
+    sampling = tgi_sampling(body.parameters, settings)
+    check_limits(settings, sampling.max_new_tokens, "parameters.max_new_tokens", [body.inputs, *documents])
+    return documents, sampling
+
+
+def openai_sampling(body: CompletionRequest, settings: Settings) -> SamplingOptions:
+    max_new = body.max_tokens or 16
+    check_limits(settings, max_new, "max_tokens", [body.prompt_text(), *documents_of(body.context)])
+    temperature = 1.0 if body.temperature is None else body.temperature
+    return SamplingOptions(
+        max_new_tokens=max_new,
+        greedy=temperature == 0.0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_p=body.top_p or 1.0,
+        top_k=body.top_k if body.top_k and body.top_k > 0 else None,
+        seed=body.seed,
+        stop=tuple(body.stop_list()),
+        repetition_penalty=body.repetition_penalty or 1.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        ignore_eos=body.ignore_eos,
+        top_logprobs=body.logprobs or 0,
+    )
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finish_reason: FinishReason = "length"
+    prompt_tokens: int = 0
+
+    def add(self, step: EngineStep) -> None:
+        self.text += step.text
+        self.tokens.extend(step.tokens)
+        self.prompt_tokens = max(self.prompt_tokens, step.prompt_tokens)
+        if step.finished and step.finish_reason is not None:
+            self.finish_reason = step.finish_reason
+
+
+async def collect(steps: AsyncIterator[EngineStep]) -> GenerationResult:
+    result = GenerationResult()
+    async for step in steps:
+        result.add(step)
+    return result

@@ -1,0 +1,68 @@
+"""Read-only routes: /info, /health, /strategies, /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server import __version__
+from server.deps import get_service, get_settings_dep
+from server.errors import error_response
+from server.schemas import HealthResponse, InfoResponse, StrategiesResponse, StrategyInfo
+from server.service import GenerationService
+from server.settings import Settings
+
+router = APIRouter()
+
+
+@router.get("/health", response_model=HealthResponse)
+async def health(request: Request) -> HealthResponse | Response:
+    service: GenerationService | None = getattr(request.app.state, "service", None)
+    if service is None:
+        return error_response(503, "the engine is still starting", "generation")
+    try:
+        for engine in service.pool.engines():
+            await engine.check_health()
+    except Exception as exc:  # a dead engine core makes the server unhealthy, not the request invalid
+        return error_response(503, f"engine unhealthy: {exc}", "generation")
+    return HealthResponse(status="ok")
+
+
+@router.get("/info", response_model=InfoResponse)
+async def info(
+    service: GenerationService = Depends(get_service), settings: Settings = Depends(get_settings_dep)
+) -> InfoResponse:
+    engines = service.pool.engines()
+    dtype = str(getattr(engines[0], "dtype", settings.dtype)) if engines else settings.dtype
+    return InfoResponse(
+        model_id=settings.served_model_name or service.model.model_id,
+        model_dtype=dtype,
+        native_context_window=service.model.native_window,
+        max_total_tokens=service.model.native_window,
+        max_new_tokens_limit=settings.max_new_tokens_limit,
+        engine=engines[0].kind if engines else "vllm",
+        default_strategy=service.default_strategy,
+        version=__version__,
+    )
+
+
+@router.get("/strategies", response_model=StrategiesResponse)
+async def strategies(service: GenerationService = Depends(get_service)) -> StrategiesResponse:
+    return StrategiesResponse(
+        default=service.default_strategy,
+        strategies=[
+            StrategyInfo(
+                name=cls.name,
+                description=cls.description,
+                parameters_schema=cls.parameters_schema(),
+                engines=list(cls.engines),
+            )
+            for cls in service.registry.classes()
+        ],
+    )
+
+
+@router.get("/metrics")
+async def metrics(service: GenerationService = Depends(get_service)) -> Response:
+    service.refresh_gauges()
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,307 @@
+"""Prometheus metrics (names per CONTRACT.md). Labels stay bounded: strategy names, statuses and
+engine names (RoPE type and factor), never parameter values or prompts.
+
+Two sources feed this room:
+- `GenerationService` times what the client sees (TTFT, inter-token latency, duration, tokens),
+  because only it sees a request whole (an NBCE request is several engine rows);
+- the engine's stats listener (`engine_listener`) passes on what vLLM already measures per
+  iteration: KV-cache use, running/waiting requests, preemptions, and per finished request the
+  scheduler queue time and prefill time. It is duck-typed on vLLM's stats objects, so nothing here
+  imports vLLM; vLLM's own Prometheus logger (metric names with colons) stays off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# `*_created` series double every counter and histogram and nothing here reads them.
+disable_created_metrics()
+
+# Latency buckets span a GPU's milliseconds and a 2-core CPU's tens of seconds.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
+KV_TOKEN_BUCKETS = (128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
+
+REQUEST_STATUSES = ("success", "error", "cancelled", "overloaded", "invalid")
+# Label for a request whose strategy name is not registered (the name itself is client input).
+UNKNOWN_STRATEGY = "unknown"
+# Request ids are uuid4().hex; engine rows of one request (NBCE) extend it with a suffix.
+REQUEST_ID_CHARS = 32
+MAX_TRACKED_REQUESTS = 8192
+
+
+def engine_label(engine: Any) -> str:
+    """A short label for an engine: the RoPE type and its factor (or base), not the whole dict.
+
+    Engines start per RoPE configuration (tens of seconds each) and the pool holds a few, so the
+    values stay few; gauges of evicted engines are removed (`Metrics.refresh_engines`).
+    """
+    if engine.rope.is_native:
+        return "native"
+    params = engine.rope.as_dict()
+    label = str(params.get("rope_type", "custom"))
+    if params.get("factor") is not None:
+        label += f"-x{float(params['factor']):g}"
+    elif params.get("rope_theta") is not None:
+        label += f"-theta{float(params['rope_theta']):.0f}"
+    if engine.rope.max_model_len is not None:
+        label += f"-{int(engine.rope.max_model_len)}"
+    return label
+
+
+class GpuMemoryCollector(Collector):
+    """Device memory in use and in total per GPU; registered only where a GPU exists.
+
+    vLLM's engine core is another process, so per-process counters of this one would read 0:
+    this reads the device (NVML when installed, else torch.cuda.mem_get_info).
+    """
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        try:
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self.device_count = int(pynvml.nvmlDeviceGetCount())
+        except Exception:
+            self._nvml = None
+            self.device_count = _torch_cuda_device_count()
+
+    def _read(self) -> Iterator[tuple[str, int, int]]:
+        for i in range(self.device_count):
+            try:
+                if self._nvml is not None:
+                    info = self._nvml.nvmlDeviceGetMemoryInfo(self._nvml.nvmlDeviceGetHandleByIndex(i))
+                    yield str(i), int(info.used), int(info.total)
+                else:
+                    import torch
+
+                    free, total = torch.cuda.mem_get_info(i)
+                    yield str(i), int(total - free), int(total)
+            except Exception:  # a scrape must not fail because a driver call did
+                log.debug("could not read memory of GPU %d", i, exc_info=True)
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        used = GaugeMetricFamily("ropeserve_gpu_memory_used_bytes", "GPU memory in use (whole device).", labels=["gpu"])
+        total = GaugeMetricFamily("ropeserve_gpu_memory_total_bytes", "GPU memory in total.", labels=["gpu"])
+        for gpu, u, t in self._read():
+            used.add_metric([gpu], u)
+            total.add_metric([gpu], t)
+        yield used
+        yield total
+
+
+def _torch_cuda_device_count() -> int:
+    try:
+        import torch
+
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+class ChildProcessMemoryCollector(Collector):
+    """Resident memory of this process's children: vLLM's engine cores, which hold weights and
+    (on CPU) the KV cache. `process_resident_memory_bytes` covers only the API process."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._me = psutil.Process(os.getpid())
+        self._psutil = psutil
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        total = 0
+        for child in self._me.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
+                continue
+        yield GaugeMetricFamily(
+            "ropeserve_engine_processes_resident_memory_bytes",
+            "Resident memory of the server's child processes (vLLM engine cores).",
+            value=total,
+        )
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, gpu: bool | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        r = self.registry
+        # --- what the client sees, per strategy (GenerationService) ---
+        self.time_to_first_token = Histogram(
+            "ropeserve_time_to_first_token_seconds",
+            "Time from request arrival to its first generated token.",
+            ["strategy"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "ropeserve_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one request.",
+            ["strategy"], buckets=TOKEN_LATENCY_BUCKETS, registry=r,
+        )
+        self.request_duration = Histogram(
+            "ropeserve_request_duration_seconds",
+            "Time from request arrival to its last token (end to end).",
+            ["strategy"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "ropeserve_requests", "Requests by strategy and outcome.", ["strategy", "status"], registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "ropeserve_prompt_tokens", "Prompt tokens of finished requests (all rows).", ["strategy"], registry=r,
+        )
+        self.generated_tokens = Counter(
+            "ropeserve_generated_tokens", "Generated tokens.", ["strategy"], registry=r,
+        )
+        self.request_kv_tokens = Histogram(
+            "ropeserve_request_kv_tokens",
+            "KV-cache tokens a request held at its peak (NBCE counts every row).",
+            ["strategy"], buckets=KV_TOKEN_BUCKETS, registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            "ropeserve_requests_in_flight", "Requests being served now.", ["strategy"], registry=r,
+        )
+        # --- what vLLM measures (engine_listener) ---
+        self.request_queue_time = Histogram(
+            "ropeserve_request_queue_time_seconds",
+            "Time a request's engine rows waited in vLLM's scheduler queue (as vLLM measures it).",
+            ["strategy"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.request_prefill_time = Histogram(
+            "ropeserve_request_prefill_time_seconds",
+            "Time from a row's scheduling to its first token (as vLLM measures it).",
+            ["strategy"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.requests_running = Gauge(
+            "ropeserve_requests_running", "Engine rows vLLM's scheduler is running, per engine.", ["engine"], registry=r,
+        )
+        self.requests_queued = Gauge(
+            "ropeserve_requests_queued", "Engine rows waiting in vLLM's scheduler queue, per engine.", ["engine"], registry=r,
+        )
+        self.kv_cache_usage = Gauge(
+            "ropeserve_kv_cache_usage_ratio", "Fraction of the KV cache in use, per engine.", ["engine"], registry=r,
+        )
+        self.preemptions = Counter(
+            "ropeserve_engine_preemptions", "Rows vLLM preempted (KV cache full), per engine.", ["engine"], registry=r,
+        )
+        # --- engines (pool) ---
+        self.engines = Gauge("ropeserve_engines", "Engines running.", registry=r)
+        self.engine_startup = Gauge(
+            "ropeserve_engine_startup_seconds", "How long each running engine took to start.", ["engine"], registry=r,
+        )
+        self.engine_starts = Counter(
+            "ropeserve_engine_starts", "Engines started since the server started.", ["engine"], registry=r,
+        )
+        # --- memory ---
+        if gpu is None:
+            gpu = _torch_cuda_device_count() > 0
+        if gpu:
+            r.register(GpuMemoryCollector())
+        try:
+            r.register(ChildProcessMemoryCollector())
+        except Exception:  # psutil is vLLM's dependency; without it, this one gauge is absent
+            log.debug("no child-process memory gauge", exc_info=True)
+        self._request_strategy: OrderedDict[str, str] = OrderedDict()
+        self._engine_labels: set[str] = set()
+        self._seen_engines: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def init_strategies(self, names: Iterable[str]) -> None:
+        """Export every registered strategy's series at zero from the start, so `rate()` sees a
+        strategy's first request as an increase and dashboards list strategies before traffic."""
+        for name in names:
+            for histogram in (
+                self.time_to_first_token, self.inter_token_latency, self.request_duration,
+                self.request_kv_tokens, self.request_queue_time, self.request_prefill_time,
+            ):
+                histogram.labels(name)
+            for counter in (self.prompt_tokens, self.generated_tokens):
+                counter.labels(name)
+            for status in REQUEST_STATUSES:
+                self.requests.labels(name, status)
+            self.requests_in_flight.labels(name)
+
+    def track_request(self, request_id: str, strategy: str) -> None:
+        """Remember a request's strategy so vLLM's per-row stats can be labelled with it."""
+        self._request_strategy[request_id[:REQUEST_ID_CHARS]] = strategy
+        while len(self._request_strategy) > MAX_TRACKED_REQUESTS:
+            self._request_strategy.popitem(last=False)
+
+    def _strategy_of(self, engine_request_id: str | None) -> str | None:
+        if not engine_request_id:
+            return None
+        return self._request_strategy.get(engine_request_id[:REQUEST_ID_CHARS])
+
+    # --- engines --------------------------------------------------------------------------------
+
+    def engine_listener(self, engine: Any, scheduler_stats: Any, iteration_stats: Any) -> None:
+        """The engine's stats listener: called on the event loop after every vLLM iteration."""
+        try:
+            label = engine_label(engine)
+            if scheduler_stats is not None:
+                self._engine_labels.add(label)
+                self.kv_cache_usage.labels(label).set(float(scheduler_stats.kv_cache_usage))
+                self.requests_running.labels(label).set(int(scheduler_stats.num_running_reqs))
+                self.requests_queued.labels(label).set(int(scheduler_stats.num_waiting_reqs))
+            if iteration_stats is not None:
+                if getattr(iteration_stats, "num_preempted_reqs", 0):
+                    self.preemptions.labels(label).inc(iteration_stats.num_preempted_reqs)
+                for finished in getattr(iteration_stats, "finished_requests", ()) or ():
+                    strategy = self._strategy_of(getattr(finished, "request_id", None))
+                    if strategy is None:
+                        continue
+                    self.request_queue_time.labels(strategy).observe(max(0.0, float(finished.queued_time)))
+                    self.request_prefill_time.labels(strategy).observe(max(0.0, float(finished.prefill_time)))
+        except Exception:  # metrics must never break the engine's output loop
+            log.exception("engine stats listener failed")
+
+    def refresh_engines(self, engines: list[Any]) -> None:
+        """Engine count and per-engine gauges; drops the labels of engines that are gone."""
+        self.engines.set(len(engines))
+        live = set()
+        for engine in engines:
+            label = engine_label(engine)
+            live.add(label)
+            try:
+                new = engine not in self._seen_engines
+                if new:
+                    self._seen_engines.add(engine)
+            except TypeError:  # an unhashable test double
+                new = False
+            if new:
+                self.engine_starts.labels(label).inc()
+            startup = getattr(engine, "startup_seconds", None)
+            if startup is not None:
+                self.engine_startup.labels(label).set(startup)
+        for gone in self._engine_labels - live:
+            for gauge in (self.kv_cache_usage, self.requests_running, self.requests_queued, self.engine_startup):
+                try:
+                    gauge.remove(gone)
+                except KeyError:
+                    pass
+        self._engine_labels = live

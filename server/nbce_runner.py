@@ -1,0 +1,268 @@
+"""Runs NBCE plans: all rows of a request decode in lockstep inside the shared vLLM engine.
+
+Design
+------
+* **Exact, in the engine.** The combination happens in a batch-level vLLM logits processor
+  (server/engines/nbce_processor.py) on the full-vocabulary float32 logits of the rows: at a
+  step where every row of the request is scheduled at its decode point and at the same output
+  length, it computes the NBCE token (pooling, beta, eta, optional per-row top_p, then greedy or
+  seeded sampling) and forces it in every row. Nothing is approximated: the tokens are those of
+  a straightforward NBCE over the same rows and the engine's logits. (A step-by-step design that
+  combined top-20 logprobs in the server was tried first and was not exact.)
+* **Batched, not serialized.** The rows are ordinary vLLM requests: they share the continuous
+  batch with every other request, and an NBCE request blocks nobody.
+* **Lockstep and resubmission.** Rows must enter the batch together. The runner first prefills
+  every row, one after the other, as a one-token request (chunked prefill, interleaved with other
+  traffic, filling the prefix cache), then admits the rows as one group (`VllmEngine.generate_group`: the scheduler
+  is held for the few milliseconds of the admission), so they start from cache hits in one step.
+  Should they still fall out of step (a peer prefilled in a later step under a full token budget,
+  preemption under KV pressure), the processor forces per-row marker tokens, the rows' outputs
+  disagree at that position, and the runner aborts the rows and submits them again with the
+  confirmed tokens appended to their prompts — cheap, since prefix caching keeps their KV. A token
+  is confirmed only when every row emitted it at the same position, so a desync never leaks out.
+  `job.stats["nbce_resubmits"]` counts these; they are rare (0 in the common case).
+* **dtype.** vLLM runs the bundled model in bfloat16 on CPU by default. The processor combines
+  whatever logits the engine computes, so NBCE is exact with respect to the engine in any dtype;
+  but a bf16 engine and a transformers reference never agree bit for bit (different kernels,
+  logits rounded to 8 mantissa bits: ties between top tokens are common). The exactness tests
+  therefore run the engine in float32 (`ROPESERVE_DTYPE=float32`, what the test server uses) and
+  compare with the float32 reference (strategies/nbce_reference.py); near-ties (top-2 gap < 1e-4)
+  may break either way. Production serving may keep bf16.
+* **Streaming, cancellation.** Each confirmed token is yielded as an EngineStep at once; if the
+  consumer goes away, every row of the request is aborted (their KV blocks freed).
+* **Accounting.** `job.stats["kv_tokens"]` is what the rows held together (all rows' prompts plus
+  every row's generated tokens).
+
+Repetition/frequency/presence penalties are not applied to NBCE (the rows are forced); stop
+strings, EOS, ignore_eos, max_new_tokens and do_sample/temperature/top_k/top_p/seed are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from server.engines.base import Engine, EngineStep, RowRequest, SamplingOptions, TokenEvent
+
+log = logging.getLogger(__name__)
+
+MAX_RESUBMITS = 64
+
+
+class NbceError(RuntimeError):
+    pass
+
+
+class _Detokenizer:
+    """Incremental text of the confirmed tokens (holds back incomplete UTF-8)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        # Decoding the whole sequence again keeps spacing exact; the earlier text never changes
+        # except for a held-back partial character.
+        common = 0
+        for a, b in zip(self.emitted, text):
+            if a != b:
+                break
+            common += 1
+        delta = text[common:]
+        self.emitted = text
+        return delta
+
+
+def _info(job: Any) -> dict[str, Any]:
+    c = job.plan.combiner or {}
+    s = job.sampling
+    return {
+        "job": job.request_id,
+        "n": len(job.plan.rows),
+        "beta": float(c.get("beta", 0.25)),
+        "pooling": c.get("pooling", "min_entropy"),
+        "eta": float(c.get("eta", 0.0)),
+        "top_p": c.get("top_p"),
+        "greedy": bool(s.greedy),
+        "temperature": float(s.temperature),
+        "top_k": s.top_k,
+        "sample_top_p": float(s.top_p) if s.top_p is not None else None,
+        "seed": s.seed,
+    }
+
+
+async def _drain(stream: AsyncIterator[EngineStep]) -> None:
+    async for _ in stream:
+        pass
+
+
+async def _prefill(engine: Engine, job: Any, cache_salt: str | None) -> None:
+    """Every row as a one-token request: fills the prefix cache, batched with other traffic.
+
+    One row after the other: a row in chunked prefill is a *running* request and takes the whole
+    token budget of a step, so all rows at once would keep newly arriving requests waiting until
+    the whole document is read (measured: 2 ordinary requests served in 560 s of a 30k-token
+    NBCE prefill). Row by row, requests that arrive meanwhile are admitted between rows.
+    """
+    for k, row in enumerate(job.plan.rows):
+        request = RowRequest(f"{job.request_id}:prefill:{k}", row, SamplingOptions(max_new_tokens=1), cache_salt)
+        stream = engine.generate(request)
+        try:
+            await _drain(stream)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _open(engine: Engine, rows: list[RowRequest]) -> list[AsyncIterator[EngineStep]]:
+    group = getattr(engine, "generate_group", None)
+    if group is not None:
+        return await group(rows)
+    return [engine.generate(r) for r in rows]
+
+
+async def _pump(k: int, stream: AsyncIterator[EngineStep], queue: asyncio.Queue) -> None:
+    try:
+        async for step in stream:
+            await queue.put((k, step))
+        await queue.put((k, None))
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - handed to the runner
+        await queue.put((k, exc))
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except BaseException:  # noqa: BLE001
+                pass
+
+
+async def run_nbce(engine: Engine, job: Any) -> AsyncIterator[EngineStep]:
+    plan, sampling = job.plan, job.sampling
+    rows: list[list[int]] = plan.rows
+    n = len(rows)
+    cache_salt = None if plan.rope.is_native else plan.rope.key()
+    tokenizer = engine.tokenizer
+    special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+    eos = set(getattr(engine.model, "eos_token_ids", ()) or ())
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos.add(tokenizer.eos_token_id)
+    max_new = sampling.max_new_tokens
+    stops = tuple(s for s in sampling.stop if s)
+    base_info = _info(job)
+    prompt_total = sum(len(r) for r in rows)
+    confirmed: list[int] = []
+    detok = _Detokenizer(tokenizer)
+    job.stats.update(kv_tokens=prompt_total, nbce_rows=n, nbce_resubmits=0)
+    current_ids: list[str] = []
+
+    async def abort_current() -> None:
+        if current_ids:
+            ids = list(current_ids)
+            current_ids.clear()
+            try:
+                await asyncio.shield(engine.abort(ids))
+            except Exception:  # noqa: BLE001
+                log.debug("abort of nbce rows failed", exc_info=True)
+
+    try:
+        await _prefill(engine, job, cache_salt)
+        attempt = 0
+        finish: str | None = None
+        while finish is None:
+            remaining = max_new - len(confirmed)
+            group = f"{job.request_id}:{attempt}"
+            info = {**base_info, "group": group, "base": len(confirmed)}
+            row_requests = [
+                RowRequest(
+                    f"{group}:{k}",
+                    rows[k] + confirmed,
+                    SamplingOptions(
+                        max_new_tokens=remaining, greedy=True, ignore_eos=sampling.ignore_eos,
+                        extra_args={"nbce": {**info, "row": k}},
+                    ),
+                    cache_salt,
+                )
+                for k in range(n)
+            ]
+            current_ids[:] = [r.request_id for r in row_requests]
+            streams = await _open(engine, row_requests)
+            queue: asyncio.Queue = asyncio.Queue()
+            tasks = [asyncio.create_task(_pump(k, s, queue)) for k, s in enumerate(streams)]
+            outs: list[list[int]] = [[] for _ in range(n)]
+            ended = [False] * n
+            pos = 0
+            desynced = False
+            try:
+                while finish is None and not desynced:
+                    k, step = await queue.get()
+                    if isinstance(step, BaseException):
+                        raise NbceError(f"an nbce row failed: {step}") from step
+                    if step is None:
+                        ended[k] = True
+                    else:
+                        outs[k].extend(t.id for t in step.tokens)
+                        if step.finished:
+                            ended[k] = True
+                    while finish is None and all(len(o) > pos for o in outs):
+                        token = outs[0][pos]
+                        if any(o[pos] != token for o in outs):
+                            desynced = True
+                            break
+                        pos += 1
+                        confirmed.append(token)
+                        is_eos = token in eos and not sampling.ignore_eos
+                        delta = "" if token in special else detok.add(token)
+                        event = TokenEvent(id=token, text=tokenizer.decode([token]), logprob=None,
+                                           special=token in special)
+                        if stops:
+                            hit = _find_stop(detok.emitted, stops, len(detok.emitted) - len(delta))
+                            if hit is not None:
+                                cut = len(detok.emitted) - hit  # characters past the stop's start
+                                delta = delta[: max(0, len(delta) - cut)]
+                                finish = "stop_sequence"
+                        if finish is None and is_eos:
+                            finish = "eos_token"
+                        if finish is None and len(confirmed) >= max_new:
+                            finish = "length"
+                        job.stats["kv_tokens"] = prompt_total + n * len(confirmed)
+                        yield EngineStep(tokens=[event], text=delta, finished=finish is not None,
+                                         finish_reason=finish, prompt_tokens=prompt_total)
+                    if finish is None and not desynced and all(ended):
+                        # Every row stopped without the group finishing: they disagreed on length.
+                        desynced = True
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await abort_current()
+            if desynced:
+                attempt += 1
+                job.stats["nbce_resubmits"] = attempt
+                log.info("nbce %s: rows out of step at token %d; resubmitting (attempt %d)",
+                         job.request_id, len(confirmed), attempt)
+                if attempt > MAX_RESUBMITS:
+                    raise NbceError(f"nbce rows fell out of step {attempt} times; giving up")
+    finally:
+        await abort_current()
+
+
+def _find_stop(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
+    """Start of the first stop string that ends in the new part of `text`, else None."""
+    start = max(0, new_from - max(len(s) for s in stops))
+    best = None
+    for s in stops:
+        i = text.find(s, start)
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best

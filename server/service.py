@@ -1,0 +1,227 @@
+"""Between HTTP and engines: resolve the strategy, plan, run the plan, account for it.
+
+The HTTP layer hands in plain values and gets `EngineStep`s back; it never sees RoPE or vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from server.engines.base import Engine, EngineStep, RowRequest, SamplingOptions, Tokenizer
+from server.engines.pool import EnginePool, EnginePoolFull
+from server.metrics import UNKNOWN_STRATEGY, Metrics, engine_label
+from strategies.base import ExecutionPlan, Strategy, StrategyError, StrategyRequest
+from strategies.registry import StrategyRegistry
+
+log = logging.getLogger("ropeserve.access")
+
+# Texts this long are tokenized off the event loop so other requests keep streaming.
+TOKENIZE_IN_THREAD_CHARS = 20_000
+
+
+class Overloaded(RuntimeError):
+    """The server is at its configured concurrency limit (HTTP 429)."""
+
+
+class PlanRunner(Protocol):
+    """Runs a multi-row plan (e.g. NBCE) on an engine and yields the combined tokens."""
+
+    def __call__(self, engine: Engine, job: Job) -> AsyncIterator[EngineStep]: ...
+
+
+@dataclass
+class Job:
+    request_id: str
+    strategy: Strategy
+    plan: ExecutionPlan
+    sampling: SamplingOptions
+    arrived: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def strategy_name(self) -> str:
+        return self.strategy.name
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.plan.resolved)
+
+
+class GenerationService:
+    def __init__(
+        self,
+        pool: EnginePool,
+        registry: StrategyRegistry,
+        tokenizer: Tokenizer,
+        metrics: Metrics,
+        default_strategy: str,
+        max_concurrent_requests: int,
+        runners: dict[str, PlanRunner] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.default_strategy = default_strategy
+        self.max_concurrent_requests = max_concurrent_requests
+        self.runners: dict[str, PlanRunner] = dict(runners or {})
+        self._active = 0
+        metrics.init_strategies(registry.names())
+
+    @property
+    def model(self):  # noqa: ANN201 - ModelFacts
+        return self.pool.model
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    async def prepare(
+        self,
+        inputs: str,
+        documents: tuple[str, ...],
+        sampling: SamplingOptions,
+        strategy_spec: str | dict[str, Any] | None,
+    ) -> Job:
+        """Validate and plan a request; raises StrategyError (422) before any engine work."""
+        arrived = time.perf_counter()
+        try:
+            strategy = self.registry.resolve(strategy_spec, self.default_strategy)
+            request = StrategyRequest(inputs=inputs, documents=documents, max_new_tokens=sampling.max_new_tokens)
+            if len(inputs) + sum(map(len, documents)) >= TOKENIZE_IN_THREAD_CHARS:
+                plan = await asyncio.to_thread(strategy.plan, request, self.model, self.tokenize)
+            else:
+                plan = strategy.plan(request, self.model, self.tokenize)
+            if plan.combiner is not None and plan.combiner.get("name") not in self.runners:
+                raise StrategyError(f"strategy: no runner for combiner '{plan.combiner.get('name')}'")
+        except StrategyError:
+            self.metrics.requests.labels(self._strategy_label(strategy_spec), "invalid").inc()
+            raise
+        return Job(uuid.uuid4().hex, strategy, plan, sampling, arrived)
+
+    def _strategy_label(self, spec: str | dict[str, Any] | None) -> str:
+        """The metrics label of a request's strategy: a registered name, never raw client input."""
+        name = spec.get("name") if isinstance(spec, dict) else spec
+        if name is None:
+            name = self.default_strategy
+        return name if isinstance(name, str) and name in self.registry.names() else UNKNOWN_STRATEGY
+
+    def refresh_gauges(self) -> None:
+        """Called at scrape time: engine count and per-engine gauges (vLLM's listener keeps them
+        current between scrapes; this also covers engines without one and drops evicted ones)."""
+        engines = self.pool.engines()
+        self.metrics.refresh_engines(engines)
+        for engine in engines:
+            stats = engine.stats()
+            label = engine_label(engine)
+            self.metrics.kv_cache_usage.labels(label).set(stats.kv_cache_usage)
+            self.metrics.requests_running.labels(label).set(stats.running_requests)
+            self.metrics.requests_queued.labels(label).set(stats.waiting_requests)
+
+    def check_capacity(self, job: Job | str) -> None:
+        """Raises Overloaded (429) at the concurrency limit; counted, and logged when given the job."""
+        if self._active >= self.max_concurrent_requests:
+            name = job.strategy_name if isinstance(job, Job) else job
+            self.metrics.requests.labels(name, "overloaded").inc()
+            if isinstance(job, Job):
+                self._log_request(job, "overloaded", None, 0, None, time.perf_counter() - job.arrived)
+            raise Overloaded(f"the server is serving {self._active} requests, its limit; retry later")
+
+    async def run(self, job: Job) -> AsyncIterator[EngineStep]:
+        """Run a prepared job, yielding new tokens as they come; records metrics and the access log."""
+        self.check_capacity(job)
+        self._active += 1
+        m = self.metrics
+        name = job.strategy_name
+        m.requests_in_flight.labels(name).inc()
+        m.track_request(job.request_id, name)
+        status = "error"
+        generated = 0
+        first_at = last_at = None
+        finish_reason = None
+        try:
+            engine = await self.pool.engine_for(job.plan.rope)
+            self.pool.acquire(engine)
+            try:
+                async for step in self._steps(engine, job):
+                    now = time.perf_counter()
+                    if step.tokens:
+                        if first_at is None:
+                            first_at = now
+                            m.time_to_first_token.labels(name).observe(now - job.arrived)
+                            # Tokens that arrive together beyond the first share the wait since it.
+                            gaps = len(step.tokens) - 1
+                            previous = now
+                        else:
+                            gaps = len(step.tokens)
+                            previous = last_at
+                        for _ in range(gaps):
+                            m.inter_token_latency.labels(name).observe((now - previous) / len(step.tokens))
+                        last_at = now
+                    generated += len(step.tokens)
+                    if step.finished:
+                        finish_reason = step.finish_reason
+                    yield step
+            finally:
+                self.pool.release(engine)
+            status = "success"
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            raise
+        except EnginePoolFull:
+            status = "overloaded"
+            raise
+        finally:
+            self._active -= 1
+            m.requests_in_flight.labels(name).dec()
+            duration = time.perf_counter() - job.arrived
+            m.requests.labels(name, status).inc()
+            m.request_duration.labels(name).observe(duration)
+            m.prompt_tokens.labels(name).inc(job.plan.prompt_tokens)
+            m.generated_tokens.labels(name).inc(generated)
+            kv_tokens = job.stats.get("kv_tokens", job.plan.prompt_tokens + generated * len(job.plan.rows))
+            m.request_kv_tokens.labels(name).observe(kv_tokens)
+            ttft = None if first_at is None else first_at - job.arrived
+            self._log_request(job, status, finish_reason, generated, ttft, duration, kv_tokens)
+
+    def _log_request(
+        self,
+        job: Job,
+        status: str,
+        finish_reason: str | None,
+        generated: int,
+        ttft: float | None,
+        duration: float,
+        kv_tokens: int | None = None,
+    ) -> None:
+        """One JSON line on `ropeserve.access` (server/logging_setup.py): ids, strategy, tokens, timings."""
+        tpot = None
+        if ttft is not None and generated > 1:
+            tpot = round((duration - ttft) / (generated - 1), 6)
+        log.info(
+            "request",
+            extra={"access": {
+                "request_id": job.request_id,
+                "strategy": job.strategy_name,
+                "status": status,
+                "finish_reason": finish_reason,
+                "rows": len(job.plan.rows),
+                "prompt_tokens": job.plan.prompt_tokens,
+                "generated_tokens": generated,
+                "max_new_tokens": job.sampling.max_new_tokens,
+                "kv_tokens": kv_tokens,
+                "ttft_s": None if ttft is None else round(ttft, 6),
+                "time_per_output_token_s": tpot,
+                "duration_s": round(duration, 6),
+            }},
+        )
+
+    def _steps(self, engine: Engine, job: Job) -> AsyncIterator[EngineStep]:
+        if job.plan.combiner is not None:
+            return self.runners[job.plan.combiner["name"]](engine, job)
+        cache_salt = None if job.plan.rope.is_native else job.plan.rope.key()
+        return engine.generate(RowRequest(job.request_id, job.plan.rows[0], job.sampling, cache_salt))

@@ -1,0 +1,108 @@
+"""`auto`: pick the strategy by length.
+
+* the plain prompt (documents, blank line, question) plus max_new_tokens fits the native window
+  → `native`;
+* else, up to `max_rope_factor` × the window (and within what the KV cache holds) → the RoPE
+  scaling the RoPE measurements rank best, with the smallest sufficient power-of-two factor
+  (`strategies.rope.suggest_rope_strategy`; see README "Strategies" for the passkey table);
+* beyond that → `nbce` over chunks that fit the native window (it needs a `context`; a prompt
+  that is all `inputs` gets the RoPE scaling while one fits, else the 422 of the chosen strategy).
+
+The response's `strategy` field says what was chosen and why: `{"name": "auto", "chosen": {...},
+"reason": "..."}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from strategies.base import (
+    ExecutionPlan,
+    ModelFacts,
+    Strategy,
+    StrategyError,
+    StrategyParams,
+    StrategyRequest,
+    Tokenize,
+)
+
+# RoPE scaling is measured to serve passkey retrieval on the bundled model up to 12k-16k tokens
+# (strategies/rope.py, README "Strategies"), i.e. factor 2; longer prompts go to NBCE, whose cost
+# grows linearly with the length and whose rows all stay inside the trained window.
+DEFAULT_MAX_ROPE_FACTOR = 2.0
+
+
+class AutoParams(StrategyParams):
+    max_rope_factor: float = Field(
+        default=DEFAULT_MAX_ROPE_FACTOR, ge=1.0, le=16.0,
+        description="longest stretch (x native window) served by RoPE scaling; longer prompts use nbce",
+    )
+    rope: str | None = Field(default=None, description="RoPE strategy name to use (default: the best measured)")
+
+
+def _memo(tokenize: Tokenize) -> Tokenize:
+    cache: dict[str, list[int]] = {}
+
+    def encode(text: str) -> list[int]:
+        ids = cache.get(text)
+        if ids is None:
+            ids = cache[text] = tokenize(text)
+        return list(ids)
+
+    return encode
+
+
+class AutoStrategy(Strategy):
+    name = "auto"
+    description = (
+        "native when the prompt fits the window; else the best measured RoPE scaling with the "
+        "smallest sufficient factor; beyond max_rope_factor x the window, nbce."
+    )
+    Params = AutoParams
+
+    def plan(self, request: StrategyRequest, model: ModelFacts, tokenize: Tokenize) -> ExecutionPlan:
+        from strategies.nbce import _registry
+
+        p: AutoParams = self.params  # type: ignore[assignment]
+        tokenize = _memo(tokenize)
+        registry = _registry()
+        prompt_tokens = len(tokenize(request.plain_prompt()))
+        needed = prompt_tokens + request.max_new_tokens
+        spec: Any
+        if needed <= model.native_window:
+            spec, reason = "native", f"{needed} tokens (prompt + max_new_tokens) fit the native window of {model.native_window}"
+        else:
+            suggestion = self._rope_suggestion(needed, model, p)
+            has_context = any(d.strip() for d in request.documents)
+            if suggestion is not None and (needed <= p.max_rope_factor * model.native_window or not has_context):
+                spec = suggestion
+                reason = (
+                    f"{needed} tokens exceed the native window of {model.native_window}; "
+                    f"'{suggestion['name']}' with the smallest sufficient factor {suggestion['factor']:g}"
+                )
+            elif has_context:
+                spec = {"name": "nbce"}
+                reason = (
+                    f"{needed} tokens exceed what RoPE scaling serves well here "
+                    f"({p.max_rope_factor:g} x {model.native_window}); nbce over chunks of the native window"
+                )
+            else:
+                raise StrategyError(
+                    f"inputs: the prompt needs {needed} tokens, more than RoPE scaling can hold here, and "
+                    "there is no context to split for nbce; pass the document as `context`",
+                    field="inputs",
+                )
+        chosen: Strategy = registry.resolve(spec, "native")
+        plan = chosen.plan(request, model, tokenize)
+        plan.resolved = {"name": self.name, "chosen": plan.resolved, "reason": reason}
+        return plan
+
+    @staticmethod
+    def _rope_suggestion(needed: int, model: ModelFacts, p: AutoParams) -> dict[str, Any] | None:
+        try:
+            from strategies.rope import suggest_rope_strategy
+        except ImportError:
+            return None
+        return suggest_rope_strategy(needed, model, p.rope)

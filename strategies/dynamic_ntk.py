@@ -1,0 +1,67 @@
+"""`dynamic_ntk`: NTK base chosen per request from that request's own length.
+
+vLLM's rope_type "dynamic" computes one base from max_position_embeddings at start-up (it is
+static, vLLM issue #5093), so this strategy does the dynamic part itself: the request's total
+length (prompt + max_new_tokens) is rounded up to a bucket (native window x 1, 2, 4, 8, 16, capped
+at factor x native), and the bucket gets the base transformers' dynamic NTK formula gives at
+that length:  theta' = theta * (alpha * L / L0 - (alpha - 1))^(d/(d-2)).  Requests that fit the
+native window run on the native engine; each longer bucket is one engine configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from strategies.base import ModelFacts, RopeConfig
+from strategies.rope import RopeParams, RopeStrategy, factor_field
+
+
+class DynamicNtkParams(RopeParams):
+    factor: float = factor_field(8.0)
+    alpha: float = Field(
+        default=2.0,
+        ge=1.0,
+        le=16.0,
+        description="transformers' dynamic-NTK `factor`: base = theta * (alpha * L / L0 - (alpha - 1))^(d/(d-2))",
+    )
+
+
+def bucket_length(total_tokens: int, native_window: int, limit: int) -> int:
+    """Round a request length up to native x 2^k, at most `limit`."""
+    bucket = native_window
+    while bucket < total_tokens:
+        bucket *= 2
+    return min(bucket, max(limit, native_window))
+
+
+def dynamic_ntk_theta(theta: float, alpha: float, length: int, native_window: int, dim: int) -> float:
+    length = max(length, native_window)
+    return float(theta) * (alpha * length / native_window - (alpha - 1)) ** (dim / (dim - 2))
+
+
+class DynamicNtkStrategy(RopeStrategy):
+    name = "dynamic_ntk"
+    description = (
+        "Dynamic NTK: the RoPE base is chosen per request from its length (prompt + max_new_tokens), "
+        "bucketed to the native window x 1, 2, 4, ... so few engine configurations exist; up to "
+        "factor x the native window."
+    )
+    Params = DynamicNtkParams
+
+    def bucket(self, total_tokens: int, model: ModelFacts) -> int:
+        return bucket_length(total_tokens, model.native_window, self.max_total_tokens(model))
+
+    def rope_parameters(self, model: ModelFacts, length: int | None = None) -> dict[str, Any]:
+        length = length if length is not None else self.max_total_tokens(model)
+        theta = dynamic_ntk_theta(model.rope_theta, self.params.alpha, length, model.native_window, model.head_dim)
+        return {**self.base_parameters(model), "rope_type": "default", "rope_theta": theta}
+
+    def rope_config(self, model: ModelFacts, request_tokens: int | None = None) -> RopeConfig:
+        if request_tokens is None:
+            request_tokens = self.max_total_tokens(model)
+        if request_tokens <= model.native_window:
+            return RopeConfig.native()  # the model as trained: shares the native engine
+        bucket = self.bucket(request_tokens, model)
+        return RopeConfig.from_dict(self.rope_parameters(model, bucket), bucket)

@@ -1,0 +1,295 @@
+"""`nbce`: Naive Bayes-based Context Extension (Su Jianlin, 2023) — parallel-context decoding.
+
+The documents become rows that decode in lockstep (CONTRACT.md, "NBCE rows"):
+
+* a list `context` gives one row per document; a string `context` is split into chunks of at
+  most `chunk_tokens` tokens, on paragraph or sentence boundaries when one is near;
+* row k reads `d_k + "\n\n" + inputs`, and one more row reads `inputs` alone (the
+  unconditioned row), each tokenized as one string;
+* at every step the rows' next-token log-probabilities are pooled (`min_entropy` as the
+  reference: the row of least entropy; `max_prob`: the row whose best token is most likely;
+  `mean`: the average log-probability of the context rows), the unconditioned row is subtracted
+  as `(beta + 1) * pooled - beta * uncond`, the token is chosen from that, and appended to every row.
+
+The rows run under a RoPE strategy of their own (`rope`, default `native`) resolved through the
+registry, so NBCE composes with every RoPE scaling; its plan gives the RoPE configuration and the
+longest row. The plan's rows are `[uncond, row_1, ..., row_n]` (the unconditioned row first,
+as in the reference); `combiner` carries the parameters for the runner (server/nbce_runner.py).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import Field
+
+from strategies.base import (
+    DOCUMENT_SEPARATOR,
+    ExecutionPlan,
+    ModelFacts,
+    RopeConfig,
+    Strategy,
+    StrategyError,
+    StrategyParams,
+    StrategyRequest,
+    Tokenize,
+)
+
+# Tokens kept free in every row beyond the question and max_new_tokens (tokenization of a chunk
+# next to the question is not exactly additive).
+ROW_MARGIN_TOKENS = 8
+# A chunk may end at a paragraph break once it holds this share of its budget.
+PARAGRAPH_PREFERENCE = 0.8
+MIN_CHUNK_TOKENS = 16
+
+
+class NbceParams(StrategyParams):
+    chunk_tokens: int | None = Field(
+        default=None,
+        ge=MIN_CHUNK_TOKENS,
+        description="most tokens of a string context per row; default: what fits the row window "
+        "together with the question and max_new_tokens",
+    )
+    beta: float = Field(default=0.25, ge=0.0, le=10.0, description="weight of the unconditioned row")
+    pooling: Literal["min_entropy", "max_prob", "mean"] = Field(
+        default="min_entropy", description="how the context rows are pooled at each step"
+    )
+    eta: float = Field(
+        default=0.0, ge=0.0, le=10.0,
+        description="stickiness bonus (in nats) for the row chosen at the previous step",
+    )
+    top_p: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="per-row nucleus truncation before pooling (the reference uses 0.95); none: full vocabulary",
+    )
+    rope: str | dict[str, Any] = Field(
+        default="native", description="RoPE strategy spec the rows run under (a name or {'name': ..., ...})"
+    )
+
+
+@lru_cache(maxsize=1)
+def _registry():  # noqa: ANN202 - StrategyRegistry
+    from strategies.registry import default_registry
+
+    return default_registry()
+
+
+def resolve_rope_strategy(spec: str | dict[str, Any]) -> Strategy:
+    name = spec if isinstance(spec, str) else spec.get("name")
+    if name in ("nbce", "auto"):
+        raise StrategyError(f"strategy.rope: '{name}' is not a RoPE strategy")
+    try:
+        strategy = _registry().resolve(spec, "native")
+    except StrategyError as exc:
+        raise StrategyError(exc.message.replace("strategy", "strategy.rope", 1)) from None
+    return strategy
+
+
+def rope_plan_for(
+    rope_strategy: Strategy, text: str, max_new_tokens: int, model: ModelFacts, tokenize: Tokenize
+) -> ExecutionPlan:
+    """The RoPE strategy's plan for one row's text: its RoPE config and its longest total length."""
+    try:
+        plan = rope_strategy.plan(StrategyRequest(inputs=text, max_new_tokens=max_new_tokens), model, tokenize)
+    except StrategyError as exc:
+        raise StrategyError(f"strategy.rope: {exc.message}", field="inputs") from None
+    if plan.combiner is not None or len(plan.rows) != 1:
+        raise StrategyError(f"strategy.rope: '{rope_strategy.name}' is not a single-row RoPE strategy")
+    return plan
+
+
+# --- chunking ------------------------------------------------------------------------------------
+
+_PARAGRAPH = re.compile(r"(?<=\n\n)")
+_SENTENCE = re.compile(r"(?<=[.!?;:。！？])(?=\s)")
+_WORD = re.compile(r"(?=\s)")
+
+
+def _pieces(text: str) -> list[tuple[str, bool]]:
+    """The text cut into paragraphs, then sentences, then words: (piece, ends a paragraph)."""
+    out: list[tuple[str, bool]] = []
+    for para in _PARAGRAPH.split(text):
+        if not para:
+            continue
+        sentences = [s for s in _SENTENCE.split(para) if s]
+        for i, sentence in enumerate(sentences):
+            out.append((sentence, i == len(sentences) - 1))
+    return out
+
+
+def split_document(text: str, budget: int, tokenize: Tokenize) -> list[str]:
+    """Split `text` into chunks of at most `budget` tokens (as counted piece by piece).
+
+    Chunks end on a paragraph break when one lies in the last fifth of the chunk, else on a
+    sentence end, else on a word boundary, else (one enormous word) on a token boundary.
+    Concatenated, the chunks are the document (whitespace at the cuts aside).
+    """
+    pieces: list[tuple[str, int, bool]] = []
+    for piece, para_end in _pieces(text):
+        n = len(tokenize(piece))
+        if n <= budget:
+            pieces.append((piece, n, para_end))
+            continue
+        words = [w for w in _WORD.split(piece) if w]
+        for j, word in enumerate(words):
+            wn = len(tokenize(word))
+            last = para_end and j == len(words) - 1
+            if wn <= budget:
+                pieces.append((word, wn, last))
+                continue
+            # A "word" longer than a chunk: cut it by characters into budget-sized parts.
+            step = max(1, len(word) * budget // (wn + 1))
+            parts = [word[i : i + step] for i in range(0, len(word), step)]
+            for pi, part in enumerate(parts):
+                pieces.append((part, len(tokenize(part)), last and pi == len(parts) - 1))
+
+    chunks: list[str] = []
+    current: list[tuple[str, int, bool]] = []
+    used = 0
+    for piece in pieces:
+        if current and used + piece[1] > budget:
+            cut = len(current)
+            # Prefer the last paragraph end when it leaves the chunk well filled.
+            acc = 0
+            best = None
+            for i, (_, n, para_end) in enumerate(current):
+                acc += n
+                if para_end and acc >= PARAGRAPH_PREFERENCE * budget:
+                    best = i + 1
+            if best is not None:
+                cut = best
+            chunks.append("".join(p for p, _, _ in current[:cut]))
+            current = current[cut:]
+            used = sum(n for _, n, _ in current)
+        current.append(piece)
+        used += piece[1]
+    if current:
+        chunks.append("".join(p for p, _, _ in current))
+    chunks = [c.strip() for c in chunks]
+    return [c for c in chunks if c]
+
+
+def row_text(document: str, inputs: str) -> str:
+    return document + DOCUMENT_SEPARATOR + inputs
+
+
+class NbceStrategy(Strategy):
+    name = "nbce"
+    description = (
+        "Naive Bayes-based Context Extension: the documents (or chunks of one long document) are "
+        "read in parallel rows that fit the window, plus one row with the question alone; at each "
+        "step the rows' next-token distributions are pooled (min entropy) and the unconditioned "
+        "row is subtracted with weight beta. Exact full-vocabulary combination inside the engine."
+    )
+    Params = NbceParams
+
+    def plan(self, request: StrategyRequest, model: ModelFacts, tokenize: Tokenize) -> ExecutionPlan:
+        p: NbceParams = self.params  # type: ignore[assignment]
+        if not request.documents or not any(d.strip() for d in request.documents):
+            raise StrategyError("context: nbce needs a context (a document or a list of documents)", field="context")
+        rope_strategy = resolve_rope_strategy(p.rope)
+        # The RoPE plan for the question alone gives the row window.
+        probe = rope_plan_for(rope_strategy, request.inputs, request.max_new_tokens, model, tokenize)
+        row_limit = probe.max_total_tokens
+        uncond = tokenize(request.inputs)
+        question_tokens = len(tokenize(DOCUMENT_SEPARATOR + request.inputs))
+        room = row_limit - request.max_new_tokens - question_tokens - ROW_MARGIN_TOKENS
+        chunk_tokens = p.chunk_tokens if p.chunk_tokens is not None else room
+        if chunk_tokens < MIN_CHUNK_TOKENS or (p.chunk_tokens is not None and chunk_tokens > room):
+            raise StrategyError(
+                f"strategy.chunk_tokens: rows of {row_limit} tokens under rope '{rope_strategy.name}' leave "
+                f"{max(room, 0)} tokens per chunk beside the question ({question_tokens} tokens) and "
+                f"max_new_tokens ({request.max_new_tokens}); got {chunk_tokens}",
+                field="strategy",
+            )
+
+        rows, texts = self._rows(request, uncond, chunk_tokens, row_limit, rope_strategy.name, tokenize)
+
+        rope: RopeConfig = probe.rope
+        max_total = row_limit
+        if not probe.rope.is_native:
+            # A RoPE strategy may size itself by prompt length: plan for the longest row, so that
+            # every row runs under one configuration that fits all of them.
+            longest = max(range(len(texts)), key=lambda i: len(rows[i + 1]))
+            final = rope_plan_for(rope_strategy, row_text(texts[longest], request.inputs),
+                                  request.max_new_tokens, model, tokenize)
+            if final.max_total_tokens >= row_limit:
+                rope, max_total = final.rope, final.max_total_tokens
+
+        self._check_kv(rows, request.max_new_tokens, model)
+        resolved = {
+            "name": self.name,
+            "chunk_tokens": chunk_tokens,
+            "beta": p.beta,
+            "pooling": p.pooling,
+            "eta": p.eta,
+            "top_p": p.top_p,
+            "rope": probe.resolved,
+            "rows": len(rows),
+            "row_tokens": [len(r) for r in rows],
+        }
+        return ExecutionPlan(
+            rope=rope,
+            rows=rows,
+            max_total_tokens=max_total,
+            resolved=resolved,
+            combiner={
+                "name": "nbce",
+                "beta": p.beta,
+                "pooling": p.pooling,
+                "eta": p.eta,
+                "top_p": p.top_p,
+                "uncond_row": 0,
+            },
+        )
+
+    @staticmethod
+    def _rows(
+        request: StrategyRequest, uncond: list[int], chunk_tokens: int, row_limit: int, rope_name: str,
+        tokenize: Tokenize,
+    ) -> tuple[list[list[int]], list[str]]:
+        """[uncond, row_1, ...] and the documents of rows 1..n."""
+        if len(request.documents) > 1:
+            texts = [d for d in request.documents if d.strip()]
+            rows = [uncond]
+            for i, doc in enumerate(texts):
+                row = tokenize(row_text(doc, request.inputs))
+                if len(row) + request.max_new_tokens > row_limit:
+                    raise StrategyError(
+                        f"context[{i}]: this document's row has {len(row)} tokens; with max_new_tokens "
+                        f"({request.max_new_tokens}) it must be <= {row_limit} under rope '{rope_name}' "
+                        "(pass one long string context to have it chunked)",
+                        field="context",
+                    )
+                rows.append(row)
+            return rows, texts
+        budget = chunk_tokens
+        for _ in range(6):
+            # Chunks are sized piece by piece; tokenization beside the question is not quite
+            # additive, so when a row overshoots, chunk again with a budget smaller by the excess.
+            texts = split_document(request.documents[0], budget, tokenize)
+            rows = [uncond] + [tokenize(row_text(doc, request.inputs)) for doc in texts]
+            over = max(len(r) + request.max_new_tokens - row_limit for r in rows)
+            if over <= 0:
+                return rows, texts
+            budget -= over + 8
+            if budget < MIN_CHUNK_TOKENS:
+                break
+        raise StrategyError(
+            f"strategy.chunk_tokens: could not chunk the context into rows of <= {row_limit} tokens",
+            field="strategy",
+        )
+
+    @staticmethod
+    def _check_kv(rows: list[list[int]], max_new_tokens: int, model: ModelFacts) -> None:
+        """All rows live in the KV cache at once: they must fit it together."""
+        cap = getattr(model, "max_context_tokens", None)
+        total = sum(len(r) + max_new_tokens for r in rows)
+        if cap and total > cap:
+            raise StrategyError(
+                f"context: nbce holds all {len(rows)} rows in the KV cache at once ({total} tokens with "
+                f"max_new_tokens); this server's KV cache holds {cap} tokens",
+                field="context",
+            )

@@ -1,0 +1,114 @@
+"""Strategies by name: the built-ins plus whatever packages declare in the
+`ropeserve.strategies` entry-point group (name = "module:StrategyClass")."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from importlib.metadata import entry_points
+from typing import Any
+
+from pydantic import ValidationError
+
+from strategies.base import Strategy, StrategyError
+
+ENTRY_POINT_GROUP = "ropeserve.strategies"
+
+# Built-ins are imported directly so they exist even when the package is not installed.
+BUILTIN_STRATEGIES = (
+    "strategies.native:NativeStrategy",
+    "strategies.linear:LinearStrategy",
+    "strategies.ntk:NtkStrategy",
+    "strategies.dynamic_ntk:DynamicNtkStrategy",
+    "strategies.yarn:YarnStrategy",
+    "strategies.llama3:Llama3Strategy",
+    "strategies.nbce:NbceStrategy",
+    "strategies.auto:AutoStrategy",
+)
+
+log = logging.getLogger(__name__)
+
+
+def _load(target: str) -> type[Strategy]:
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+class StrategyRegistry:
+    def __init__(self) -> None:
+        self._classes: dict[str, type[Strategy]] = {}
+
+    def register(self, cls: type[Strategy]) -> type[Strategy]:
+        existing = self._classes.get(cls.name)
+        if existing is not None and existing is not cls:
+            raise ValueError(f"strategy name '{cls.name}' is already taken by {existing.__qualname__}")
+        self._classes[cls.name] = cls
+        return cls
+
+    def load_builtins(self) -> None:
+        for target in BUILTIN_STRATEGIES:
+            self.register(_load(target))
+
+    def load_entry_points(self) -> None:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                cls = ep.load()
+            except Exception:  # a broken plugin must not take the server down
+                log.exception("could not load strategy plugin %s", ep.value)
+                continue
+            if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+                log.error("entry point %s does not name a Strategy subclass", ep.value)
+                continue
+            if cls.name != ep.name:
+                log.warning("entry point %s registers strategy '%s'", ep.name, cls.name)
+            try:
+                self.register(cls)
+            except ValueError as exc:
+                log.error("%s", exc)
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def classes(self) -> list[type[Strategy]]:
+        return [self._classes[name] for name in self.names()]
+
+    def get(self, name: str) -> type[Strategy]:
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise StrategyError(
+                f"strategy: unknown strategy '{name}'; known: {', '.join(self.names())}"
+            ) from None
+
+    def resolve(self, spec: str | dict[str, Any] | None, default: str) -> Strategy:
+        """Build a strategy from a request's `strategy` field (a name or {"name": ..., **params})."""
+        if spec is None:
+            spec = default
+        if isinstance(spec, str):
+            name, raw_params = spec, {}
+        else:
+            raw_params = dict(spec)
+            name = raw_params.pop("name", None)
+            if not isinstance(name, str):
+                raise StrategyError("strategy.name: required, the name of a registered strategy")
+        cls = self.get(name)
+        try:
+            params = cls.Params.model_validate(raw_params)
+        except ValidationError as exc:
+            raise StrategyError(_describe(exc, prefix="strategy")) from None
+        return cls(params)
+
+
+def _describe(exc: ValidationError, prefix: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]))
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def default_registry() -> StrategyRegistry:
+    registry = StrategyRegistry()
+    registry.load_builtins()
+    registry.load_entry_points()
+    return registry

@@ -1,0 +1,121 @@
+"""Shared fixtures. The real server (vLLM + bundled SmolLM2) starts once per test session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    startup_seconds: float
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(tmp_dir: Path, extra_env: dict[str, str] | None = None, name: str = "server") -> RunningServer:
+    port = free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "ROPESERVE_PORT": str(port),
+        "ROPESERVE_KV_CACHE_GIB": os.environ.get("ROPESERVE_TEST_KV_CACHE_GIB", "2"),
+        # float32 so engine logits can be compared token-exactly with transformers references
+        # (NBCE exactness, server/nbce_runner.py); bf16 kernels differ in rounding.
+        "ROPESERVE_DTYPE": os.environ.get("ROPESERVE_TEST_DTYPE", "float32"),
+        # native plus one RoPE-scaled configuration at a time (tests/test_rope_engine.py)
+        "ROPESERVE_MAX_ENGINES": os.environ.get("ROPESERVE_TEST_MAX_ENGINES", "2"),
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
+    log_path = tmp_dir / f"{name}.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
+    started = time.monotonic()
+    # A new session, so the test can check that the whole process group is gone after shutdown.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "serve"],
+        cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = started + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return RunningServer(url, process, log_path, time.monotonic() - started)
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_server(RunningServer(url, process, log_path, 0))
+    raise RuntimeError(f"server did not become healthy in {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-5000:]}")
+
+
+def process_group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is left in the group."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state, ppid, pgrp, ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def stop_server(server: RunningServer, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+    if server.process.poll() is None:
+        server.process.send_signal(sig)
+        try:
+            server.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+    return server.process.returncode
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The one real server of the session: `ropeserve serve` on the bundled model."""
+    running = start_server(tmp_path_factory.mktemp("server"))
+    print(f"\nserver started in {running.startup_seconds:.1f} s", file=sys.stderr)
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def base_url(server: RunningServer) -> str:
+    return server.url
+
+
+@pytest.fixture
+def http(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=300) as client:
+        yield client

@@ -1,0 +1,81 @@
+"""A fake engine for tests of pure HTTP plumbing (auth, overload, schema): never a feature's only test."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from server.engines.base import EngineStats, EngineStep, RowRequest, TokenEvent
+from server.engines.pool import EnginePool
+from server.metrics import Metrics
+from server.service import GenerationService
+from server.settings import Settings
+from strategies.base import ModelFacts, RopeConfig
+from strategies.registry import default_registry
+
+FAKE_MODEL = ModelFacts(
+    model_id="fake", native_window=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    head_dim=8, vocab_size=256,
+)
+
+
+class ByteTokenizer:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(ids).decode(errors="replace")
+
+
+class FakeEngine:
+    """Echoes the prompt's bytes back, one token per `delay` seconds."""
+
+    kind = "fake"
+
+    def __init__(self, rope: RopeConfig, delay: float = 0.0) -> None:
+        self.rope = rope
+        self.model = FAKE_MODEL
+        self.delay = delay
+        self.aborted: list[str] = []
+
+    def start(self) -> None:
+        pass
+
+    @property
+    def tokenizer(self) -> ByteTokenizer:
+        return ByteTokenizer()
+
+    async def generate(self, row: RowRequest) -> AsyncIterator[EngineStep]:
+        n = row.sampling.max_new_tokens
+        for i in range(n):
+            await asyncio.sleep(self.delay)
+            token = row.prompt_token_ids[i % len(row.prompt_token_ids)]
+            done = i == n - 1
+            yield EngineStep(
+                tokens=[TokenEvent(token, chr(token), -0.5, False)], text=chr(token),
+                finished=done, finish_reason="length" if done else None, prompt_tokens=len(row.prompt_token_ids),
+            )
+
+    async def abort(self, request_ids: list[str]) -> None:
+        self.aborted.extend(request_ids)
+
+    def stats(self) -> EngineStats:
+        return EngineStats()
+
+    async def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+def fake_service_factory(delay: float = 0.0):
+    async def build(settings: Settings) -> GenerationService:
+        pool = EnginePool(FAKE_MODEL, lambda rope: FakeEngine(rope, delay), max_engines=1)
+        await pool.start()
+        return GenerationService(
+            pool=pool, registry=default_registry(), tokenizer=ByteTokenizer(), metrics=Metrics(),
+            default_strategy=settings.default_strategy, max_concurrent_requests=settings.max_concurrent_requests,
+        )
+
+    return build

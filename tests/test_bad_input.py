@@ -1,0 +1,82 @@
+"""Bad input gets a 422 JSON error naming the field; the server stays up (real server)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+
+def _assert_422(reply, *words):
+    assert reply.status_code == 422, reply.text
+    body = reply.json()
+    assert set(body) == {"error", "error_type"}
+    assert body["error_type"] == "validation"
+    for word in words:
+        assert word in body["error"], body["error"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ('{"inputs": "x",', ["malformed JSON"]),
+        ("not json at all", ["malformed JSON"]),
+        ("[1, 2, 3]", ["body"]),
+        ('{"parameters": {}}', ["inputs", "required"]),
+        ('{"inputs": 42}', ["inputs"]),
+        ('{"inputs": "x", "parameters": {"max_new_tokens": "many"}}', ["parameters.max_new_tokens"]),
+        ('{"inputs": "x", "parameters": {"max_new_tokens": -3}}', ["parameters.max_new_tokens", "1"]),
+        ('{"inputs": "x", "parameters": {"max_new_tokens": 0}}', ["parameters.max_new_tokens"]),
+        ('{"inputs": "x", "parameters": {"max_new_tokens": 99999999999999}}', ["parameters.max_new_tokens", "4096"]),
+        ('{"inputs": "x", "parameters": {"temperature": 0}}', ["parameters.temperature"]),
+        ('{"inputs": "x", "parameters": {"top_p": 1.5}}', ["parameters.top_p"]),
+        ('{"inputs": "x", "parameters": {"stop": "abc"}}', ["parameters.stop"]),
+        ('{"inputs": "x", "parameters": {"bogus": 1}}', ["parameters.bogus"]),
+        ('{"inputs": "x", "strategy": "no_such_strategy"}', ["strategy", "no_such_strategy", "native"]),
+        ('{"inputs": "x", "strategy": {"factor": 2}}', ["strategy.name"]),
+        ('{"inputs": "x", "strategy": {"name": "native", "factor": 2}}', ["strategy.factor"]),
+        ('{"inputs": "x", "strategy": 7}', ["strategy"]),
+        ('{"inputs": "x", "context": []}', ["context"]),
+        ('{"inputs": "x", "context": [""]}', ["context"]),
+    ],
+)
+def test_generate_rejects(http, raw, words):
+    reply = http.post("/generate", content=raw, headers={"content-type": "application/json"})
+    _assert_422(reply, *words)
+
+
+@pytest.mark.parametrize("path", ["/generate_stream", "/", "/generate"])
+def test_prompt_longer_than_window_is_refused_before_streaming(http, path):
+    long_text = "The quick brown fox jumps over the lazy dog. " * 1000  # ~10k tokens > 8192
+    reply = http.post(path, json={"inputs": long_text, "stream": path == "/", "parameters": {"max_new_tokens": 4}})
+    _assert_422(reply, "inputs", "8192", "native")
+
+
+def test_window_counts_max_new_tokens(http):
+    text = "word " * 8000
+    reply = http.post("/generate", json={"inputs": text, "parameters": {"max_new_tokens": 500}})
+    _assert_422(reply, "max_new_tokens is 500", "8192")
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"prompt": "x", "max_tokens": -1}, ["max_tokens"]),
+        ({"prompt": "x", "max_tokens": 10**9}, ["max_tokens", "4096"]),
+        ({"prompt": "x", "temperature": "hot"}, ["temperature"]),
+        ({"prompt": ["a", "b"]}, ["prompt"]),
+        ({"prompt": "x", "n": 3}, ["n"]),
+        ({"prompt": "x", "strategy": "nope"}, ["strategy", "nope"]),
+        ({"max_tokens": 3}, ["prompt"]),
+    ],
+)
+def test_completions_reject(http, body, words):
+    _assert_422(http.post("/v1/completions", json=body), *words)
+
+
+def test_server_survives_bad_input(http):
+    for _ in range(3):
+        http.post("/generate", content=b"\xff\xfe garbage", headers={"content-type": "application/json"})
+    assert http.get("/health").status_code == 200
+    ok = http.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}})
+    assert ok.status_code == 200

@@ -1,0 +1,83 @@
+"""HTTP plumbing that needs no model: auth, overload, OpenAPI, limits (fake engine)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.settings import Settings
+from tests.fake_engine import fake_service_factory
+
+
+def _client(delay: float = 0.0, **settings) -> TestClient:
+    return TestClient(create_app(Settings(**settings), fake_service_factory(delay)))
+
+
+def test_api_keys_are_required_when_configured():
+    with _client(api_keys=["s3cret"]) as client:
+        body = {"inputs": "hello", "parameters": {"max_new_tokens": 3}}
+        missing = client.post("/generate", json=body)
+        assert missing.status_code == 401
+        assert missing.json()["error_type"] == "unauthorized"
+        assert "authorization" in missing.json()["error"]
+        wrong = client.post("/generate", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        ok = client.post("/generate", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["generated_text"] == "hel"
+        assert client.get("/health").status_code == 200  # liveness stays open for probes
+
+
+def test_full_server_answers_429_and_recovers():
+    with _client(delay=0.05, max_concurrent_requests=1) as client:
+        slow_body = {"inputs": "abcdef", "parameters": {"max_new_tokens": 40}}
+        results: list[int] = []
+        worker = threading.Thread(target=lambda: results.append(client.post("/generate", json=slow_body).status_code))
+        worker.start()
+        time.sleep(0.5)
+        busy = client.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1}})
+        assert busy.status_code == 429
+        assert busy.json()["error_type"] == "overloaded"
+        worker.join()
+        assert results == [200]
+        again = client.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1}})
+        assert again.status_code == 200
+
+
+def test_prompt_longer_than_fake_window_names_limit():
+    with _client() as client:
+        reply = client.post("/generate", json={"inputs": "y" * 100, "parameters": {"max_new_tokens": 1}})
+        assert reply.status_code == 422
+        assert "64" in reply.json()["error"]
+
+
+def test_input_character_limit():
+    with _client(max_input_chars=10) as client:
+        reply = client.post("/generate", json={"inputs": "abc", "context": "0123456789"})
+        assert reply.status_code == 422
+        assert "10" in reply.json()["error"] and "inputs" in reply.json()["error"]
+
+
+def test_openapi_documents_every_route():
+    with _client() as client:
+        paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/generate", "/generate_stream", "/", "/v1/completions", "/strategies", "/info", "/health", "/metrics"):
+        assert path in paths
+
+
+def test_unknown_route_is_json_404():
+    with _client() as client:
+        reply = client.get("/nope")
+        assert reply.status_code == 404
+        assert set(reply.json()) == {"error", "error_type"}
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions"])
+def test_wrong_method_is_json_405(path):
+    with _client() as client:
+        reply = client.get(path)
+        assert reply.status_code == 405
+        assert set(reply.json()) == {"error", "error_type"}

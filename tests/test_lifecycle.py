@@ -1,0 +1,121 @@
+"""Concurrency, client disconnects and clean shutdown of the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import process_group_alive, start_server, stop_server
+from tests.metrics_text import scrape
+
+pytestmark = pytest.mark.engine
+
+LONG = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+
+
+def _wait_for(predicate, timeout: float = 60.0, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def test_concurrent_requests_are_in_flight_together(base_url, http):
+    """Four clients at once are all being served at once: the server does not serialize them."""
+
+    async def one(client: httpx.AsyncClient, i: int) -> int:
+        body = {"inputs": f"Story {i}: once upon a time", "parameters": {"max_new_tokens": 40}}
+        return (await client.post("/generate", json=body)).status_code
+
+    peak = 0
+
+    async def watch(stop: asyncio.Event, client: httpx.AsyncClient) -> None:
+        nonlocal peak
+        while not stop.is_set():
+            text = (await client.get("/metrics")).text
+            from tests.metrics_text import sample_value
+
+            peak = max(peak, int(sample_value(text, "ropeserve_requests_in_flight")))
+            await asyncio.sleep(0.05)
+
+    async def main() -> list[int]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(watch(stop, client))
+            codes = await asyncio.gather(*(one(client, i) for i in range(4)))
+            stop.set()
+            await watcher
+            return list(codes)
+
+    assert asyncio.run(main()) == [200] * 4
+    assert peak >= 2, f"at most {peak} request(s) were in flight together"
+
+
+def test_streaming_client_disconnect_aborts_engine_request(base_url, http):
+    cancelled_before = scrape(http, "ropeserve_requests_total", status="cancelled")
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as reply:
+            assert reply.status_code == 200
+            lines = reply.iter_lines()
+            got = [next(lines) for _ in range(3)]
+            assert any(line.startswith("data: ") for line in got)
+    # 3000 forced tokens would take minutes here; an aborted request ends at once.
+    assert _wait_for(lambda: scrape(http, "ropeserve_requests_in_flight") == 0, timeout=30)
+    assert scrape(http, "ropeserve_requests_total", status="cancelled") == cancelled_before + 1
+
+
+def test_non_streaming_client_disconnect_aborts_engine_request(base_url, http):
+    cancelled_before = scrape(http, "ropeserve_requests_total", status="cancelled")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/v1/completions", json=LONG, timeout=3)
+    assert _wait_for(lambda: scrape(http, "ropeserve_requests_in_flight") == 0, timeout=30)
+    assert scrape(http, "ropeserve_requests_total", status="cancelled") == cancelled_before + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_shutdown_leaves_no_engine_processes(tmp_path, sig):
+    server = start_server(tmp_path, name=f"shutdown-{sig.name}")
+    pgid = os.getpgid(server.process.pid)
+    children = _children(server.process.pid)
+    assert children, "vLLM runs its engine core in child processes"
+    reply = httpx.post(f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=120)
+    assert reply.status_code == 200
+    code = stop_server(server, sig=sig, timeout=60)
+    assert code == 0, server.log()[-3000:]
+    assert _wait_for(lambda: not process_group_alive(pgid), timeout=20), "engine processes outlived the server"
+    assert not [pid for pid in children if _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie: a container's PID 1 may never reap the orphans' exit status."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    """All descendants of `pid` (children of any of its threads)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [child for child, ppid in parents.items() if ppid == parent]
+        found.extend(kids)
+        frontier.extend(kids)
+    return found

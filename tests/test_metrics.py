@@ -1,0 +1,119 @@
+"""The metrics room without an engine: vLLM's stats reach the right series, labels stay bounded,
+and promtool accepts the exposition. (The real server's /metrics: tests/test_monitoring.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+from types import SimpleNamespace
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.metrics import Metrics, engine_label
+from strategies.base import RopeConfig
+from tests.prometheus_fixture import find_tool
+
+
+class FakeEngine:  # hashable, like VllmEngine
+    def __init__(self, rope: RopeConfig, startup_seconds: float = 3.0) -> None:
+        self.rope = rope
+        self.startup_seconds = startup_seconds
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(metrics.registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return samples(metrics).get((name, tuple(sorted(labels.items()))))
+
+
+def scheduler(kv: float, running: int, waiting: int) -> SimpleNamespace:
+    return SimpleNamespace(kv_cache_usage=kv, num_running_reqs=running, num_waiting_reqs=waiting)
+
+
+def finished(request_id: str, queued: float, prefill: float) -> SimpleNamespace:
+    return SimpleNamespace(request_id=request_id, queued_time=queued, prefill_time=prefill, e2e_latency=1.0)
+
+
+def test_vllm_stats_reach_engine_gauges_and_strategy_histograms() -> None:
+    m = Metrics(gpu=False)
+    native = FakeEngine(RopeConfig.native())
+    yarn = FakeEngine(RopeConfig.from_dict({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e5}, 32768))
+    m.init_strategies(["native", "nbce"])
+    job_a, job_b = "a" * 32, "b" * 32
+    m.track_request(job_a, "native")
+    m.track_request(job_b, "nbce")
+    iteration = SimpleNamespace(
+        num_preempted_reqs=2,
+        finished_requests=[
+            finished(job_a, 0.5, 0.25),
+            finished(f"{job_b}-row1", 1.0, 0.1),  # NBCE rows extend their request's id
+            finished(f"{job_b}-row2", 2.0, 0.1),
+            finished("c" * 32, 9.0, 9.0),  # not ours: ignored, not labelled "unknown"
+        ],
+    )
+    m.engine_listener(native, scheduler(0.4, 3, 2), iteration)
+    m.engine_listener(yarn, scheduler(0.9, 1, 0), None)
+
+    assert value(m, "ropeserve_kv_cache_usage_ratio", engine="native") == 0.4
+    assert value(m, "ropeserve_kv_cache_usage_ratio", engine=engine_label(yarn)) == 0.9
+    assert engine_label(yarn) == "yarn-x4-32768"
+    assert value(m, "ropeserve_requests_running", engine="native") == 3
+    assert value(m, "ropeserve_requests_queued", engine="native") == 2
+    assert value(m, "ropeserve_engine_preemptions_total", engine="native") == 2
+    assert value(m, "ropeserve_request_queue_time_seconds_count", strategy="native") == 1
+    assert value(m, "ropeserve_request_queue_time_seconds_sum", strategy="native") == 0.5
+    assert value(m, "ropeserve_request_queue_time_seconds_count", strategy="nbce") == 2
+    assert value(m, "ropeserve_request_queue_time_seconds_sum", strategy="nbce") == 3.0
+    assert value(m, "ropeserve_request_prefill_time_seconds_sum", strategy="native") == 0.25
+    strategies = {dict(labels).get("strategy") for (_, labels) in samples(m)} - {None}
+    assert strategies == {"native", "nbce"}
+
+    # The pool evicts the yarn engine: its gauges go, the engine count follows.
+    m.refresh_engines([native])
+    assert value(m, "ropeserve_engines") == 1
+    assert value(m, "ropeserve_kv_cache_usage_ratio", engine=engine_label(yarn)) is None
+    assert value(m, "ropeserve_engine_startup_seconds", engine="native") == 3.0
+    assert value(m, "ropeserve_engine_starts_total", engine="native") == 1
+    m.refresh_engines([native])
+    assert value(m, "ropeserve_engine_starts_total", engine="native") == 1
+
+
+def test_strategies_are_exported_at_zero_before_traffic() -> None:
+    m = Metrics(gpu=False)
+    m.init_strategies(["native", "yarn"])
+    for strategy in ("native", "yarn"):
+        assert value(m, "ropeserve_time_to_first_token_seconds_count", strategy=strategy) == 0
+        assert value(m, "ropeserve_requests_total", strategy=strategy, status="success") == 0
+        assert value(m, "ropeserve_requests_total", strategy=strategy, status="error") == 0
+
+
+def test_a_broken_stats_object_does_not_raise_into_vllm() -> None:
+    m = Metrics(gpu=False)
+    m.engine_listener(FakeEngine(RopeConfig.native()), SimpleNamespace(), SimpleNamespace(finished_requests=[None]))
+
+
+def test_gpu_memory_is_absent_without_a_gpu() -> None:
+    names = {name for (name, _) in samples(Metrics(gpu=False))}
+    assert not any(n.startswith("ropeserve_gpu_") for n in names)
+    assert "process_resident_memory_bytes" in names
+
+
+def test_promtool_accepts_the_exposition_with_every_series() -> None:
+    m = Metrics(gpu=False)
+    m.init_strategies(["native", "ntk"])
+    engine = FakeEngine(RopeConfig.native())
+    m.refresh_engines([engine])
+    m.track_request("d" * 32, "native")
+    m.engine_listener(engine, scheduler(0.1, 1, 0), SimpleNamespace(num_preempted_reqs=1, finished_requests=[finished("d" * 32, 0.1, 0.2)]))
+    m.time_to_first_token.labels("native").observe(0.3)
+    text = generate_latest(m.registry).decode()
+    assert ":" not in "".join(line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#"))
+    result = subprocess.run([find_tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")

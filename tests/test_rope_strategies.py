@@ -1,0 +1,70 @@
+"""RoPE strategies without an engine: parameters, limits, the 422 and its hint."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from strategies.base import ModelFacts, StrategyError, StrategyRequest
+from strategies.registry import default_registry
+from strategies.rope import suggest_rope_strategy
+
+MODEL = ModelFacts("m", 8192, {"rope_type": "default", "rope_theta": 100000.0}, 64, 49152)
+ROPE = ("linear", "ntk", "dynamic_ntk", "yarn", "llama3")
+
+
+def plan(spec, prompt_tokens: int, model: ModelFacts = MODEL, max_new: int = 16):
+    strategy = default_registry().resolve(spec, "native")
+    return strategy.plan(StrategyRequest("q", max_new_tokens=max_new), model, lambda _t: [7] * prompt_tokens)
+
+
+@pytest.mark.parametrize("name", ROPE)
+@pytest.mark.parametrize("bad", [0.5, 0, 17, "x"])
+def test_factor_bounds(name: str, bad) -> None:
+    with pytest.raises(StrategyError) as err:
+        default_registry().resolve({"name": name, "factor": bad}, "native")
+    assert "strategy.factor" in err.value.message
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_allowed_length_is_factor_times_native(name: str) -> None:
+    p = plan({"name": name, "factor": 4}, 30_000)
+    assert p.max_total_tokens == 4 * 8192
+    assert p.resolved["name"] == name and p.resolved["factor"] == 4
+    with pytest.raises(StrategyError) as err:
+        plan({"name": name, "factor": 2}, 17_000)
+    assert err.value.field == "inputs" and "16384" in err.value.message and "factor" in err.value.message
+
+
+def test_unknown_parameter_and_knob_checks() -> None:
+    for spec in ({"name": "yarn", "beta_fast": 1, "beta_slow": 2}, {"name": "llama3", "low_freq_factor": 4},
+                 {"name": "ntk", "alpha": 3}):
+        with pytest.raises(StrategyError):
+            default_registry().resolve(spec, "native")
+
+
+def test_native_refusal_suggests_fitting_strategies() -> None:
+    with pytest.raises(StrategyError) as err:
+        plan("native", 12_000)
+    msg = err.value.message
+    assert "8192" in msg and "'yarn'" in msg and "'ntk'" in msg and "factor >= 2" in msg
+    capped = dataclasses.replace(MODEL, max_context_tokens=20_000)
+    with pytest.raises(StrategyError) as err:
+        plan("native", 30_000, capped)
+    assert "20000" in err.value.message
+
+
+def test_kv_capacity_caps_the_allowed_length() -> None:
+    capped = dataclasses.replace(MODEL, max_context_tokens=20_000)
+    p = plan({"name": "yarn", "factor": 4}, 19_000, capped)
+    assert p.max_total_tokens == 20_000 and p.rope.max_model_len == 20_000
+    with pytest.raises(StrategyError):
+        plan({"name": "yarn", "factor": 4}, 25_000, capped)
+
+
+def test_auto_policy_helper() -> None:
+    assert suggest_rope_strategy(8000, MODEL) is None
+    assert suggest_rope_strategy(12_000, MODEL) == {"name": "ntk", "factor": 2.0}
+    assert suggest_rope_strategy(20_000, MODEL, "yarn") == {"name": "yarn", "factor": 4.0}
+    assert suggest_rope_strategy(50_000, dataclasses.replace(MODEL, max_context_tokens=40_000)) is None
