@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -18,8 +19,15 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     configure_logging(settings.log_level)
     app = create_app(settings)
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises it, so the process would die of the
+    # signal (exit -15) after a clean shutdown; supervisors read that as a crash.
+    signal.signal(signal.SIGTERM, _exit_after_shutdown)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
     return 0
+
+
+def _exit_after_shutdown(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _convert(args: argparse.Namespace) -> int:

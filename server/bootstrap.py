@@ -123,4 +123,5 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
         default_strategy=settings.default_strategy,
         max_concurrent_requests=settings.max_concurrent_requests,
         runners={"nbce": run_nbce},
+        engine_seeds=not is_cpu_build(),
     )

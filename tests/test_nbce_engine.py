@@ -245,12 +245,16 @@ def test_passkey_30k_while_others_are_served(base_url, tokenizer, strategy):
     async def main():
         stop = asyncio.Event()
         counts = {"done": 0}
-        load = asyncio.create_task(ordinary_load(base_url, stop, counts))
         async with httpx.AsyncClient(base_url=base_url, timeout=900) as http:
             started = time.monotonic()
-            r = await http.post("/generate", json={
+            nbce = asyncio.create_task(http.post("/generate", json={
                 "inputs": case.inputs, "context": case.context, "strategy": strategy,
-                "parameters": {"max_new_tokens": 8}})
+                "parameters": {"max_new_tokens": 8}}))
+            # The ordinary clients come *after* the NBCE rows are in the engine: a server that
+            # ran NBCE alone would finish none of them before the NBCE reply.
+            await asyncio.sleep(1.0)
+            load = asyncio.create_task(ordinary_load(base_url, stop, counts))
+            r = await nbce
             took = time.monotonic() - started
         during = counts["done"]
         stop.set()
@@ -265,4 +269,4 @@ def test_passkey_30k_while_others_are_served(base_url, tokenizer, strategy):
         assert body["strategy"]["rows"] >= 5
     else:
         assert body["strategy"]["name"] == "auto" and body["strategy"]["reason"]
-    assert during >= 4, f"only {during} ordinary requests finished during {took:.0f} s of NBCE"
+    assert during >= 1, f"no ordinary request finished during {took:.0f} s of NBCE"

@@ -108,6 +108,15 @@ def _to_vllm_sampling(options: SamplingOptions) -> Any:
     )
 
 
+def _tokens_prompt(row: RowRequest) -> Any:
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=row.prompt_token_ids)
+    if row.cache_salt:
+        prompt["cache_salt"] = row.cache_salt
+    return prompt
+
+
 def _finish_reason(completion: Any) -> FinishReason | None:
     reason = completion.finish_reason
     if reason is None:
@@ -256,24 +265,21 @@ class VllmEngine:
         return self._tokenizer
 
     async def generate(self, row: RowRequest) -> AsyncIterator[EngineStep]:
-        from vllm.inputs import TokensPrompt
-
         self.last_used = time.monotonic()
-        prompt = TokensPrompt(prompt_token_ids=row.prompt_token_ids)
-        if row.cache_salt:
-            prompt["cache_salt"] = row.cache_salt
-        sampling = _to_vllm_sampling(row.sampling)
         # AsyncLLM aborts the engine request itself when this generator is closed early.
-        async for output in self._llm.generate(prompt, sampling, row.request_id):
-            completion = output.outputs[0]
-            yield EngineStep(
-                tokens=self._token_events(completion),
-                text=completion.text,
-                finished=output.finished,
-                finish_reason=_finish_reason(completion) if output.finished else None,
-                prompt_tokens=len(row.prompt_token_ids),
-            )
+        async for output in self._llm.generate(_tokens_prompt(row), _to_vllm_sampling(row.sampling), row.request_id):
+            yield self._step(output, row)
         self.last_used = time.monotonic()
+
+    def _step(self, output: Any, row: RowRequest) -> EngineStep:
+        completion = output.outputs[0]
+        return EngineStep(
+            tokens=self._token_events(completion),
+            text=completion.text,
+            finished=output.finished,
+            finish_reason=_finish_reason(completion) if output.finished else None,
+            prompt_tokens=len(row.prompt_token_ids),
+        )
 
     async def generate_group(self, rows: list[RowRequest]) -> list[AsyncIterator[EngineStep]]:
         """Admit several rows so that the scheduler sees them in one step (NBCE's lockstep rows).
@@ -283,8 +289,6 @@ class VllmEngine:
         together. Returns one step stream per row; closing a stream aborts its row.
         """
         import asyncio
-
-        from vllm.inputs import TokensPrompt
 
         self.last_used = time.monotonic()
         if self._group_lock is None:
@@ -300,10 +304,8 @@ class VllmEngine:
                 log.debug("could not pause the scheduler for a row group", exc_info=True)
             try:
                 for row in rows:
-                    prompt = TokensPrompt(prompt_token_ids=row.prompt_token_ids)
-                    if row.cache_salt:
-                        prompt["cache_salt"] = row.cache_salt
-                    queues.append(await self._llm.add_request(row.request_id, prompt, _to_vllm_sampling(row.sampling)))
+                    sampling = _to_vllm_sampling(row.sampling)
+                    queues.append(await self._llm.add_request(row.request_id, _tokens_prompt(row), sampling))
             except BaseException:
                 await asyncio.shield(self._llm.abort([r.request_id for r in rows]))
                 raise
@@ -322,14 +324,7 @@ class VllmEngine:
                 finished = output.finished
                 if output is STREAM_FINISHED:
                     break
-                completion = output.outputs[0]
-                yield EngineStep(
-                    tokens=self._token_events(completion),
-                    text=completion.text,
-                    finished=output.finished,
-                    finish_reason=_finish_reason(completion) if output.finished else None,
-                    prompt_tokens=len(row.prompt_token_ids),
-                )
+                yield self._step(output, row)
         except BaseException:  # closed early (GeneratorExit), cancelled, or failed: free the row
             import asyncio
 
