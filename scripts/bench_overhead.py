@@ -1,7 +1,9 @@
 """What does ropeserve's wrapper cost? `vllm bench serve` against ropeserve and against plain
 `vllm serve` on the same model and engine settings, one after the other in one run, then the ratios.
+With `--rounds 2` the pair runs twice in alternating order (ropeserve first, then vllm serve first),
+so drift of the machine does not favour one side; the table shows each round and the median ratio.
 
-    .venv/bin/python scripts/bench_overhead.py --concurrency 1 4 8 --num-prompts 24
+    .venv/bin/python scripts/bench_overhead.py --concurrency 1 4 8 --num-prompts 24 --rounds 2
 
 Targets: request throughput >= 0.97x and median TTFT <= 1.05x those of `vllm serve`.
 """
@@ -12,6 +14,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +68,7 @@ def bench(url: str, model: str, concurrency: int, args: argparse.Namespace, out:
         "--dataset-name", "random", "--random-input-len", str(args.input_len),
         "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
         "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0",
+        "--num-warmups", str(args.warmups if args.warmups is not None else concurrency),
         "--save-result", "--result-dir", str(out.parent), "--result-filename", filename,
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
@@ -72,6 +76,7 @@ def bench(url: str, model: str, concurrency: int, args: argparse.Namespace, out:
 
 
 def run_target(name: str, cmd: list[str], env: dict[str, str], port: int, model: str, args, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     proc = launch(name, cmd, env, work)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -92,6 +97,8 @@ def main() -> int:
     parser.add_argument("--kv-cache-gib", type=int, default=2)
     parser.add_argument("--port", type=int, default=8400)
     parser.add_argument("--dtype", default="float32", help="both servers (CPUs without AVX-512 bf16 are far faster in float32)")
+    parser.add_argument("--warmups", type=int, help="warm-up requests before each level (default: the concurrency)")
+    parser.add_argument("--rounds", type=int, default=1, help="pairs of runs, in alternating order")
     parser.add_argument("--json", help="also write all results here")
     args = parser.parse_args()
 
@@ -106,22 +113,40 @@ def main() -> int:
         "--served-model-name", DEFAULT_MODEL_NAME, "--max-model-len", "8192", "--max-num-seqs", "64",
         "--enforce-eager", "--enable-prefix-caching", "--dtype", args.dtype,
     ]
-    ropeserve = run_target("ropeserve", [PY, "-m", "clients.cli", "serve"], ropeserve_env, args.port, model, args, work)
-    vllm = run_target("vllm-serve", vllm_cmd, env, args.port + 1, model, args, work)
+    rounds = []
+    for r in range(args.rounds):
+        order = ["ropeserve", "vllm-serve"] if r % 2 == 0 else ["vllm-serve", "ropeserve"]
+        got = {}
+        for name in order:
+            if name == "ropeserve":
+                cmd, run_env, port = [PY, "-m", "clients.cli", "serve"], ropeserve_env, args.port
+            else:
+                cmd, run_env, port = vllm_cmd, env, args.port + 1
+            got[name] = run_target(name, cmd, run_env, port, model, args, work / f"round{r}")
+        rounds.append(got)
 
     print(f"\nrandom dataset, {args.num_prompts} prompts, input {args.input_len} / output {args.output_len} tokens")
-    print("| concurrency | ropeserve req/s | vllm serve req/s | throughput ratio | ropeserve median TTFT ms | vllm serve median TTFT ms | TTFT ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for c in args.concurrency:
-        a, b = ropeserve["by_concurrency"][c], vllm["by_concurrency"][c]
-        print(
-            f"| {c} | {a['request_throughput']:.3f} | {b['request_throughput']:.3f} | "
-            f"{a['request_throughput'] / b['request_throughput']:.3f} | {a['median_ttft_ms']:.1f} | "
-            f"{b['median_ttft_ms']:.1f} | {a['median_ttft_ms'] / b['median_ttft_ms']:.3f} |"
-        )
-    print(f"\nstart-up to healthy: ropeserve {ropeserve['startup_s']:.1f} s, vllm serve {vllm['startup_s']:.1f} s")
+    print("| round | concurrency | ropeserve req/s | vllm serve req/s | throughput ratio | ropeserve median TTFT ms "
+          "| vllm serve median TTFT ms | TTFT ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ratios: dict[int, list[tuple[float, float]]] = {c: [] for c in args.concurrency}
+    for r, got in enumerate(rounds):
+        for c in args.concurrency:
+            a, b = got["ropeserve"]["by_concurrency"][c], got["vllm-serve"]["by_concurrency"][c]
+            tput, ttft = a["request_throughput"] / b["request_throughput"], a["median_ttft_ms"] / b["median_ttft_ms"]
+            ratios[c].append((tput, ttft))
+            print(f"| {r + 1} | {c} | {a['request_throughput']:.3f} | {b['request_throughput']:.3f} | {tput:.3f} | "
+                  f"{a['median_ttft_ms']:.1f} | {b['median_ttft_ms']:.1f} | {ttft:.3f} |")
+    if args.rounds > 1:
+        print("\n| concurrency | median throughput ratio | median TTFT ratio |\n|---:|---:|---:|")
+        for c in args.concurrency:
+            print(f"| {c} | {statistics.median(t for t, _ in ratios[c]):.3f} | "
+                  f"{statistics.median(t for _, t in ratios[c]):.3f} |")
+    for r, got in enumerate(rounds):
+        print(f"round {r + 1} start-up to healthy: ropeserve {got['ropeserve']['startup_s']:.1f} s, "
+              f"vllm serve {got['vllm-serve']['startup_s']:.1f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"ropeserve": ropeserve, "vllm_serve": vllm}, indent=2))
+        Path(args.json).write_text(json.dumps(rounds, indent=2))
     return 0
 
 
