@@ -53,21 +53,35 @@ def parse_length(text: str) -> int:
     return int(text)
 
 
-def make_case(target_tokens: int, depth: float, key: str, count_tokens: Callable[[str], int] | None) -> PasskeyCase:
-    """A passkey context whose full prompt (context + question) is about `target_tokens` tokens."""
+def make_case(
+    target_tokens: int, depth: float, key: str, count_tokens: Callable[[str], int] | None,
+    instruction_in_inputs: bool = False,
+) -> PasskeyCase:
+    """A passkey context whose full prompt (context + question) is about `target_tokens` tokens.
+
+    The instruction (INTRO) opens the context, as in the usual passkey test, or, with
+    `instruction_in_inputs`, precedes the question: NBCE's rows each read `inputs`, but only the
+    first chunk would read an instruction at the head of the document.
+    """
+    inputs = INTRO + " " + QUESTION if instruction_in_inputs else QUESTION
+    head = "" if instruction_in_inputs else INTRO + " "
+
+    def build(n: int, before: int) -> str:
+        return head + FILLER * before + NEEDLE.format(key=key) + FILLER * (n - before)
+
     per_filler = count_tokens(FILLER * 20) / 20 if count_tokens else FILLER_TOKENS_GUESS
     fixed = count_tokens(INTRO + NEEDLE.format(key=key) + "\n\n" + QUESTION) if count_tokens else 60
     n = max(1, int((target_tokens - fixed) / per_filler))
     before = int(round(n * depth))
-    context = INTRO + " " + FILLER * before + NEEDLE.format(key=key) + FILLER * (n - before)
+    context = build(n, before)
     if count_tokens:  # trim or pad to land just under the target
-        total = count_tokens(context + "\n\n" + QUESTION)
+        total = count_tokens(context + "\n\n" + inputs)
         while total > target_tokens and n > 1:
             n -= 1
             before = min(before, n)
-            context = INTRO + " " + FILLER * before + NEEDLE.format(key=key) + FILLER * (n - before)
-            total = count_tokens(context + "\n\n" + QUESTION)
-    return PasskeyCase(key=key, depth=depth, context=context)
+            context = build(n, before)
+            total = count_tokens(context + "\n\n" + inputs)
+    return PasskeyCase(key=key, depth=depth, context=context, inputs=inputs)
 
 
 def parse_strategy(text: str) -> dict[str, Any]:
@@ -191,6 +205,7 @@ def run(
     tokenizer: str | None = None,
     api_key: str | None = None,
     timeout: float = 900.0,
+    instruction_in_inputs: bool = False,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> tuple[dict[tuple[int, int], Cell], str]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -203,7 +218,8 @@ def run(
             native = NATIVE_WINDOW_GUESS
         cases = {
             length: [
-                make_case(length, (i + 0.5) / trials, str(rng.randint(10000, 99999)), count) for i in range(trials)
+                make_case(length, (i + 0.5) / trials, str(rng.randint(10000, 99999)), count, instruction_in_inputs)
+                for i in range(trials)
             ]
             for length in lengths
         }
@@ -242,6 +258,7 @@ def main(args: Any) -> int:
     _, table = run(
         args.url, strategies, lengths, trials=args.trials, max_new_tokens=args.max_new_tokens,
         seed=args.seed, tokenizer=args.tokenizer, api_key=args.api_key,
+        instruction_in_inputs=args.instruction == "inputs",
     )
     print(table)
     print(f"\n{args.trials} trials per cell (keys at depths spread over the context), greedy, "
@@ -260,5 +277,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="tokenizer to size prompts (default: the bundled model's)")
     parser.add_argument("--api-key", dest="api_key")
+    parser.add_argument("--instruction", choices=("context", "inputs"), default="context",
+                        help="where the 'find the pass key' instruction goes: head of the document (classic), "
+                             "or before the question in `inputs` (what NBCE's rows all read)")
 
 

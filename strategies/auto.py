@@ -3,8 +3,8 @@
 * the plain prompt (documents, blank line, question) plus max_new_tokens fits the native window
   → `native`;
 * else, up to `max_rope_factor` × the window (and within what the KV cache holds) → the RoPE
-  scaling the RoPE measurements rank best, with the smallest sufficient power-of-two factor
-  (`strategies.rope.suggest_rope_strategy`; see README "Strategies" for the passkey table);
+  scaling the RoPE measurements rank best (`ntk`) with factor `rope_factor`, or the smallest
+  sufficient power-of-two factor if that is larger (see README "Strategies" for the passkey table);
 * beyond that → `nbce` over chunks that fit the native window (it needs a `context`; a prompt
   that is all `inputs` gets the RoPE scaling while one fits, else the 422 of the chosen strategy).
 
@@ -28,10 +28,13 @@ from strategies.base import (
     Tokenize,
 )
 
-# RoPE scaling is measured to serve passkey retrieval on the bundled model up to 12k-16k tokens
-# (strategies/rope.py, README "Strategies"), i.e. factor 2; longer prompts go to NBCE, whose cost
-# grows linearly with the length and whose rows all stay inside the trained window.
-DEFAULT_MAX_ROPE_FACTOR = 2.0
+# Passkey measurements on the bundled model (README "Strategies"): NTK scaling retrieves only well
+# inside its stretched window (x2 = 16k: right at 12k, wrong at 16k; x4 = 32k: wrong at 24k), while
+# theta x ~8 retrieved from 2k to 24k. So one generous factor serves every length up to 3 x the
+# window: better answers, and one engine configuration instead of one per length. Longer prompts go
+# to NBCE, whose cost grows linearly with the length and whose rows stay inside the trained window.
+DEFAULT_MAX_ROPE_FACTOR = 3.0
+DEFAULT_ROPE_FACTOR = 8.0
 
 
 class AutoParams(StrategyParams):
@@ -40,6 +43,10 @@ class AutoParams(StrategyParams):
         description="longest stretch (x native window) served by RoPE scaling; longer prompts use nbce",
     )
     rope: str | None = Field(default=None, description="RoPE strategy name to use (default: the best measured)")
+    rope_factor: float = Field(
+        default=DEFAULT_ROPE_FACTOR, ge=1.0, le=16.0,
+        description="factor of that RoPE scaling (raised to the smallest sufficient one if a prompt needs more)",
+    )
 
 
 def _memo(tokenize: Tokenize) -> Tokenize:
@@ -57,8 +64,8 @@ def _memo(tokenize: Tokenize) -> Tokenize:
 class AutoStrategy(Strategy):
     name = "auto"
     description = (
-        "native when the prompt fits the window; else the best measured RoPE scaling with the "
-        "smallest sufficient factor; beyond max_rope_factor x the window, nbce."
+        "native when the prompt fits the window; else the best measured RoPE scaling (ntk, factor "
+        "rope_factor); beyond max_rope_factor x the window, nbce."
     )
     Params = AutoParams
 
@@ -80,7 +87,8 @@ class AutoStrategy(Strategy):
                 spec = suggestion
                 reason = (
                     f"{needed} tokens exceed the native window of {model.native_window}; "
-                    f"'{suggestion['name']}' with the smallest sufficient factor {suggestion['factor']:g}"
+                    f"'{suggestion['name']}' with factor {suggestion['factor']:g}, measured to retrieve up to "
+                    f"{p.max_rope_factor:g} x the window"
                 )
             elif has_context:
                 spec = {"name": "nbce"}
@@ -105,4 +113,7 @@ class AutoStrategy(Strategy):
             from strategies.rope import suggest_rope_strategy
         except ImportError:
             return None
-        return suggest_rope_strategy(needed, model, p.rope)
+        suggestion = suggest_rope_strategy(needed, model, p.rope)
+        if suggestion is not None:
+            suggestion["factor"] = max(suggestion["factor"], p.rope_factor)
+        return suggestion

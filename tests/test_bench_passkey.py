@@ -32,3 +32,13 @@ def test_case_length_and_table() -> None:
                               Trial(False, 4.0, 200, strategy={"name": "ntk", "factor": 2.0})])}
     table = render_table(cells, [{"name": "ntk"}], [6000], 2)
     assert "| 6,000 | 1/2 ×2 (3.0 s) |" in table
+
+
+def test_instruction_can_go_with_the_question() -> None:
+    count = load_token_counter(None)
+    classic = make_case(3000, 0.5, "12345", count)
+    asked = make_case(3000, 0.5, "12345", count, instruction_in_inputs=True)
+    assert classic.context.startswith("There is an important info") and classic.inputs == "What is the pass key? The pass key is"
+    assert asked.inputs.startswith("There is an important info") and asked.inputs.endswith("The pass key is")
+    assert "important info" not in asked.context and "12345" in asked.context
+    assert 2800 <= count(asked.context + "\n\n" + asked.inputs) <= 3000

@@ -227,12 +227,9 @@ def test_nbce_stream_equals_generate(http):
 def passkey_case(tokenizer, target: int, key: str, depth: float):
     """The passkey haystack as the document, the instruction with the question as `inputs`: every
     NBCE row reads the instruction (a chunk without it does not know what to look for)."""
-    from clients.bench_passkey import INTRO, QUESTION, make_case
+    from clients.bench_passkey import make_case
 
-    case = make_case(target, depth, key, lambda t: len(tokenizer.encode(t)))
-    case.context = case.context.replace(INTRO + " ", "", 1)
-    case.inputs = INTRO + " " + QUESTION
-    return case
+    return make_case(target, depth, key, lambda t: len(tokenizer.encode(t)), instruction_in_inputs=True)
 
 
 @pytest.mark.slow
