@@ -30,6 +30,14 @@ INTRO = (
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
+# For a haystack whose chunks all differ: with the repeated FILLER, NBCE's rows are identical token
+# runs that vLLM's prefix cache serves once, which hides what a real document costs.
+VARIED_FILLER = (
+    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+    "A cat sleeps on the wall.", "Rain falls on the old roof.", "The river runs to the sea.",
+    "Bread is baked at dawn.", "The bell rings at noon.", "Leaves turn red in autumn.", "The road winds up the hill.",
+    "Birds sing in the morning.", "The lamp is lit at night.", "Snow covers the quiet field.", "The boat rocks gently.",
+)
 # Tokens of one FILLER sentence group for SmolLM2's tokenizer; used when no tokenizer is at hand.
 FILLER_TOKENS_GUESS = 23
 NATIVE_WINDOW_GUESS = 8192
@@ -56,6 +64,7 @@ def parse_length(text: str) -> int:
 def make_case(
     target_tokens: int, depth: float, key: str, count_tokens: Callable[[str], int] | None,
     instruction_in_inputs: bool = False,
+    varied: bool = False,
 ) -> PasskeyCase:
     """A passkey context whose full prompt (context + question) is about `target_tokens` tokens.
 
@@ -65,13 +74,14 @@ def make_case(
     """
     inputs = INTRO + " " + QUESTION if instruction_in_inputs else QUESTION
     head = "" if instruction_in_inputs else INTRO + " "
-
-    def build(n: int, before: int) -> str:
-        return head + FILLER * before + NEEDLE.format(key=key) + FILLER * (n - before)
-
     per_filler = count_tokens(FILLER * 20) / 20 if count_tokens else FILLER_TOKENS_GUESS
     fixed = count_tokens(INTRO + NEEDLE.format(key=key) + "\n\n" + QUESTION) if count_tokens else 60
     n = max(1, int((target_tokens - fixed) / per_filler))
+    groups = _varied_groups(n, key) if varied else [FILLER] * n
+
+    def build(n: int, before: int) -> str:
+        return head + "".join(groups[:before]) + NEEDLE.format(key=key) + "".join(groups[before:n])
+
     before = int(round(n * depth))
     context = build(n, before)
     if count_tokens:  # trim or pad to land just under the target
@@ -82,6 +92,12 @@ def make_case(
             context = build(n, before)
             total = count_tokens(context + "\n\n" + inputs)
     return PasskeyCase(key=key, depth=depth, context=context, inputs=inputs)
+
+
+def _varied_groups(n: int, key: str) -> list[str]:
+    """n filler groups of five sentences drawn at random (seeded by the key): no two chunks alike."""
+    rng = random.Random(key)
+    return [" ".join(rng.choice(VARIED_FILLER) for _ in range(5)) + " " for _ in range(n)]
 
 
 def parse_strategy(text: str) -> dict[str, Any]:
@@ -206,6 +222,7 @@ def run(
     api_key: str | None = None,
     timeout: float = 900.0,
     instruction_in_inputs: bool = False,
+    varied: bool = False,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> tuple[dict[tuple[int, int], Cell], str]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -218,7 +235,7 @@ def run(
             native = NATIVE_WINDOW_GUESS
         cases = {
             length: [
-                make_case(length, (i + 0.5) / trials, str(rng.randint(10000, 99999)), count, instruction_in_inputs)
+                make_case(length, (i + 0.5) / trials, str(rng.randint(10000, 99999)), count, instruction_in_inputs, varied)
                 for i in range(trials)
             ]
             for length in lengths
@@ -258,7 +275,7 @@ def main(args: Any) -> int:
     _, table = run(
         args.url, strategies, lengths, trials=args.trials, max_new_tokens=args.max_new_tokens,
         seed=args.seed, tokenizer=args.tokenizer, api_key=args.api_key,
-        instruction_in_inputs=args.instruction == "inputs",
+        instruction_in_inputs=args.instruction == "inputs", varied=args.varied,
     )
     print(table)
     print(f"\n{args.trials} trials per cell (keys at depths spread over the context), greedy, "
@@ -280,5 +297,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--instruction", choices=("context", "inputs"), default="context",
                         help="where the 'find the pass key' instruction goes: head of the document (classic), "
                              "or before the question in `inputs` (what NBCE's rows all read)")
+    parser.add_argument("--varied", action="store_true",
+                        help="filler sentences drawn at random, so no two chunks of the haystack are alike "
+                             "(repeated filler lets NBCE's rows share the prefix cache)")
 
 

@@ -112,7 +112,9 @@ def main() -> int:
     print(f"{'length':>7} | {'strategy':<22} | {'ttft s':>7} | {'s/token':>7} | {'total s':>7} | ok | note", flush=True)
     for length_text in args.lengths.split(","):
         length = parse_length(length_text)
-        case = make_case(length, 0.5, str(10000 + length % 89999), count)
+        # Varied filler: repeated filler would make NBCE's rows identical, served once by the prefix
+        # cache; the instruction goes with the question, which every NBCE row reads.
+        case = make_case(length, 0.5, str(10000 + length % 89999), count, instruction_in_inputs=True, varied=True)
         for spec in (nbce, rope_spec(length + args.max_new_tokens, window, args.rope)):
             before = done[0]
             # A fresh first line per run: no strategy reads another's prompt from the prefix cache.

@@ -42,3 +42,11 @@ def test_instruction_can_go_with_the_question() -> None:
     assert asked.inputs.startswith("There is an important info") and asked.inputs.endswith("The pass key is")
     assert "important info" not in asked.context and "12345" in asked.context
     assert 2800 <= count(asked.context + "\n\n" + asked.inputs) <= 3000
+
+
+def test_varied_haystack_has_no_repeated_chunks() -> None:
+    count = load_token_counter(None)
+    case = make_case(6000, 0.3, "54321", count, varied=True)
+    assert 5700 <= count(case.context + "\n\n" + case.inputs) <= 6000 and "54321" in case.context
+    quarters = [case.context[i * len(case.context) // 4:(i + 1) * len(case.context) // 4] for i in range(4)]
+    assert len(set(quarters)) == 4 and make_case(6000, 0.3, "54321", count, varied=True) == case
