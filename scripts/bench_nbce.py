@@ -25,9 +25,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clients.bench_passkey import make_case, parse_length  # noqa: E402
+from strategies.rope import SUGGESTION_ORDER  # noqa: E402
 
 MODEL_DIR = Path("~/.cache/ropeserve/models/SmolLM2-135M-Instruct").expanduser()
-ROPE_ORDER = ("ntk", "yarn", "dynamic_ntk", "llama3", "linear")
 
 
 def rope_spec(total_tokens: int, native_window: int, name: str) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--lengths", default="8k,16k,32k")
-    ap.add_argument("--rope", default=ROPE_ORDER[0], help="RoPE scaling to compare with (smallest sufficient factor)")
+    ap.add_argument("--rope", default=SUGGESTION_ORDER[0], help="RoPE scaling to compare with (smallest sufficient factor)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--load", type=int, default=0, help="ordinary clients kept busy meanwhile")
     ap.add_argument("--nbce", default='{"name": "nbce"}', help="NBCE strategy object (JSON)")

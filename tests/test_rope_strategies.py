@@ -65,6 +65,6 @@ def test_kv_capacity_caps_the_allowed_length() -> None:
 
 def test_auto_policy_helper() -> None:
     assert suggest_rope_strategy(8000, MODEL) is None
-    assert suggest_rope_strategy(12_000, MODEL) == {"name": "ntk", "factor": 2.0}
+    assert suggest_rope_strategy(12_000, MODEL) == {"name": "dynamic_ntk", "factor": 2.0}
     assert suggest_rope_strategy(20_000, MODEL, "yarn") == {"name": "yarn", "factor": 4.0}
     assert suggest_rope_strategy(50_000, dataclasses.replace(MODEL, max_context_tokens=40_000)) is None
