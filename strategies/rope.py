@@ -7,8 +7,9 @@ per distinct configuration; `max_model_len` of that configuration is the allowed
 engine's cos/sin table is sized from it (see `server.engines.vllm_engine.hf_overrides_for`).
 
 Measured on the bundled SmolLM2-135M-Instruct (native window 8192, see README "Strategies"), the
-defaults below are the smallest factors that retrieved a passkey reliably; `suggest_rope_strategy`
-is the policy the `auto` strategy can use: the smallest sufficient factor of a working strategy.
+defaults below are the factors that retrieved a passkey reliably; `suggest_rope_strategy` gives
+the best measured strategy with the smallest sufficient factor (the native refusal's hint; `auto`
+raises the factor to its `rope_factor`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def ntk_theta(theta: float, factor: float, dim: int) -> float:
 
 
 def suggest_rope_strategy(needed_tokens: int, model: ModelFacts, name: str | None = None) -> dict[str, Any] | None:
-    """The `auto` policy for plain prompts: a strategy spec with the smallest sufficient factor.
+    """A strategy spec for a too-long prompt: the best measured scaling, smallest sufficient factor.
 
     Returns None when the request fits natively (use `native`) or when no RoPE configuration the
     server can hold fits (then only NBCE-style chunking can serve it).
