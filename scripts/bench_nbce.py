@@ -25,15 +25,13 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clients.bench_passkey import make_case, parse_length  # noqa: E402
-from strategies.rope import SUGGESTION_ORDER  # noqa: E402
+from strategies.rope import SUGGESTION_ORDER, smallest_power_of_two_factor  # noqa: E402
 
 MODEL_DIR = Path("~/.cache/ropeserve/models/SmolLM2-135M-Instruct").expanduser()
 
 
 def rope_spec(total_tokens: int, native_window: int, name: str) -> dict[str, Any]:
-    factor = 1.0
-    while factor * native_window < total_tokens and factor < 16:
-        factor *= 2
+    factor = smallest_power_of_two_factor(total_tokens, native_window)
     return {"name": "native"} if factor == 1.0 else {"name": name, "factor": factor}
 
 

@@ -113,17 +113,16 @@ def main() -> int:
         "--served-model-name", DEFAULT_MODEL_NAME, "--max-model-len", "8192", "--max-num-seqs", "64",
         "--enforce-eager", "--enable-prefix-caching", "--dtype", args.dtype,
     ]
+    targets = {
+        "ropeserve": ([PY, "-m", "clients.cli", "serve"], ropeserve_env, args.port),
+        "vllm-serve": (vllm_cmd, env, args.port + 1),
+    }
     rounds = []
     for r in range(args.rounds):
-        order = ["ropeserve", "vllm-serve"] if r % 2 == 0 else ["vllm-serve", "ropeserve"]
-        got = {}
-        for name in order:
-            if name == "ropeserve":
-                cmd, run_env, port = [PY, "-m", "clients.cli", "serve"], ropeserve_env, args.port
-            else:
-                cmd, run_env, port = vllm_cmd, env, args.port + 1
-            got[name] = run_target(name, cmd, run_env, port, model, args, work / f"round{r}")
-        rounds.append(got)
+        order = list(targets) if r % 2 == 0 else list(reversed(targets))
+        rounds.append({
+            name: run_target(name, *targets[name], model, args, work / f"round{r}") for name in order
+        })
 
     print(f"\nrandom dataset, {args.num_prompts} prompts, input {args.input_len} / output {args.output_len} tokens")
     print("| round | concurrency | ropeserve req/s | vllm serve req/s | throughput ratio | ropeserve median TTFT ms "

@@ -34,7 +34,6 @@ from strategies.base import (
 # request's length, up to 3 x the window; longer prompts go to NBCE, whose cost grows linearly with
 # the length and whose rows stay inside the trained window.
 DEFAULT_MAX_ROPE_FACTOR = 3.0
-DEFAULT_ROPE = "dynamic_ntk"
 DEFAULT_ROPE_FACTOR = 8.0
 
 
@@ -43,7 +42,9 @@ class AutoParams(StrategyParams):
         default=DEFAULT_MAX_ROPE_FACTOR, ge=1.0, le=16.0,
         description="longest stretch (x native window) served by RoPE scaling; longer prompts use nbce",
     )
-    rope: str = Field(default=DEFAULT_ROPE, description="RoPE strategy to use (default: the best measured)")
+    rope: str | None = Field(
+        default=None, description="RoPE strategy to use (default: the best measured, strategies.rope.SUGGESTION_ORDER)"
+    )
     rope_factor: float = Field(
         default=DEFAULT_ROPE_FACTOR, ge=1.0, le=16.0,
         description="factor of that RoPE scaling (dynamic_ntk: its cap); raised to the smallest sufficient one "
