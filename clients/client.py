@@ -14,7 +14,7 @@ Responses are the server's own pydantic models (`server.schemas`); an error repl
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -68,10 +68,7 @@ class RopeserveClient:
             if reply.status_code != 200:
                 reply.read()
                 self._json(reply)
-            for line in reply.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                event = json.loads(line[len("data:"):])
+            for event in sse_events(reply.iter_lines()):
                 if "error" in event:  # the stream had started when generation failed
                     raise RopeserveError(200, event["error"], event.get("error_type", "generation"))
                 yield StreamResponse.model_validate(event)
@@ -85,6 +82,13 @@ class RopeserveClient:
         if reply.status_code != 200:
             raise RopeserveError(reply.status_code, body.get("error", reply.text), body.get("error_type", "generation"))
         return body
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The JSON events of a `/generate_stream` reply (its `data:` lines)."""
+    for line in lines:
+        if line.startswith("data:"):
+            yield json.loads(line[len("data:"):])
 
 
 def _body(inputs: str, context: str | list[str] | None, strategy: StrategySpec | None, parameters: dict[str, Any]) -> dict[str, Any]:

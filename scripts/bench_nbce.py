@@ -25,6 +25,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clients.bench_passkey import make_case, parse_length  # noqa: E402
+from clients.client import sse_events  # noqa: E402
 from strategies.rope import SUGGESTION_ORDER, smallest_power_of_two_factor  # noqa: E402
 
 MODEL_DIR = Path("~/.cache/ropeserve/models/SmolLM2-135M-Instruct").expanduser()
@@ -45,10 +46,7 @@ def timed_stream(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
         if r.status_code != 200:
             r.read()
             return {"error": f"{r.status_code} {r.text[:200]}"}
-        for line in r.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            event = json.loads(line[5:])
+        for event in sse_events(r.iter_lines()):
             if "error" in event:
                 error = event["error"]
                 break
