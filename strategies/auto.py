@@ -28,10 +28,11 @@ from strategies.base import (
     Tokenize,
 )
 
-# Passkey measurements on the bundled model (README "Strategies", 2 keys per cell at 12k/16k/24k):
-# dynamic_ntk 6/6, yarn 3/6, llama3 3/6, ntk at the smallest factor 2/6 (it retrieves only well
-# inside its stretched window), ntk x8 4/6, linear 0/6. So: dynamic_ntk, whose base follows each
-# request's length, up to 3 x the window; longer prompts go to NBCE, whose cost grows linearly with
+# Passkey measurements on the bundled model (README "Strategies", 5 keys per cell at 12k/16k/24k):
+# dynamic_ntk 13/15, llama3 12/15, ntk at the smallest factor 9/15 (it retrieves only well inside
+# its stretched window), yarn 8/15; with 2 keys, ntk x8 4/6 and linear 0/6. So: dynamic_ntk, whose
+# base follows each request's length and which alone stays at 4/5 or better at every length, up to
+# 3 x the window; longer prompts go to NBCE, whose cost grows linearly with
 # the length and whose rows stay inside the trained window.
 DEFAULT_MAX_ROPE_FACTOR = 3.0
 DEFAULT_ROPE_FACTOR = 8.0
@@ -88,10 +89,14 @@ class AutoStrategy(Strategy):
             has_context = any(d.strip() for d in request.documents)
             if suggestion is not None and (needed <= p.max_rope_factor * model.native_window or not has_context):
                 spec = suggestion
+                why = (
+                    f"within max_rope_factor {p.max_rope_factor:g} x the window"
+                    if needed <= p.max_rope_factor * model.native_window
+                    else "beyond max_rope_factor, but there is no context to split for nbce"
+                )
                 reason = (
                     f"{needed} tokens exceed the native window of {model.native_window}; "
-                    f"'{suggestion['name']}' with factor {suggestion['factor']:g}, measured to retrieve up to "
-                    f"{p.max_rope_factor:g} x the window"
+                    f"'{suggestion['name']}' with factor {suggestion['factor']:g}, {why}"
                 )
             elif has_context:
                 spec = {"name": "nbce"}

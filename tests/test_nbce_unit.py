@@ -107,6 +107,11 @@ def test_auto_picks_by_length(tokenizer, facts):
     assert between.rope != mid.rope, "a longer bucket gets a larger base"
     long = auto.plan(StrategyRequest("Q?", (essay(700),), 8), facts, tokenizer.encode)
     assert long.resolved["chosen"]["name"] == "nbce" and long.combiner["name"] == "nbce"
+    assert "within max_rope_factor 3" in between.resolved["reason"]
+    # All `inputs`, nothing to split: RoPE scaling past max_rope_factor, and the reason says so.
+    asked = auto.plan(StrategyRequest(essay(700), (), 8), facts, tokenizer.encode)
+    assert asked.resolved["chosen"]["name"] == "dynamic_ntk"
+    assert "no context to split" in asked.resolved["reason"], asked.resolved["reason"]
 
 
 def test_engine_combination_equals_reference():
