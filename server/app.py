@@ -36,7 +36,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory | None = None
             yield
         finally:
             app.state.service = None
-            service.pool.shutdown()
+            service.engine.shutdown()
 
     app = FastAPI(title="ropeserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings

@@ -1,20 +1,19 @@
-"""Builds the serving stack from settings: model, tokenizer, strategies, vLLM engine pool."""
+"""Builds the serving stack from settings: model, tokenizer, strategies, the one vLLM engine."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
 
-from server.engines.pool import EnginePool
 from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, is_cpu_build, read_model_facts
 from server.metrics import Metrics
 from server.nbce_runner import run_nbce
 from server.model_store import DEFAULT_MODEL_NAME, resolve_model
 from server.service import GenerationService
 from server.settings import Settings
-from strategies.base import ModelFacts, RopeConfig, StrategyRequest
-from strategies.registry import StrategyRegistry, default_registry
+from strategies.base import ModelFacts
+from strategies.registry import default_registry
+from strategies.rope import MAX_FACTOR
 
 NBCE_LOGITS_PROCESSOR = "server.engines.nbce_processor:NbceLogitsProcessor"
 
@@ -29,10 +28,12 @@ def engine_dtype(settings: Settings) -> str:
     return "auto" if torch.cpu._is_avx512_bf16_supported() else "float32"
 
 
-def engine_config(settings: Settings, model_path: str) -> VllmEngineConfig:
+def engine_config(settings: Settings, model_path: str, max_model_len: int) -> VllmEngineConfig:
     cpu = is_cpu_build()
     return VllmEngineConfig(
         model=model_path,
+        max_model_len=max_model_len,
+        rope_slots=settings.rope_slots,
         dtype=engine_dtype(settings),
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
@@ -43,24 +44,6 @@ def engine_config(settings: Settings, model_path: str) -> VllmEngineConfig:
         # NBCE combines its rows inside the engine (server/nbce_runner.py).
         logits_processors=(NBCE_LOGITS_PROCESSOR,),
     )
-
-
-# Resident memory of one CPU engine beyond its KV cache (weights, runtime, cos/sin table), GiB;
-# measured on the bundled model, see README "Strategies" (engine cost).
-ENGINE_OVERHEAD_GIB = 1.5
-
-
-def prestart_configs(specs: list[Any], registry: StrategyRegistry, model: ModelFacts) -> tuple[RopeConfig, ...]:
-    """The RoPE configurations of the strategies named in `settings.prestart`."""
-    configs: list[RopeConfig] = []
-    for spec in specs:
-        strategy = registry.resolve(spec, "native")
-        rope_config = getattr(strategy, "rope_config", None)
-        if rope_config is not None:  # RoPE strategies: their largest configuration
-            configs.append(rope_config(model))
-        else:
-            configs.append(strategy.plan(StrategyRequest(inputs=""), model, lambda _text: []).rope)
-    return tuple(dict.fromkeys(configs))
 
 
 def estimate_kv_capacity(settings: Settings, model_path: str) -> int | None:
@@ -78,14 +61,13 @@ def estimate_kv_capacity(settings: Settings, model_path: str) -> int | None:
     return int(settings.kv_cache_gib * 2**30 / per_token * 0.98)
 
 
-def measured_kv_capacity(pool: EnginePool) -> int | None:
-    """Tokens the KV cache of a started engine holds (vLLM's block count x block size)."""
-    for engine in pool.engines():
-        cache = getattr(getattr(getattr(engine, "_llm", None), "vllm_config", None), "cache_config", None)
-        blocks, size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
-        if blocks and size:
-            return int(blocks) * int(size)
-    return None
+def engine_max_model_len(settings: Settings, model: ModelFacts, kv_capacity: int | None) -> int:
+    """The longest request the engine takes: `max_model_len` if set, else the largest factor x the
+    native window, capped by what the KV cache holds (a vLLM engine refuses a longer max_model_len)."""
+    if settings.max_model_len is not None:
+        return settings.max_model_len
+    longest = int(MAX_FACTOR * model.native_window)
+    return min(longest, kv_capacity) if kv_capacity else longest
 
 
 async def build_vllm_service(settings: Settings) -> GenerationService:
@@ -94,29 +76,19 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
     model_path = await asyncio.to_thread(resolve_model, settings.model)
     model = read_model_facts(model_path)
     name = settings.served_model_name or (DEFAULT_MODEL_NAME if settings.model is None else settings.model)
-    model = dataclasses.replace(model, model_id=name)
+    max_model_len = engine_max_model_len(settings, model, estimate_kv_capacity(settings, model_path))
+    model = dataclasses.replace(model, model_id=name, max_context_tokens=max_model_len)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    config = engine_config(settings, model_path)
     metrics = Metrics()
     registry = default_registry()
-    model = dataclasses.replace(model, max_context_tokens=estimate_kv_capacity(settings, model_path))
-    per_engine_gib = settings.engine_memory_gib or settings.kv_cache_gib + ENGINE_OVERHEAD_GIB
-    pool = EnginePool(
-        model=model,
-        # The metrics room hears vLLM's per-iteration stats through the engine's listener.
-        factory=lambda rope: VllmEngine(config, rope, model, stats_listener=metrics.engine_listener),
-        max_engines=settings.max_engines,
-        prestart=prestart_configs(settings.prestart, registry, model),
-        memory_budget_gib=settings.engine_memory_budget_gib,
-        engine_cost=lambda rope: per_engine_gib,
-        on_change=lambda p: metrics.refresh_engines(p.engines()),
-    )
-    await pool.start()
-    measured = measured_kv_capacity(pool)
-    if measured is not None and (model.max_context_tokens is None or measured < model.max_context_tokens):
-        pool.model = dataclasses.replace(pool.model, max_context_tokens=measured)
+    # The metrics room hears vLLM's per-iteration stats through the engine's listener.
+    engine = VllmEngine(engine_config(settings, model_path, max_model_len), model,
+                        stats_listener=metrics.engine_listener)
+    # Engine start-up blocks for tens of seconds; keep the event loop (health checks) serving.
+    await asyncio.to_thread(engine.start)
+    metrics.refresh_engine(engine)
     return GenerationService(
-        pool=pool,
+        engine=engine,
         registry=registry,
         tokenizer=tokenizer,
         metrics=metrics,

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engines.pool import EnginePoolFull
+from server.engines.base import EngineBusy
 from server.schemas import ErrorResponse, ErrorType
 from server.service import Overloaded
 from server.sse import ClientDisconnected
@@ -64,7 +64,7 @@ def as_api_error(exc: BaseException) -> ApiError:
         return validation_error(exc.message)
     if isinstance(exc, ClientDisconnected):
         return ApiError(499, "the client closed the connection", "generation")
-    if isinstance(exc, (Overloaded, EnginePoolFull)):
+    if isinstance(exc, (Overloaded, EngineBusy)):
         return ApiError(429, str(exc), "overloaded")
     log.error("generation failed", exc_info=exc)
     # TGI answers engine failures with 424 (the request was fine; the backend failed).
@@ -87,6 +87,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Expected errors get their own handlers: Starlette's catch-all for Exception also re-raises
     # into the server log as a crash, which these are not.
-    for expected in (ApiError, StrategyError, Overloaded, EnginePoolFull, ClientDisconnected):
+    for expected in (ApiError, StrategyError, Overloaded, EngineBusy, ClientDisconnected):
         app.add_exception_handler(expected, _domain)
     app.add_exception_handler(Exception, _domain)

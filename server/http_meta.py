@@ -21,8 +21,7 @@ async def health(request: Request) -> HealthResponse | Response:
     if service is None:
         return error_response(503, "the engine is still starting", "generation")
     try:
-        for engine in service.pool.engines():
-            await engine.check_health()
+        await service.engine.check_health()
     except Exception as exc:  # a dead engine core makes the server unhealthy, not the request invalid
         return error_response(503, f"engine unhealthy: {exc}", "generation")
     return HealthResponse(status="ok")
@@ -32,15 +31,13 @@ async def health(request: Request) -> HealthResponse | Response:
 async def info(
     service: GenerationService = Depends(get_service), settings: Settings = Depends(get_settings_dep)
 ) -> InfoResponse:
-    engines = service.pool.engines()
-    dtype = str(getattr(engines[0], "dtype", settings.dtype)) if engines else settings.dtype
     return InfoResponse(
         model_id=settings.served_model_name or service.model.model_id,
-        model_dtype=dtype,
+        model_dtype=service.engine.dtype,
         native_context_window=service.model.native_window,
         max_total_tokens=service.model.native_window,
         max_new_tokens_limit=settings.max_new_tokens_limit,
-        engine=engines[0].kind if engines else "vllm",
+        engine=service.engine.kind,
         default_strategy=service.default_strategy,
         version=__version__,
     )

@@ -8,6 +8,8 @@ Two sources feed this room:
   iteration: KV-cache use, running/waiting requests, preemptions, and per finished request the
   scheduler queue time and prefill time. It is duck-typed on vLLM's stats objects, so nothing here
   imports vLLM; vLLM's own Prometheus logger (metric names with colons) stays off.
+
+One engine serves every strategy, so the `engine` label is the engine's kind ("vllm").
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.engines.base import Engine
+
 log = logging.getLogger(__name__)
 
 # `*_created` series double every counter and histogram and nothing here reads them.
@@ -48,25 +52,6 @@ UNKNOWN_STRATEGY = "unknown"
 # Request ids are uuid4().hex; engine rows of one request (NBCE) extend it with a suffix.
 REQUEST_ID_CHARS = 32
 MAX_TRACKED_REQUESTS = 8192
-
-
-def engine_label(engine: Any) -> str:
-    """A short label for an engine: the RoPE type and its factor (or base), not the whole dict.
-
-    Engines start per RoPE configuration (tens of seconds each) and the pool holds a few, so the
-    values stay few; gauges of evicted engines are removed (`Metrics.refresh_engines`).
-    """
-    if engine.rope.is_native:
-        return "native"
-    params = engine.rope.as_dict()
-    label = str(params.get("rope_type", "custom"))
-    if params.get("factor") is not None:
-        label += f"-x{float(params['factor']):g}"
-    elif params.get("rope_theta") is not None:
-        label += f"-theta{float(params['rope_theta']):.0f}"
-    if engine.rope.max_model_len is not None:
-        label += f"-{int(engine.rope.max_model_len)}"
-    return label
 
 
 class GpuMemoryCollector(Collector):
@@ -208,13 +193,25 @@ class Metrics:
         self.preemptions = Counter(
             "ropeserve_engine_preemptions", "Rows vLLM preempted (KV cache full), per engine.", ["engine"], registry=r,
         )
-        # --- engines (pool) ---
+        # --- the engine ---
         self.engines = Gauge("ropeserve_engines", "Engines running.", registry=r)
         self.engine_startup = Gauge(
-            "ropeserve_engine_startup_seconds", "How long each running engine took to start.", ["engine"], registry=r,
+            "ropeserve_engine_startup_seconds", "How long the running engine took to start.", ["engine"], registry=r,
         )
         self.engine_starts = Counter(
-            "ropeserve_engine_starts", "Engines started since the server started.", ["engine"], registry=r,
+            "ropeserve_engine_starts",
+            "Engines started since the server started (1: strategies never start engines).", ["engine"], registry=r,
+        )
+        self.rope_slots = Gauge(
+            "ropeserve_rope_slots", "RoPE slots of the engine's cos/sin table (besides the native one).",
+            ["engine"], registry=r,
+        )
+        self.rope_slots_in_use = Gauge(
+            "ropeserve_rope_slots_in_use", "RoPE slots held by running requests' configurations.", ["engine"], registry=r,
+        )
+        self.rope_slot_loads = Counter(
+            "ropeserve_rope_slot_loads",
+            "RoPE configurations placed in a slot (each a cos/sin table built in the engine).", ["engine"], registry=r,
         )
         # --- memory ---
         if gpu is None:
@@ -226,8 +223,8 @@ class Metrics:
         except Exception:  # psutil is vLLM's dependency; without it, this one gauge is absent
             log.debug("no child-process memory gauge", exc_info=True)
         self._request_strategy: OrderedDict[str, str] = OrderedDict()
-        self._engine_labels: set[str] = set()
-        self._seen_engines: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._seen_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+        self._slot_loads_seen = 0
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -259,12 +256,11 @@ class Metrics:
 
     # --- engines --------------------------------------------------------------------------------
 
-    def engine_listener(self, engine: Any, scheduler_stats: Any, iteration_stats: Any) -> None:
+    def engine_listener(self, engine: Engine, scheduler_stats: Any, iteration_stats: Any) -> None:
         """The engine's stats listener: called on the event loop after every vLLM iteration."""
         try:
-            label = engine_label(engine)
+            label = engine.kind
             if scheduler_stats is not None:
-                self._engine_labels.add(label)
                 self.kv_cache_usage.labels(label).set(float(scheduler_stats.kv_cache_usage))
                 self.requests_running.labels(label).set(int(scheduler_stats.num_running_reqs))
                 self.requests_queued.labels(label).set(int(scheduler_stats.num_waiting_reqs))
@@ -280,28 +276,21 @@ class Metrics:
         except Exception:  # metrics must never break the engine's output loop
             log.exception("engine stats listener failed")
 
-    def refresh_engines(self, engines: list[Any]) -> None:
-        """Engine count and per-engine gauges; drops the labels of engines that are gone."""
-        self.engines.set(len(engines))
-        live = set()
-        for engine in engines:
-            label = engine_label(engine)
-            live.add(label)
-            try:
-                new = engine not in self._seen_engines
-                if new:
-                    self._seen_engines.add(engine)
-            except TypeError:  # an unhashable test double
-                new = False
-            if new:
-                self.engine_starts.labels(label).inc()
-            startup = getattr(engine, "startup_seconds", None)
-            if startup is not None:
-                self.engine_startup.labels(label).set(startup)
-        for gone in self._engine_labels - live:
-            for gauge in (self.kv_cache_usage, self.requests_running, self.requests_queued, self.engine_startup):
-                try:
-                    gauge.remove(gone)
-                except KeyError:
-                    pass
-        self._engine_labels = live
+    def refresh_engine(self, engine: Engine) -> None:
+        """The engine's gauges, at start-up and at every scrape."""
+        label = engine.kind
+        self.engines.set(1)
+        if engine not in self._seen_engines:
+            self._seen_engines.add(engine)
+            self.engine_starts.labels(label).inc()
+        if engine.startup_seconds is not None:
+            self.engine_startup.labels(label).set(engine.startup_seconds)
+        stats = engine.stats()
+        self.kv_cache_usage.labels(label).set(stats.kv_cache_usage)
+        self.requests_running.labels(label).set(stats.running_requests)
+        self.requests_queued.labels(label).set(stats.waiting_requests)
+        self.rope_slots.labels(label).set(stats.rope_slots)
+        self.rope_slots_in_use.labels(label).set(stats.rope_slots_in_use)
+        if stats.rope_slot_loads > self._slot_loads_seen:
+            self.rope_slot_loads.labels(label).inc(stats.rope_slot_loads - self._slot_loads_seen)
+            self._slot_loads_seen = stats.rope_slot_loads

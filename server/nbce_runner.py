@@ -103,7 +103,7 @@ async def _drain(stream: AsyncIterator[EngineStep]) -> None:
         pass
 
 
-async def _prefill(engine: Engine, job: Any, cache_salt: str | None) -> None:
+async def _prefill(engine: Engine, job: Any) -> None:
     """Every row as a one-token request: fills the prefix cache, batched with other traffic.
 
     One row after the other: a row in chunked prefill is a *running* request and takes the whole
@@ -112,7 +112,7 @@ async def _prefill(engine: Engine, job: Any, cache_salt: str | None) -> None:
     NBCE prefill). Row by row, requests that arrive meanwhile are admitted between rows.
     """
     for k, row in enumerate(job.plan.rows):
-        request = RowRequest(f"{job.request_id}:prefill:{k}", row, SamplingOptions(max_new_tokens=1), cache_salt)
+        request = RowRequest(f"{job.request_id}:prefill:{k}", row, SamplingOptions(max_new_tokens=1), job.plan.rope)
         stream = engine.generate(request)
         try:
             await _drain(stream)
@@ -120,13 +120,6 @@ async def _prefill(engine: Engine, job: Any, cache_salt: str | None) -> None:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
-
-
-async def _open(engine: Engine, rows: list[RowRequest]) -> list[AsyncIterator[EngineStep]]:
-    group = getattr(engine, "generate_group", None)
-    if group is not None:
-        return await group(rows)
-    return [engine.generate(r) for r in rows]
 
 
 async def _pump(k: int, stream: AsyncIterator[EngineStep], queue: asyncio.Queue) -> None:
@@ -151,7 +144,6 @@ async def run_nbce(engine: Engine, job: Any) -> AsyncIterator[EngineStep]:
     plan, sampling = job.plan, job.sampling
     rows: list[list[int]] = plan.rows
     n = len(rows)
-    cache_salt = None if plan.rope.is_native else plan.rope.key()
     tokenizer = engine.tokenizer
     special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
     eos = set(getattr(engine.model, "eos_token_ids", ()) or ())
@@ -176,7 +168,7 @@ async def run_nbce(engine: Engine, job: Any) -> AsyncIterator[EngineStep]:
                 log.debug("abort of nbce rows failed", exc_info=True)
 
     try:
-        await _prefill(engine, job, cache_salt)
+        await _prefill(engine, job)
         attempt = 0
         finish: str | None = None
         while finish is None:
@@ -191,12 +183,12 @@ async def run_nbce(engine: Engine, job: Any) -> AsyncIterator[EngineStep]:
                         max_new_tokens=remaining, greedy=True, ignore_eos=sampling.ignore_eos,
                         extra_args={"nbce": {**info, "row": k}},
                     ),
-                    cache_salt,
+                    plan.rope,
                 )
                 for k in range(n)
             ]
             current_ids[:] = [r.request_id for r in row_requests]
-            streams = await _open(engine, row_requests)
+            streams = await engine.generate_group(row_requests)
             queue: asyncio.Queue = asyncio.Queue()
             tasks = [asyncio.create_task(_pump(k, s, queue)) for k, s in enumerate(streams)]
             outs: list[list[int]] = [[] for _ in range(n)]

@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from server.engines.base import Engine, EngineStep, RowRequest, SamplingOptions, Tokenizer
-from server.engines.pool import EnginePool, EnginePoolFull
-from server.metrics import UNKNOWN_STRATEGY, Metrics, engine_label
+from server.engines.base import Engine, EngineBusy, EngineStep, ModelFacts, RowRequest, SamplingOptions, Tokenizer
+from server.metrics import UNKNOWN_STRATEGY, Metrics
 from strategies.base import ExecutionPlan, Strategy, StrategyError, StrategyRequest
 from strategies.registry import StrategyRegistry
 
@@ -55,7 +54,7 @@ class Job:
 class GenerationService:
     def __init__(
         self,
-        pool: EnginePool,
+        engine: Engine,
         registry: StrategyRegistry,
         tokenizer: Tokenizer,
         metrics: Metrics,
@@ -64,7 +63,7 @@ class GenerationService:
         runners: dict[str, PlanRunner] | None = None,
         engine_seeds: bool = True,
     ) -> None:
-        self.pool = pool
+        self.engine = engine
         self.registry = registry
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -78,8 +77,8 @@ class GenerationService:
         metrics.init_strategies(registry.names())
 
     @property
-    def model(self):  # noqa: ANN201 - ModelFacts
-        return self.pool.model
+    def model(self) -> ModelFacts:
+        return self.engine.model
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -100,6 +99,10 @@ class GenerationService:
                 plan = await asyncio.to_thread(strategy.plan, request, self.model, self.tokenize)
             else:
                 plan = strategy.plan(request, self.model, self.tokenize)
+            if not self.engine.supports(plan.rope):
+                raise StrategyError(
+                    f"strategy: this server's engine runs only its fixed RoPE configuration, not {plan.rope.label()}"
+                )
             if plan.combiner is not None and plan.combiner.get("name") not in self.runners:
                 raise StrategyError(f"strategy: no runner for combiner '{plan.combiner.get('name')}'")
             if plan.combiner is None and sampling.seed is not None and not sampling.greedy and not self.engine_seeds:
@@ -122,16 +125,9 @@ class GenerationService:
         return name if isinstance(name, str) and name in self.registry.names() else UNKNOWN_STRATEGY
 
     def refresh_gauges(self) -> None:
-        """Called at scrape time: engine count and per-engine gauges (vLLM's listener keeps them
-        current between scrapes; this also covers engines without one and drops evicted ones)."""
-        engines = self.pool.engines()
-        self.metrics.refresh_engines(engines)
-        for engine in engines:
-            stats = engine.stats()
-            label = engine_label(engine)
-            self.metrics.kv_cache_usage.labels(label).set(stats.kv_cache_usage)
-            self.metrics.requests_running.labels(label).set(stats.running_requests)
-            self.metrics.requests_queued.labels(label).set(stats.waiting_requests)
+        """Called at scrape time: the engine's gauges (vLLM's listener keeps them current between
+        scrapes; this also covers engines without one)."""
+        self.metrics.refresh_engine(self.engine)
 
     def check_capacity(self, job: Job | str) -> None:
         """Raises Overloaded (429) at the concurrency limit; counted, and logged when given the job."""
@@ -155,35 +151,30 @@ class GenerationService:
         first_at = last_at = None
         finish_reason = None
         try:
-            engine = await self.pool.engine_for(job.plan.rope)
-            self.pool.acquire(engine)
-            try:
-                async for step in self._steps(engine, job):
-                    now = time.perf_counter()
-                    if step.tokens:
-                        if first_at is None:
-                            first_at = now
-                            m.time_to_first_token.labels(name).observe(now - job.arrived)
-                            # Tokens that arrive together beyond the first share the wait since it.
-                            gaps = len(step.tokens) - 1
-                            previous = now
-                        else:
-                            gaps = len(step.tokens)
-                            previous = last_at
-                        for _ in range(gaps):
-                            m.inter_token_latency.labels(name).observe((now - previous) / len(step.tokens))
-                        last_at = now
-                    generated += len(step.tokens)
-                    if step.finished:
-                        finish_reason = step.finish_reason
-                    yield step
-            finally:
-                self.pool.release(engine)
+            async for step in self._steps(job):
+                now = time.perf_counter()
+                if step.tokens:
+                    if first_at is None:
+                        first_at = now
+                        m.time_to_first_token.labels(name).observe(now - job.arrived)
+                        # Tokens that arrive together beyond the first share the wait since it.
+                        gaps = len(step.tokens) - 1
+                        previous = now
+                    else:
+                        gaps = len(step.tokens)
+                        previous = last_at
+                    for _ in range(gaps):
+                        m.inter_token_latency.labels(name).observe((now - previous) / len(step.tokens))
+                    last_at = now
+                generated += len(step.tokens)
+                if step.finished:
+                    finish_reason = step.finish_reason
+                yield step
             status = "success"
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             raise
-        except EnginePoolFull:
+        except EngineBusy:
             status = "overloaded"
             raise
         finally:
@@ -231,8 +222,7 @@ class GenerationService:
             }},
         )
 
-    def _steps(self, engine: Engine, job: Job) -> AsyncIterator[EngineStep]:
+    def _steps(self, job: Job) -> AsyncIterator[EngineStep]:
         if job.plan.combiner is not None:
-            return self.runners[job.plan.combiner["name"]](engine, job)
-        cache_salt = None if job.plan.rope.is_native else job.plan.rope.key()
-        return engine.generate(RowRequest(job.request_id, job.plan.rows[0], job.sampling, cache_salt))
+            return self.runners[job.plan.combiner["name"]](self.engine, job)
+        return self.engine.generate(RowRequest(job.request_id, job.plan.rows[0], job.sampling, job.plan.rope))

@@ -27,19 +27,13 @@ class Settings(BaseSettings):
     enforce_eager: bool | None = Field(
         default=None, description="skip torch.compile; default: True on CPU, where compiling costs minutes"
     )
-    max_engines: int = Field(
-        default=2, ge=1, description="engines alive at once: one per distinct RoPE configuration (LRU-evicted when idle)"
+    rope_slots: int = Field(
+        default=32, ge=2, le=1024,
+        description="slots of the engine's RoPE table: distinct RoPE configurations in use at once, plus the native one",
     )
-    engine_memory_budget_gib: float | None = Field(
-        default=None, gt=0, description="estimated memory all engines together may use; default: no budget"
-    )
-    engine_memory_gib: float | None = Field(
-        default=None, gt=0,
-        description="estimated resident memory of one engine; default: kv_cache_gib + 1.5 GiB (measured on CPU)",
-    )
-    prestart: list[str | dict[str, Any]] = Field(
-        default_factory=lambda: ["native"],
-        description='strategies whose RoPE configuration starts with the server and stays (JSON list, e.g. ["native", {"name": "ntk", "factor": 4}])',
+    max_model_len: int | None = Field(
+        default=None, ge=16,
+        description="longest prompt + max_new_tokens of a request; default: 16 x the native window, capped by the KV cache",
     )
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int | None = None

@@ -7,13 +7,21 @@ longest total length that configuration allows. The engine runs plans; it never 
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+# The engine-facing types live with the engine API; strategies produce them (and plugins import
+# them from here).
+from server.engines.base import ExecutionPlan, ModelFacts, RopeConfig
+
+__all__ = [
+    "DOCUMENT_SEPARATOR", "ExecutionPlan", "ModelFacts", "RopeConfig", "Strategy", "StrategyError",
+    "StrategyParams", "StrategyRequest", "Tokenize", "check_fits",
+]
 
 DOCUMENT_SEPARATOR = "\n\n"
 
@@ -28,55 +36,6 @@ class StrategyError(ValueError):
 
 
 @dataclass(frozen=True)
-class ModelFacts:
-    model_id: str
-    native_window: int
-    rope_parameters: dict[str, Any]
-    head_dim: int
-    vocab_size: int
-    eos_token_ids: tuple[int, ...] = ()
-    # The longest prompt + max_new_tokens one engine's KV cache holds (None: not known / no cap).
-    max_context_tokens: int | None = None
-
-    @property
-    def rope_theta(self) -> float:
-        return float(self.rope_parameters.get("rope_theta", 10000.0))
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """A complete RoPE configuration: what an engine is started with.
-
-    `parameters` is the model's full `rope_parameters` dict (vLLM's hf_overrides take it as
-    given, so it must be complete); an empty dict means the model's own configuration.
-    """
-
-    parameters: tuple[tuple[str, Any], ...] = ()
-    max_model_len: int | None = None
-
-    @classmethod
-    def native(cls) -> RopeConfig:
-        return cls()
-
-    @classmethod
-    def from_dict(cls, parameters: dict[str, Any], max_model_len: int) -> RopeConfig:
-        return cls(tuple(sorted(parameters.items())), max_model_len)
-
-    @property
-    def is_native(self) -> bool:
-        return not self.parameters and self.max_model_len is None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.parameters)
-
-    def key(self) -> str:
-        """A stable name for this configuration (engine pool key, cache salt, metrics)."""
-        if self.is_native:
-            return "native"
-        return json.dumps({"rope": self.as_dict(), "len": self.max_model_len}, sort_keys=True)
-
-
-@dataclass(frozen=True)
 class StrategyRequest:
     inputs: str
     documents: tuple[str, ...] = ()
@@ -88,26 +47,6 @@ class StrategyRequest:
 
 
 Tokenize = Callable[[str], list[int]]
-
-
-@dataclass
-class ExecutionPlan:
-    """What the engine runs for one request.
-
-    One row is an ordinary generation; several rows are decoded in lockstep and combined
-    (`combiner` names how, e.g. NBCE). `resolved` is echoed back in the response.
-    """
-
-    rope: RopeConfig
-    rows: list[list[int]]
-    max_total_tokens: int
-    resolved: dict[str, Any]
-    combiner: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(row) for row in self.rows)
 
 
 class Strategy(ABC):

@@ -2,10 +2,12 @@
 
 vLLM's rope_type "dynamic" computes one base from max_position_embeddings at start-up (it is
 static, vLLM issue #5093), so this strategy does the dynamic part itself: the request's total
-length (prompt + max_new_tokens) is rounded up to a bucket (native window x 1, 2, 4, 8, 16, capped
-at factor x native), and the bucket gets the base transformers' dynamic NTK formula gives at
-that length:  theta' = theta * (alpha * L / L0 - (alpha - 1))^(d/(d-2)).  Requests that fit the
-native window run on the native engine; each longer bucket is one engine configuration.
+length (prompt + max_new_tokens) is rounded up to a multiple of `bucket_tokens` (capped at
+factor x native), and gets the base transformers' dynamic NTK formula gives at that length:
+theta' = theta * (alpha * L / L0 - (alpha - 1))^(d/(d-2)).  Requests that fit the native window
+run natively. Each bucket is one RoPE configuration, i.e. one slot of the engine's table (a
+cos/sin table built in milliseconds), so buckets can be fine: by default the base of the
+request's own length within 256 tokens. The response's `strategy` says which length and base.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ from typing import Any
 
 from pydantic import Field
 
-from strategies.base import ModelFacts, RopeConfig
+from strategies.base import ExecutionPlan, ModelFacts, RopeConfig, StrategyRequest, Tokenize
 from strategies.rope import RopeParams, RopeStrategy, factor_field
 
 
 class DynamicNtkParams(RopeParams):
     factor: float = factor_field(8.0)
+    bucket_tokens: int = Field(
+        default=256, ge=1, le=131072,
+        description="request lengths are rounded up to a multiple of this before the base is computed "
+        "(1: the exact length; larger: fewer distinct configurations)",
+    )
     alpha: float = Field(
         default=2.0,
         ge=1.0,
@@ -28,12 +35,10 @@ class DynamicNtkParams(RopeParams):
     )
 
 
-def bucket_length(total_tokens: int, native_window: int, limit: int) -> int:
-    """Round a request length up to native x 2^k, at most `limit`."""
-    bucket = native_window
-    while bucket < total_tokens:
-        bucket *= 2
-    return min(bucket, max(limit, native_window))
+def bucket_length(total_tokens: int, bucket_tokens: int, native_window: int, limit: int) -> int:
+    """Round a request length up to a multiple of `bucket_tokens`, within [native window, limit]."""
+    bucket = -(-total_tokens // bucket_tokens) * bucket_tokens
+    return min(max(bucket, native_window), max(limit, native_window))
 
 
 def dynamic_ntk_theta(theta: float, alpha: float, length: int, native_window: int, dim: int) -> float:
@@ -44,14 +49,13 @@ def dynamic_ntk_theta(theta: float, alpha: float, length: int, native_window: in
 class DynamicNtkStrategy(RopeStrategy):
     name = "dynamic_ntk"
     description = (
-        "Dynamic NTK: the RoPE base is chosen per request from its length (prompt + max_new_tokens), "
-        "bucketed to the native window x 1, 2, 4, ... so few engine configurations exist; up to "
-        "factor x the native window."
+        "Dynamic NTK: the RoPE base is chosen per request from its length (prompt + max_new_tokens, "
+        "rounded up to bucket_tokens); up to factor x the native window."
     )
     Params = DynamicNtkParams
 
     def bucket(self, total_tokens: int, model: ModelFacts) -> int:
-        return bucket_length(total_tokens, model.native_window, self.max_total_tokens(model))
+        return bucket_length(total_tokens, self.params.bucket_tokens, model.native_window, self.max_total_tokens(model))
 
     def rope_parameters(self, model: ModelFacts, length: int | None = None) -> dict[str, Any]:
         length = length if length is not None else self.max_total_tokens(model)
@@ -65,3 +69,11 @@ class DynamicNtkStrategy(RopeStrategy):
             return RopeConfig.native()  # the model as trained: shares the native engine
         bucket = self.bucket(request_tokens, model)
         return RopeConfig.from_dict(self.rope_parameters(model, bucket), bucket)
+
+    def plan(self, request: StrategyRequest, model: ModelFacts, tokenize: Tokenize) -> ExecutionPlan:
+        plan = super().plan(request, model, tokenize)
+        rope = plan.rope.as_dict()
+        # Which length the base was computed for, and the base (the native ones for short requests).
+        plan.resolved["length"] = plan.rope.max_model_len or model.native_window
+        plan.resolved["rope_theta"] = float(rope.get("rope_theta", model.rope_theta))
+        return plan

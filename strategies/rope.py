@@ -2,9 +2,9 @@
 
 A RoPE strategy maps a request to one complete `rope_parameters` dict plus the longest total
 length (prompt + max_new_tokens) it allows: `factor` x the model's native window, capped by what
-the server's KV cache can hold (`ModelFacts.max_context_tokens`). The engine pool starts one engine
-per distinct configuration; `max_model_len` of that configuration is the allowed length, and the
-engine's cos/sin table is sized from it (see `server.engines.vllm_engine.hf_overrides_for`).
+the server's engine holds (`ModelFacts.max_context_tokens`). The one engine serves every
+configuration, each in a slot of its cos/sin table (server/engines/rope_slots.py); `max_model_len`
+of a configuration is the allowed length, and its slot's rows cover it.
 
 Measured on the bundled SmolLM2-135M-Instruct (native window 8192, see README "Strategies"), the
 defaults below are the factors that retrieved a passkey reliably; `suggest_rope_strategy` gives

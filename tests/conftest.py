@@ -46,8 +46,6 @@ def start_server(tmp_dir: Path, extra_env: dict[str, str] | None = None, name: s
         # float32 so engine logits can be compared token-exactly with transformers references
         # (NBCE exactness, server/nbce_runner.py); bf16 kernels differ in rounding.
         "ROPESERVE_DTYPE": os.environ.get("ROPESERVE_TEST_DTYPE", "float32"),
-        # native plus one RoPE-scaled configuration at a time (tests/test_rope_engine.py)
-        "ROPESERVE_MAX_ENGINES": os.environ.get("ROPESERVE_TEST_MAX_ENGINES", "2"),
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from server.engines.base import EngineStats, EngineStep, RowRequest, TokenEvent
-from server.engines.pool import EnginePool
+from server.engines.base import EngineStats, EngineStep, ModelFacts, RopeConfig, RowRequest, TokenEvent
 from server.metrics import Metrics
 from server.service import GenerationService
 from server.settings import Settings
-from strategies.base import ModelFacts, RopeConfig
 from strategies.registry import default_registry
 
 FAKE_MODEL = ModelFacts(
@@ -31,19 +29,23 @@ class FakeEngine:
     """Echoes the prompt's bytes back, one token per `delay` seconds."""
 
     kind = "fake"
+    dtype = "float32"
+    startup_seconds = 0.0
 
-    def __init__(self, rope: RopeConfig, delay: float = 0.0) -> None:
-        self.rope = rope
+    def __init__(self, delay: float = 0.0) -> None:
         self.model = FAKE_MODEL
         self.delay = delay
         self.aborted: list[str] = []
 
-    def start(self) -> None:
-        pass
-
     @property
     def tokenizer(self) -> ByteTokenizer:
         return ByteTokenizer()
+
+    def supports(self, rope: RopeConfig) -> bool:
+        return True
+
+    async def generate_group(self, rows: list[RowRequest]) -> list[AsyncIterator[EngineStep]]:
+        return [self.generate(row) for row in rows]
 
     async def generate(self, row: RowRequest) -> AsyncIterator[EngineStep]:
         n = row.sampling.max_new_tokens
@@ -71,10 +73,8 @@ class FakeEngine:
 
 def fake_service_factory(delay: float = 0.0):
     async def build(settings: Settings) -> GenerationService:
-        pool = EnginePool(FAKE_MODEL, lambda rope: FakeEngine(rope, delay), max_engines=1)
-        await pool.start()
         return GenerationService(
-            pool=pool, registry=default_registry(), tokenizer=ByteTokenizer(), metrics=Metrics(),
+            engine=FakeEngine(delay), registry=default_registry(), tokenizer=ByteTokenizer(), metrics=Metrics(),
             default_strategy=settings.default_strategy, max_concurrent_requests=settings.max_concurrent_requests,
         )
 

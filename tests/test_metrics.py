@@ -9,15 +9,20 @@ from types import SimpleNamespace
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import Metrics, engine_label
-from strategies.base import RopeConfig
+from server.engines.base import EngineStats
+from server.metrics import Metrics
 from tests.prometheus_fixture import find_tool
 
 
 class FakeEngine:  # hashable, like VllmEngine
-    def __init__(self, rope: RopeConfig, startup_seconds: float = 3.0) -> None:
-        self.rope = rope
+    kind = "vllm"
+
+    def __init__(self, startup_seconds: float = 3.0, slot_loads: int = 0) -> None:
         self.startup_seconds = startup_seconds
+        self.slot_loads = slot_loads
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0.25, 2, 1, rope_slots_in_use=3, rope_slots=31, rope_slot_loads=self.slot_loads)
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -43,8 +48,7 @@ def finished(request_id: str, queued: float, prefill: float) -> SimpleNamespace:
 
 def test_vllm_stats_reach_engine_gauges_and_strategy_histograms() -> None:
     m = Metrics(gpu=False)
-    native = FakeEngine(RopeConfig.native())
-    yarn = FakeEngine(RopeConfig.from_dict({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e5}, 32768))
+    engine = FakeEngine()
     m.init_strategies(["native", "nbce"])
     job_a, job_b = "a" * 32, "b" * 32
     m.track_request(job_a, "native")
@@ -58,15 +62,12 @@ def test_vllm_stats_reach_engine_gauges_and_strategy_histograms() -> None:
             finished("c" * 32, 9.0, 9.0),  # not ours: ignored, not labelled "unknown"
         ],
     )
-    m.engine_listener(native, scheduler(0.4, 3, 2), iteration)
-    m.engine_listener(yarn, scheduler(0.9, 1, 0), None)
+    m.engine_listener(engine, scheduler(0.4, 3, 2), iteration)
 
-    assert value(m, "ropeserve_kv_cache_usage_ratio", engine="native") == 0.4
-    assert value(m, "ropeserve_kv_cache_usage_ratio", engine=engine_label(yarn)) == 0.9
-    assert engine_label(yarn) == "yarn-x4-32768"
-    assert value(m, "ropeserve_requests_running", engine="native") == 3
-    assert value(m, "ropeserve_requests_queued", engine="native") == 2
-    assert value(m, "ropeserve_engine_preemptions_total", engine="native") == 2
+    assert value(m, "ropeserve_kv_cache_usage_ratio", engine="vllm") == 0.4
+    assert value(m, "ropeserve_requests_running", engine="vllm") == 3
+    assert value(m, "ropeserve_requests_queued", engine="vllm") == 2
+    assert value(m, "ropeserve_engine_preemptions_total", engine="vllm") == 2
     assert value(m, "ropeserve_request_queue_time_seconds_count", strategy="native") == 1
     assert value(m, "ropeserve_request_queue_time_seconds_sum", strategy="native") == 0.5
     assert value(m, "ropeserve_request_queue_time_seconds_count", strategy="nbce") == 2
@@ -75,14 +76,21 @@ def test_vllm_stats_reach_engine_gauges_and_strategy_histograms() -> None:
     strategies = {dict(labels).get("strategy") for (_, labels) in samples(m)} - {None}
     assert strategies == {"native", "nbce"}
 
-    # The pool evicts the yarn engine: its gauges go, the engine count follows.
-    m.refresh_engines([native])
+
+def test_engine_gauges_at_scrape_time_and_one_start() -> None:
+    m = Metrics(gpu=False)
+    engine = FakeEngine(slot_loads=4)
+    m.refresh_engine(engine)
     assert value(m, "ropeserve_engines") == 1
-    assert value(m, "ropeserve_kv_cache_usage_ratio", engine=engine_label(yarn)) is None
-    assert value(m, "ropeserve_engine_startup_seconds", engine="native") == 3.0
-    assert value(m, "ropeserve_engine_starts_total", engine="native") == 1
-    m.refresh_engines([native])
-    assert value(m, "ropeserve_engine_starts_total", engine="native") == 1
+    assert value(m, "ropeserve_kv_cache_usage_ratio", engine="vllm") == 0.25
+    assert value(m, "ropeserve_engine_startup_seconds", engine="vllm") == 3.0
+    assert value(m, "ropeserve_rope_slots", engine="vllm") == 31
+    assert value(m, "ropeserve_rope_slots_in_use", engine="vllm") == 3
+    assert value(m, "ropeserve_rope_slot_loads_total", engine="vllm") == 4
+    engine.slot_loads = 6
+    m.refresh_engine(engine)  # a scrape later: the engine is not counted as started again
+    assert value(m, "ropeserve_engine_starts_total", engine="vllm") == 1
+    assert value(m, "ropeserve_rope_slot_loads_total", engine="vllm") == 6
 
 
 def test_strategies_are_exported_at_zero_before_traffic() -> None:
@@ -96,7 +104,7 @@ def test_strategies_are_exported_at_zero_before_traffic() -> None:
 
 def test_a_broken_stats_object_does_not_raise_into_vllm() -> None:
     m = Metrics(gpu=False)
-    m.engine_listener(FakeEngine(RopeConfig.native()), SimpleNamespace(), SimpleNamespace(finished_requests=[None]))
+    m.engine_listener(FakeEngine(), SimpleNamespace(), SimpleNamespace(finished_requests=[None]))
 
 
 def test_gpu_memory_is_absent_without_a_gpu() -> None:
@@ -108,8 +116,8 @@ def test_gpu_memory_is_absent_without_a_gpu() -> None:
 def test_promtool_accepts_the_exposition_with_every_series() -> None:
     m = Metrics(gpu=False)
     m.init_strategies(["native", "ntk"])
-    engine = FakeEngine(RopeConfig.native())
-    m.refresh_engines([engine])
+    engine = FakeEngine()
+    m.refresh_engine(engine)
     m.track_request("d" * 32, "native")
     m.engine_listener(engine, scheduler(0.1, 1, 0), SimpleNamespace(num_preempted_reqs=1, finished_requests=[finished("d" * 32, 0.1, 0.2)]))
     m.time_to_first_token.labels("native").observe(0.3)

@@ -51,7 +51,7 @@ def generate(url: str, question: str, strategy: Any = "native", max_new_tokens: 
     deadline = time.monotonic() + TIMEOUT
     while True:
         reply = httpx.post(f"{url}/generate", json=body, timeout=TIMEOUT)
-        # The engine pool may be full with another test's engine for a moment.
+        # Every RoPE slot may be held by other tests' requests for a moment.
         if reply.status_code == 429 and time.monotonic() < deadline:
             time.sleep(2)
             continue

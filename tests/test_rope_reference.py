@@ -15,7 +15,7 @@ import torch
 
 from server.engines.vllm_engine import hf_overrides_for
 from strategies.base import ModelFacts, StrategyRequest
-from strategies.dynamic_ntk import DynamicNtkStrategy, bucket_length
+from strategies.dynamic_ntk import bucket_length
 from strategies.registry import default_registry
 
 NATIVE = 8192
@@ -103,7 +103,7 @@ def test_vllm_rotation_matches_transformers(name: str, params: dict) -> None:
     if name == "dynamic_ntk":
         # Ours is a plain base per bucket; the reference is transformers' dynamic formula at the
         # bucket length (its `factor` is our alpha, its window the native one).
-        bucket = bucket_length(total, NATIVE, plan.max_total_tokens)
+        bucket = bucket_length(total, strategy.params.bucket_tokens, NATIVE, plan.max_total_tokens)
         assert plan.rope.max_model_len == bucket
         ref_parameters = {"rope_type": "dynamic", "rope_theta": MODEL.rope_theta, "factor": strategy.params.alpha}
         ref_max_position = NATIVE
@@ -145,20 +145,26 @@ def test_vllm_rotation_matches_transformers(name: str, params: dict) -> None:
     torch.testing.assert_close(vk.reshape(n, 3, HEAD_DIM).double(), hk, atol=1e-3, rtol=0)
 
 
-def test_dynamic_ntk_buckets_and_bases() -> None:
-    strategy = default_registry().resolve({"name": "dynamic_ntk", "factor": 4}, "native")
+def test_dynamic_ntk_base_follows_the_request_length() -> None:
     configs = {}
-    for total in (100, 8192, 8193, 12_000, 16_384, 16_385, 30_000, 32_768):
+    for total in (100, 8192, 8193, 12_000, 12_032, 16_384, 30_000, 32_768):
         _, plan = plan_for("dynamic_ntk", {"factor": 4}, total)
-        configs[total] = plan.rope
-    assert configs[100].is_native and configs[8192].is_native
-    assert configs[8193] == configs[12_000] == configs[16_384]
-    assert configs[16_385] == configs[30_000] == configs[32_768]
-    assert configs[12_000].max_model_len == 16_384 and configs[30_000].max_model_len == 32_768
+        configs[total] = plan
+    assert configs[100].rope.is_native and configs[8192].rope.is_native
+    # Rounded up to 256 tokens: the base of (nearly) the request's own length.
+    assert configs[8193].rope.max_model_len == 8448
+    assert configs[12_000].rope == configs[12_032].rope and configs[12_000].rope.max_model_len == 12_032
+    assert configs[30_000].rope.max_model_len == 30_208 and configs[32_768].rope.max_model_len == 32_768
     d = HEAD_DIM
-    expected = 100000.0 * (2.0 * 16_384 / NATIVE - 1.0) ** (d / (d - 2))
-    assert math.isclose(configs[12_000].as_dict()["rope_theta"], expected, rel_tol=1e-12)
-    assert strategy.params.alpha == 2.0
+    expected = 100000.0 * (2.0 * 12_032 / NATIVE - 1.0) ** (d / (d - 2))
+    assert math.isclose(configs[12_000].rope.as_dict()["rope_theta"], expected, rel_tol=1e-12)
+    # The response says which length and base were used.
+    assert configs[12_000].resolved["length"] == 12_032
+    assert configs[12_000].resolved["rope_theta"] == configs[12_000].rope.as_dict()["rope_theta"]
+    assert configs[100].resolved["rope_theta"] == 100000.0
+
+    coarse = {t: plan_for("dynamic_ntk", {"factor": 4, "bucket_tokens": 8192}, t)[1].rope for t in (8193, 12_000, 16_384)}
+    assert len(set(coarse.values())) == 1 and coarse[8193].max_model_len == 16_384
 
 
 def test_ntk_base_formula() -> None:

@@ -1,17 +1,100 @@
-"""The small interface between strategies/service and an inference engine.
+"""The engine API: the plain data strategies produce and engines consume, and the `Engine` protocol.
 
-Everything here is plain data: the HTTP layer and the strategies never see vLLM types.
+This module depends on nothing of the project's: strategies import it (they produce
+`RopeConfig` and `ExecutionPlan` from `ModelFacts`), engines implement `Engine`, and the service
+between them runs plans on an engine. The HTTP layer and the strategies never see vLLM types;
+engines never see strategies.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from strategies.base import ModelFacts, RopeConfig
-
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    model_id: str
+    native_window: int
+    rope_parameters: dict[str, Any]
+    head_dim: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...] = ()
+    # The longest prompt + max_new_tokens one request may have on this server: the engine's
+    # max_model_len, which the KV cache must hold (None: not known / no cap).
+    max_context_tokens: int | None = None
+
+    @property
+    def rope_theta(self) -> float:
+        return float(self.rope_parameters.get("rope_theta", 10000.0))
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """A complete RoPE configuration: what one request's positions are rotated with.
+
+    `parameters` is the model's full `rope_parameters` dict (vLLM builds its rotary from it as
+    given, so it must be complete); an empty dict means the model's own configuration.
+    `max_model_len` is the longest total length (prompt + generated) the configuration allows.
+    """
+
+    parameters: tuple[tuple[str, Any], ...] = ()
+    max_model_len: int | None = None
+
+    @classmethod
+    def native(cls) -> RopeConfig:
+        return cls()
+
+    @classmethod
+    def from_dict(cls, parameters: dict[str, Any], max_model_len: int) -> RopeConfig:
+        return cls(tuple(sorted(parameters.items())), max_model_len)
+
+    @property
+    def is_native(self) -> bool:
+        return not self.parameters and self.max_model_len is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.parameters)
+
+    def key(self) -> str:
+        """A stable name for this configuration (RoPE slot key, prefix-cache salt)."""
+        if self.is_native:
+            return "native"
+        return json.dumps({"rope": self.as_dict(), "len": self.max_model_len}, sort_keys=True)
+
+    def label(self) -> str:
+        """A short, bounded-cardinality name for logs and metrics: the RoPE type and its factor."""
+        if self.is_native:
+            return "native"
+        params = self.as_dict()
+        label = str(params.get("rope_type", "custom"))
+        if params.get("factor") is not None:
+            label += f"-x{float(params['factor']):g}"
+        return label
+
+
+@dataclass
+class ExecutionPlan:
+    """What the engine runs for one request.
+
+    One row is an ordinary generation; several rows are decoded in lockstep and combined
+    (`combiner` names how, e.g. NBCE). `resolved` is echoed back in the response.
+    """
+
+    rope: RopeConfig
+    rows: list[list[int]]
+    max_total_tokens: int
+    resolved: dict[str, Any]
+    combiner: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(row) for row in self.rows)
 
 
 @dataclass(frozen=True)
@@ -53,11 +136,16 @@ class EngineStep:
 
 @dataclass(frozen=True)
 class RowRequest:
+    """One engine row: a prompt, how to sample it, and the RoPE configuration it runs under.
+
+    Rows of different configurations share the engine and its batch; the engine keeps their
+    prefix-cache entries apart (their keys are rotated differently).
+    """
+
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingOptions
-    # Separates prefix-cache entries of requests that must not share KV (e.g. other RoPE scalings).
-    cache_salt: str | None = None
+    rope: RopeConfig = RopeConfig()
 
 
 @dataclass(frozen=True)
@@ -65,7 +153,10 @@ class EngineStats:
     kv_cache_usage: float = 0.0
     running_requests: int = 0
     waiting_requests: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+    # RoPE configurations that hold a slot in the engine's table now, and the slots there are.
+    rope_slots_in_use: int = 0
+    rope_slots: int = 0
+    rope_slot_loads: int = 0
 
 
 class Tokenizer(Protocol):
@@ -74,36 +165,40 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
 
+class EngineBusy(RuntimeError):
+    """The engine cannot take this row now (e.g. every RoPE slot is held); retry later (HTTP 429)."""
+
+
 class Engine(Protocol):
-    """One running model under one RoPE configuration."""
+    """One running model that serves rows under any RoPE configuration it `supports`."""
 
     kind: str
-    rope: RopeConfig
     model: ModelFacts
+    # Seconds the engine took to start (None until started).
+    startup_seconds: float | None
 
     @property
     def tokenizer(self) -> Tokenizer: ...
 
-    def generate(self, row: RowRequest) -> AsyncIterator[EngineStep]: ...
+    @property
+    def dtype(self) -> str: ...
+
+    def supports(self, rope: RopeConfig) -> bool:
+        """Whether rows under `rope` can run here (False: a 422 before any engine work)."""
+        ...
+
+    def generate(self, row: RowRequest) -> AsyncIterator[EngineStep]:
+        """Stream one row's new tokens; closing the stream aborts the row. Raises EngineBusy."""
+        ...
+
+    async def generate_group(self, rows: list[RowRequest]) -> list[AsyncIterator[EngineStep]]:
+        """Admit several rows so that the scheduler sees them in one step (NBCE's lockstep rows)."""
+        ...
 
     async def abort(self, request_ids: list[str]) -> None: ...
 
     def stats(self) -> EngineStats: ...
 
     async def check_health(self) -> None: ...
-
-    def shutdown(self) -> None: ...
-
-
-class EngineProvider(Protocol):
-    """Hands out an engine for a RoPE configuration (one engine today; a pool later)."""
-
-    model: ModelFacts
-
-    async def engine_for(self, rope: RopeConfig) -> Engine: ...
-
-    def engines(self) -> list[Engine]: ...
-
-    async def start(self) -> None: ...
 
     def shutdown(self) -> None: ...

@@ -1,4 +1,13 @@
-"""The vLLM engine: one `AsyncLLM` running the model under one RoPE configuration.
+"""The vLLM engine: one `AsyncLLM` that serves rows under any RoPE configuration.
+
+Every row names its RoPE configuration (`RowRequest.rope`); the engine gives the configuration a
+slot of the model's cos/sin table (`RopeSlots`, server/engines/rope_slots.py) and tells the
+engine core through the row's `extra_args`; the engine core's runner rotates the row with that
+slot (server/engines/multi_rope/). One copy of the weights, one KV cache, one continuous batch.
+
+`fixed_rope` instead starts a plain vLLM engine under one configuration (through vLLM's
+`hf_overrides`), which serves rows of that configuration only: the reference the exactness tests
+compare with, and the fallback for model architectures the slot table does not cover.
 
 vLLM types stay inside this module; callers see `RowRequest` in and `EngineStep` out.
 """
@@ -13,8 +22,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server.engines.base import EngineStats, EngineStep, FinishReason, RowRequest, SamplingOptions, TokenEvent
-from strategies.base import ModelFacts, RopeConfig
+from server.engines.base import (
+    EngineStats,
+    EngineStep,
+    FinishReason,
+    ModelFacts,
+    RopeConfig,
+    RowRequest,
+    SamplingOptions,
+    TokenEvent,
+)
+from server.engines.multi_rope import CONFIG_KEY, WORKER_CLASSES
+from server.engines.rope_slots import ROPE_EXTRA_KEY, RopeSlots
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +42,15 @@ log = logging.getLogger(__name__)
 StatsListener = Callable[["VllmEngine", Any, Any], None]
 
 
+# Slots of the RoPE table (slot 0: the model's own): configurations that can be in use at once.
+DEFAULT_ROPE_SLOTS = 32
+
+
 @dataclass(frozen=True)
 class VllmEngineConfig:
     model: str
+    # The longest prompt + generated tokens of any row; also the rows of one RoPE slot.
+    max_model_len: int
     dtype: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
@@ -35,6 +60,13 @@ class VllmEngineConfig:
     enable_prefix_caching: bool = True
     logits_processors: tuple[str, ...] = ()
     served_model_name: str | None = None
+    rope_slots: int = DEFAULT_ROPE_SLOTS
+    # A plain engine under this one configuration instead of the slot table (see module doc).
+    fixed_rope: RopeConfig | None = None
+    # Tests: a KV cache of this many blocks (forces preemption); None: what the memory gives.
+    num_kv_blocks: int | None = None
+    # Tests: the negative control of the exactness tests (every row rotated natively).
+    force_rope_slot0: bool = False
 
 
 def is_cpu_build() -> bool:
@@ -65,11 +97,14 @@ def read_model_facts(model: str) -> ModelFacts:
     )
 
 
-# vLLM rope types whose cos/sin table (and derived max_model_len) is max_position_embeddings x factor.
-TABLE_TIMES_FACTOR_ROPE_TYPES = ("linear", "dynamic", "ntk")
+# vLLM rope types whose cos/sin table is max_position_embeddings x factor (vLLM's `dynamic` and
+# `ntk` classes build max_position_embeddings rows only, though the config multiplies the allowed
+# length by `factor` for them).
+TABLE_TIMES_FACTOR_ROPE_TYPES = ("linear",)
 
 
 def hf_overrides_for(rope: RopeConfig, model: ModelFacts) -> dict[str, Any] | None:
+    """What a plain vLLM engine fixed to `rope` is started with (`fixed_rope`)."""
     if rope.is_native:
         return None
     params = rope.as_dict()
@@ -85,7 +120,7 @@ def hf_overrides_for(rope: RopeConfig, model: ModelFacts) -> dict[str, Any] | No
     return overrides
 
 
-def _to_vllm_sampling(options: SamplingOptions) -> Any:
+def _to_vllm_sampling(options: SamplingOptions, extra_args: dict[str, Any] | None) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -103,7 +138,7 @@ def _to_vllm_sampling(options: SamplingOptions) -> Any:
         ignore_eos=options.ignore_eos,
         logprobs=options.top_logprobs,
         output_kind=RequestOutputKind.DELTA,
-        extra_args=options.extra_args,
+        extra_args=extra_args,
         skip_special_tokens=True,
     )
 
@@ -112,8 +147,9 @@ def _tokens_prompt(row: RowRequest) -> Any:
     from vllm.inputs import TokensPrompt
 
     prompt = TokensPrompt(prompt_token_ids=row.prompt_token_ids)
-    if row.cache_salt:
-        prompt["cache_salt"] = row.cache_salt
+    if not row.rope.is_native:
+        # Keys are stored rotated: rows of other configurations must never share prefix-cache blocks.
+        prompt["cache_salt"] = row.rope.key()
     return prompt
 
 
@@ -170,14 +206,13 @@ class VllmEngine:
     def __init__(
         self,
         config: VllmEngineConfig,
-        rope: RopeConfig,
         model: ModelFacts,
         stats_listener: StatsListener | None = None,
     ) -> None:
         self.config = config
-        self.rope = rope
         self.model = model
         self.stats_listener = stats_listener
+        self.slots = RopeSlots(1 if config.fixed_rope is not None else config.rope_slots)
         self._llm: Any = None
         self._tokenizer: Any = None
         self._special_ids: frozenset[int] = frozenset()
@@ -185,7 +220,6 @@ class VllmEngine:
         self._group_lock: Any = None  # asyncio.Lock, made on first use (NBCE row groups)
         self.started_at: float | None = None
         self.startup_seconds: float | None = None
-        self.last_used = time.monotonic()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -195,26 +229,23 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         started = time.monotonic()
-        if is_cpu_build():
+        cpu = is_cpu_build()
+        if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_gib))
-        max_len = self.rope.max_model_len or self.model.native_window
-        optional: dict[str, Any] = {}
-        if (overrides := hf_overrides_for(self.rope, self.model)) is not None:
-            optional["hf_overrides"] = overrides
-        if self.config.logits_processors:
-            optional["logits_processors"] = list(self.config.logits_processors)
         args = AsyncEngineArgs(
             model=self.config.model,
             served_model_name=self.config.served_model_name,
             dtype=self.config.dtype,
-            max_model_len=max_len,
+            max_model_len=self.config.max_model_len,
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             enforce_eager=self.config.enforce_eager,
             gpu_memory_utilization=self.config.gpu_memory_utilization,
             enable_prefix_caching=self.config.enable_prefix_caching,
+            num_gpu_blocks_override=self.config.num_kv_blocks,
+            logits_processors=list(self.config.logits_processors) or None,
             disable_log_stats=True,
-            **optional,
+            **self._rope_args(cpu),
         )
         # Our collector feeds the stats listener. vLLM adds its own Prometheus logger (metric names
         # with colons, in prometheus_client's global registry) unless one is given: give a silent one.
@@ -224,7 +255,31 @@ class VllmEngine:
         self._special_ids = frozenset(getattr(self._tokenizer, "all_special_ids", ()) or ())
         self.startup_seconds = time.monotonic() - started
         self.started_at = time.time()
-        log.info("engine %s started in %.1f s", self.rope.key(), self.startup_seconds)
+        log.info("engine started in %.1f s (%s)", self.startup_seconds, self.describe_rope())
+
+    def _rope_args(self, cpu: bool) -> dict[str, Any]:
+        fixed = self.config.fixed_rope
+        if fixed is not None:
+            overrides = hf_overrides_for(fixed, self.model)
+            return {"hf_overrides": overrides} if overrides else {}
+        if not cpu:
+            # The slot hooks live in vLLM's V1 runner; a GPU host runs V2 by default.
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        return {
+            "worker_cls": WORKER_CLASSES["cpu" if cpu else "gpu"],
+            # vLLM caps max_model_len by the config's positions; the slot table covers them all.
+            "hf_overrides": {"max_position_embeddings": max(self.config.max_model_len, self.model.native_window)},
+            "additional_config": {CONFIG_KEY: {
+                "rope_slots": self.config.rope_slots,
+                "slot_rows": self.config.max_model_len,
+                "force_slot0": self.config.force_rope_slot0,
+            }},
+        }
+
+    def describe_rope(self) -> str:
+        if self.config.fixed_rope is not None:
+            return f"fixed RoPE {self.config.fixed_rope.label()}"
+        return f"{self.config.rope_slots} RoPE slots x {self.config.max_model_len} positions"
 
     def shutdown(self) -> None:
         if self._llm is not None:
@@ -240,7 +295,8 @@ class VllmEngine:
             def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
                 pass
 
-            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):  # type: ignore[no-untyped-def]
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
                 if scheduler_stats is not None:
                     engine._scheduler_stats = scheduler_stats
                 if engine.stats_listener is not None:
@@ -251,7 +307,7 @@ class VllmEngine:
 
         return _Collector
 
-    # --- requests ------------------------------------------------------------------------------
+    # --- facts ---------------------------------------------------------------------------------
 
     @property
     def dtype(self) -> str:
@@ -264,12 +320,44 @@ class VllmEngine:
     def tokenizer(self) -> Any:
         return self._tokenizer
 
+    def kv_capacity_tokens(self) -> int | None:
+        """Tokens the started engine's KV cache holds (blocks x block size)."""
+        cache = self._llm.vllm_config.cache_config if self._llm is not None else None
+        if cache is None or not cache.num_gpu_blocks:
+            return None
+        return int(cache.num_gpu_blocks) * int(cache.block_size)
+
+    def supports(self, rope: RopeConfig) -> bool:
+        fixed = self.config.fixed_rope
+        if fixed is not None:
+            return rope == fixed
+        return rope.is_native or (rope.max_model_len or 0) <= self.config.max_model_len
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def _admit(self, row: RowRequest) -> tuple[Any, int]:
+        """vLLM's sampling params for `row`, with its RoPE slot held (release it with `_release`)."""
+        if not self.supports(row.rope):
+            raise ValueError(f"this engine does not serve RoPE configuration {row.rope.key()}")
+        slot = 0 if self.config.fixed_rope is not None else self.slots.acquire(row.rope)
+        extra = dict(row.sampling.extra_args or {})
+        if (spec := self.slots.slot_spec(row.rope, slot)) is not None:
+            extra[ROPE_EXTRA_KEY] = spec
+        return _to_vllm_sampling(row.sampling, extra or None), slot
+
+    def _release(self, slot: int) -> None:
+        if self.config.fixed_rope is None:
+            self.slots.release(slot)
+
     async def generate(self, row: RowRequest) -> AsyncIterator[EngineStep]:
-        self.last_used = time.monotonic()
-        # AsyncLLM aborts the engine request itself when this generator is closed early.
-        async for output in self._llm.generate(_tokens_prompt(row), _to_vllm_sampling(row.sampling), row.request_id):
-            yield self._step(output, row)
-        self.last_used = time.monotonic()
+        sampling, slot = self._admit(row)
+        try:
+            # AsyncLLM aborts the engine request itself (and awaits it) when this generator is
+            # closed early, so the slot is released only once the row is gone from the engine.
+            async for output in self._llm.generate(_tokens_prompt(row), sampling, row.request_id):
+                yield self._step(output, row)
+        finally:
+            self._release(slot)
 
     def _step(self, output: Any, row: RowRequest) -> EngineStep:
         completion = output.outputs[0]
@@ -290,10 +378,9 @@ class VllmEngine:
         """
         import asyncio
 
-        self.last_used = time.monotonic()
         if self._group_lock is None:
             self._group_lock = asyncio.Lock()
-        queues: list[Any] = []
+        admitted: list[tuple[Any, RowRequest, int]] = []
         async with self._group_lock:
             core = self._llm.engine_core
             paused = False
@@ -304,17 +391,24 @@ class VllmEngine:
                 log.debug("could not pause the scheduler for a row group", exc_info=True)
             try:
                 for row in rows:
-                    sampling = _to_vllm_sampling(row.sampling)
-                    queues.append(await self._llm.add_request(row.request_id, _tokens_prompt(row), sampling))
+                    sampling, slot = self._admit(row)
+                    try:
+                        queue = await self._llm.add_request(row.request_id, _tokens_prompt(row), sampling)
+                    except BaseException:
+                        self._release(slot)
+                        raise
+                    admitted.append((queue, row, slot))
             except BaseException:
                 await asyncio.shield(self._llm.abort([r.request_id for r in rows]))
+                for _, _, slot in admitted:
+                    self._release(slot)
                 raise
             finally:
                 if paused:
                     await asyncio.shield(core.resume_scheduler_async())
-        return [self._follow(queue, row) for queue, row in zip(queues, rows)]
+        return [self._follow(queue, row, slot) for queue, row, slot in admitted]
 
-    async def _follow(self, queue: Any, row: RowRequest) -> AsyncIterator[EngineStep]:
+    async def _follow(self, queue: Any, row: RowRequest, slot: int) -> AsyncIterator[EngineStep]:
         from vllm.outputs import STREAM_FINISHED
 
         try:
@@ -332,7 +426,7 @@ class VllmEngine:
             raise
         finally:
             queue.close()
-            self.last_used = time.monotonic()
+            self._release(slot)
 
     def _token_events(self, completion: Any) -> list[TokenEvent]:
         events = []
@@ -361,10 +455,13 @@ class VllmEngine:
 
     def stats(self) -> EngineStats:
         s = self._scheduler_stats
+        slots = dict(rope_slots_in_use=self.slots.in_use(), rope_slots=self.slots.slots - 1,
+                     rope_slot_loads=self.slots.loads)
         if s is None:
-            return EngineStats()
+            return EngineStats(**slots)
         return EngineStats(
             kv_cache_usage=float(s.kv_cache_usage),
             running_requests=int(s.num_running_reqs),
             waiting_requests=int(s.num_waiting_reqs),
+            **slots,
         )

@@ -1,0 +1,13 @@
+"""vLLM's CPU worker with the multi-RoPE runner (`worker_cls` of a CPU engine)."""
+
+from __future__ import annotations
+
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from server.engines.multi_rope.runner import use_multi_rope_runner
+
+
+class MultiRopeCPUWorker(CPUWorker):
+    def init_device(self) -> None:
+        super().init_device()
+        use_multi_rope_runner(self.model_runner)

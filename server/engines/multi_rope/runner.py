@@ -1,0 +1,118 @@
+"""vLLM's V1 model runner with per-row RoPE slots (engine-core side).
+
+`MultiRopeRunner` is mixed into the runner vLLM built (CPU or GPU, V1) by the workers in this
+package. It changes two things:
+
+- `load_model`: after vLLM loads the model, every attention layer's rotary is replaced by one
+  shared slot table (table.py);
+- `_preprocess`: vLLM has already computed the true positions, the KV slot mapping and the
+  attention metadata from them; only the positions handed to the model are shifted, each token by
+  its row's `slot x slot_rows`, so the rotary reads that row's configuration and nothing else
+  (KV placement, causal masks, sequence lengths) sees a shifted position.
+
+A row's slot comes from `SamplingParams.extra_args["ropeserve_rope"]` (server/engines/rope_slots.py);
+rows without it use slot 0, the model's own RoPE. A slot's table rows are rebuilt when a row
+arrives with a new epoch for it (the API process hands a slot to another configuration only when
+no row holds it).
+
+Settings arrive in `vllm_config.additional_config["ropeserve"]`: `rope_slots`, `slot_rows`, and
+`force_slot0` (a negative control for tests: every row rotated natively).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from server.engines.multi_rope import CONFIG_KEY
+from server.engines.multi_rope.table import SlotTableRotaryEmbedding, install_slot_table
+from server.engines.rope_slots import ROPE_EXTRA_KEY
+
+log = logging.getLogger(__name__)
+
+
+class MultiRopeRunner:
+    """Mixin for vLLM's V1 `GPUModelRunner` / `CPUModelRunner` (see `use_multi_rope_runner`)."""
+
+    # Set by vLLM's runner; declared for readers and type checkers.
+    vllm_config: Any
+    model: Any
+    input_batch: Any
+    requests: dict[str, Any]
+    positions: torch.Tensor
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        super().load_model(*args, **kwargs)  # type: ignore[misc]  # vLLM's runner, after this mixin in the MRO
+        settings = (self.vllm_config.additional_config or {}).get(CONFIG_KEY, {})
+        self.rope_table: SlotTableRotaryEmbedding = install_slot_table(
+            self.model, int(settings["rope_slots"]), int(settings["slot_rows"])
+        )
+        self.rope_force_slot0 = bool(settings.get("force_slot0", False))
+        self.rope_slot_epochs: dict[int, int] = {}
+        self.rope_positions = torch.zeros_like(self.positions)
+        if self.rope_force_slot0:
+            log.warning("multi-RoPE: force_slot0 is set; every row is rotated with the native RoPE")
+
+    def _preprocess(self, scheduler_output: Any, num_input_tokens: int, intermediate_tensors: Any = None) -> Any:
+        inputs = super()._preprocess(scheduler_output, num_input_tokens, intermediate_tensors)  # type: ignore[misc]
+        bases = self._slot_bases()
+        if bases is None:
+            return inputs
+        counts = [scheduler_output.num_scheduled_tokens[r] for r in self.input_batch.req_ids]
+        offsets = torch.from_numpy(np.repeat(np.asarray(bases, dtype=np.int64), counts))
+        positions = inputs[2]
+        shifted = self.rope_positions[:num_input_tokens]
+        shifted.copy_(positions)
+        shifted[: len(offsets)] += offsets.to(shifted.device, non_blocking=True)
+        return (*inputs[:2], shifted, *inputs[3:])
+
+    def _slot_bases(self) -> list[int] | None:
+        """Each scheduled row's first table row (batch order); None when all rows are native."""
+        bases = []
+        for req_id in self.input_batch.req_ids:
+            params = self.requests[req_id].sampling_params
+            spec = (params.extra_args or {}).get(ROPE_EXTRA_KEY) if params is not None else None
+            bases.append(0 if spec is None else self._slot_base(spec))
+        if self.rope_force_slot0 or not any(bases):
+            return None
+        return bases
+
+    def _slot_base(self, spec: dict[str, Any]) -> int:
+        slot, epoch = int(spec["slot"]), int(spec["epoch"])
+        if self.rope_slot_epochs.get(slot) != epoch:
+            from vllm.config import set_current_vllm_config
+
+            with set_current_vllm_config(self.vllm_config):
+                self.rope_table.fill_slot(slot, spec["parameters"], int(spec["rows"]))
+            self.rope_slot_epochs[slot] = epoch
+        return slot * self.rope_table.slot_rows
+
+
+_RUNNER_CLASSES: dict[type, type] = {}
+
+
+def use_multi_rope_runner(runner: Any) -> None:
+    """Make vLLM's freshly built V1 runner a `MultiRopeRunner` (before its model is loaded).
+
+    vLLM's workers construct their runner class directly, so the mixin is applied to the
+    instance's class; the mixin adds no state before `load_model`.
+    """
+    base = type(runner)
+    if not _is_v1_runner(base):
+        raise RuntimeError(
+            f"multi-RoPE needs vLLM's V1 model runner, not {base.__module__}.{base.__name__}; "
+            "set VLLM_USE_V2_MODEL_RUNNER=0"
+        )
+    cls = _RUNNER_CLASSES.get(base)
+    if cls is None:
+        cls = _RUNNER_CLASSES[base] = type(f"MultiRope{base.__name__}", (MultiRopeRunner, base), {})
+    runner.__class__ = cls
+
+
+def _is_v1_runner(cls: type) -> bool:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return issubclass(cls, GPUModelRunner)

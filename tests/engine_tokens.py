@@ -1,0 +1,101 @@
+"""Greedy tokens and logprobs from real vLLM engines, for the exactness tests (and by hand).
+
+Run as a subprocess (vLLM spawns its engine core, so this needs a `__main__` of its own); the
+engines start one after the other in this one process:
+
+    python -m tests.engine_tokens < spec.json > result.json
+
+spec: {"model": PATH, "dtype": "float32", "engines": [{"name": ..., "max_model_len": N,
+        "fixed_rope": RopeSpec | null, "num_kv_blocks": N | null, "force_rope_slot0": bool,
+        "max_num_batched_tokens": N | null,
+        "runs": [{"concurrent": bool, "rows": [{"id": ..., "prompt": [ids], "rope": RopeSpec | null,
+                                               "max_new_tokens": N}]}]}]}
+RopeSpec: {"parameters": {...}, "max_model_len": N}
+result (the last stdout line): {engine name: {"runs": [{row id: {"tokens": [...], "logprobs": [...]}}],
+                                              "preemptions": N, "rope_slot_loads": N}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+from server.engines.base import ModelFacts, RopeConfig, RowRequest, SamplingOptions
+from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, read_model_facts
+
+
+def rope_of(spec: dict[str, Any] | None) -> RopeConfig:
+    if spec is None:
+        return RopeConfig.native()
+    return RopeConfig.from_dict(spec["parameters"], int(spec["max_model_len"]))
+
+
+async def _row(engine: VllmEngine, row: dict[str, Any]) -> dict[str, Any]:
+    sampling = SamplingOptions(max_new_tokens=int(row["max_new_tokens"]), greedy=True, ignore_eos=True, top_logprobs=1)
+    request = RowRequest(f"{row['id']}-{os.urandom(4).hex()}", list(row["prompt"]), sampling, rope_of(row.get("rope")))
+    tokens: list[int] = []
+    logprobs: list[float | None] = []
+    async for step in engine.generate(request):
+        tokens.extend(t.id for t in step.tokens)
+        logprobs.extend(t.logprob for t in step.tokens)
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+async def _run(engine: VllmEngine, run: dict[str, Any]) -> dict[str, Any]:
+    rows = run["rows"]
+    if run.get("concurrent"):
+        results = await asyncio.gather(*(_row(engine, r) for r in rows))
+    else:
+        results = [await _row(engine, r) for r in rows]
+    return {r["id"]: out for r, out in zip(rows, results)}
+
+
+async def run_engine(model_path: str, model: ModelFacts, dtype: str, spec: dict[str, Any]) -> dict[str, Any]:
+    preemptions = 0
+
+    def listen(_engine: Any, _scheduler: Any, iteration: Any) -> None:
+        nonlocal preemptions
+        preemptions += int(getattr(iteration, "num_preempted_reqs", 0) or 0)
+
+    fixed = spec.get("fixed_rope")
+    config = VllmEngineConfig(
+        model=model_path,
+        dtype=dtype,
+        max_model_len=int(spec["max_model_len"]),
+        max_num_batched_tokens=spec.get("max_num_batched_tokens"),
+        kv_cache_gib=1,
+        fixed_rope=None if fixed is None else rope_of(fixed),
+        num_kv_blocks=spec.get("num_kv_blocks"),
+        force_rope_slot0=bool(spec.get("force_rope_slot0", False)),
+        # Each engine of a spec runs alone; no cached prefix may hide a difference between runs.
+        enable_prefix_caching=False,
+    )
+    engine = VllmEngine(config, model, stats_listener=listen)
+    await asyncio.to_thread(engine.start)
+    try:
+        runs = [await _run(engine, run) for run in spec["runs"]]
+    finally:
+        engine.shutdown()
+    return {"runs": runs, "preemptions": preemptions, "rope_slot_loads": engine.slots.loads}
+
+
+async def main_async(spec: dict[str, Any]) -> dict[str, Any]:
+    model = read_model_facts(spec["model"])
+    out = {}
+    for engine_spec in spec["engines"]:
+        out[engine_spec["name"]] = await run_engine(spec["model"], model, spec.get("dtype", "float32"), engine_spec)
+        print(f"engine {engine_spec['name']} done", file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    spec = json.load(sys.stdin)
+    result = asyncio.run(main_async(spec))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
