@@ -46,6 +46,12 @@ def _bench_passkey(args: argparse.Namespace) -> int:
     return passkey_main(args)
 
 
+def _bench_mixed(args: argparse.Namespace) -> int:
+    from clients.bench_mixed import main_async
+
+    return main_async(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ropeserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-gib", dest="kv_cache_gib", type=int)
     serve.add_argument("--max-num-seqs", dest="max_num_seqs", type=int)
     serve.add_argument("--dtype")
+    serve.add_argument("--rope-slots", dest="rope_slots", type=int, help="RoPE configurations in use at once (+ native)")
+    serve.add_argument("--max-model-len", dest="max_model_len", type=int, help="longest prompt + max_new_tokens")
     serve.set_defaults(func=_serve)
 
     convert = sub.add_parser("convert", help="convert the bundled GGUF to a HF checkpoint (once)")
@@ -72,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _passkey_arguments(passkey)
     passkey.set_defaults(func=_bench_passkey)
+    mixed = bench_sub.add_parser("mixed", help="mixed RoPE strategies vs one strategy on one server: throughput, TTFT, memory")
+    from clients.bench_mixed import add_arguments as _mixed_arguments
+
+    _mixed_arguments(mixed)
+    mixed.set_defaults(func=_bench_mixed)
     return parser
 
 

@@ -39,6 +39,9 @@ async def info(
         max_new_tokens_limit=settings.max_new_tokens_limit,
         engine=service.engine.kind,
         default_strategy=service.default_strategy,
+        max_context_tokens=service.model.max_context_tokens,
+        rope_slots=service.engine.stats().rope_slots,
+        head_dim=service.model.head_dim,
         version=__version__,
     )
 

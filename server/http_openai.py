@@ -70,7 +70,7 @@ async def completions(
 ) -> CompletionResponse | StreamingResponse:
     sampling = openai_sampling(body, settings)
     job = await service.prepare(body.prompt_text(), documents_of(body.context), sampling, body.strategy)
-    service.check_capacity(job.strategy_name)
+    service.check_capacity(job)
     model = body.model or _model_name(service, settings)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

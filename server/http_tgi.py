@@ -36,7 +36,7 @@ ERRORS = {
 async def _prepare(body: GenerateRequest, service: GenerationService, settings: Settings) -> Job:
     documents, sampling = tgi_request_values(body, settings)
     job = await service.prepare(body.inputs, documents, sampling, body.strategy)
-    service.check_capacity(job.strategy_name)
+    service.check_capacity(job)
     return job
 
 

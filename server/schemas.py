@@ -143,6 +143,11 @@ class InfoResponse(BaseModel):
     engine: str
     default_strategy: str
     version: str
+    # The longest prompt + max_new_tokens any strategy may reach on this server (the engine's
+    # max_model_len), RoPE slots for configurations in use at once, and the model's head dim.
+    max_context_tokens: int | None = None
+    rope_slots: int = 0
+    head_dim: int = 0
 
 
 class HealthResponse(BaseModel):

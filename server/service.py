@@ -129,14 +129,22 @@ class GenerationService:
         scrapes; this also covers engines without one)."""
         self.metrics.refresh_engine(self.engine)
 
-    def check_capacity(self, job: Job | str) -> None:
-        """Raises Overloaded (429) at the concurrency limit; counted, and logged when given the job."""
+    def check_capacity(self, job: Job) -> None:
+        """Raises Overloaded or EngineBusy (429) when the job cannot start now; counted and logged.
+
+        Called before a response starts (so a stream gets a real 429) and again when it runs."""
+        refusal: Exception | None = None
         if self._active >= self.max_concurrent_requests:
-            name = job.strategy_name if isinstance(job, Job) else job
-            self.metrics.requests.labels(name, "overloaded").inc()
-            if isinstance(job, Job):
-                self._log_request(job, "overloaded", None, 0, None, time.perf_counter() - job.arrived)
-            raise Overloaded(f"the server is serving {self._active} requests, its limit; retry later")
+            refusal = Overloaded(f"the server is serving {self._active} requests, its limit; retry later")
+        elif not self.engine.can_admit(job.plan.rope):
+            refusal = EngineBusy(
+                f"every RoPE slot of the engine is held by running requests of other configurations "
+                f"({job.plan.rope.label()} needs one); retry later"
+            )
+        if refusal is not None:
+            self.metrics.requests.labels(job.strategy_name, "overloaded").inc()
+            self._log_request(job, "overloaded", None, 0, None, time.perf_counter() - job.arrived)
+            raise refusal
 
     async def run(self, job: Job) -> AsyncIterator[EngineStep]:
         """Run a prepared job, yielding new tokens as they come; records metrics and the access log."""

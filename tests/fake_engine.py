@@ -44,6 +44,9 @@ class FakeEngine:
     def supports(self, rope: RopeConfig) -> bool:
         return True
 
+    def can_admit(self, rope: RopeConfig) -> bool:
+        return True
+
     async def generate_group(self, rows: list[RowRequest]) -> list[AsyncIterator[EngineStep]]:
         return [self.generate(row) for row in rows]
 
@@ -71,10 +74,10 @@ class FakeEngine:
         pass
 
 
-def fake_service_factory(delay: float = 0.0):
+def fake_service_factory(delay: float = 0.0, engine: FakeEngine | None = None):
     async def build(settings: Settings) -> GenerationService:
         return GenerationService(
-            engine=FakeEngine(delay), registry=default_registry(), tokenizer=ByteTokenizer(), metrics=Metrics(),
+            engine=engine or FakeEngine(delay), registry=default_registry(), tokenizer=ByteTokenizer(), metrics=Metrics(),
             default_strategy=settings.default_strategy, max_concurrent_requests=settings.max_concurrent_requests,
         )
 

@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.settings import Settings
-from tests.fake_engine import fake_service_factory
+from server.engines.base import RopeConfig
+from tests.fake_engine import FakeEngine, fake_service_factory
 
 
 def _client(delay: float = 0.0, **settings) -> TestClient:
@@ -45,6 +46,22 @@ def test_full_server_answers_429_and_recovers():
         assert results == [200]
         again = client.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1}})
         assert again.status_code == 200
+
+
+class BusyEngine(FakeEngine):
+    """An engine whose RoPE slots are all held by other configurations."""
+
+    def can_admit(self, rope: RopeConfig) -> bool:
+        return rope.is_native
+
+
+@pytest.mark.parametrize("route", ["/generate", "/generate_stream"])
+def test_a_full_rope_slot_table_answers_429_at_once(route: str):
+    with TestClient(create_app(Settings(), fake_service_factory(engine=BusyEngine()))) as client:
+        reply = client.post(route, json={"inputs": "x", "parameters": {"max_new_tokens": 2}, "strategy": "yarn"})
+        assert reply.status_code == 429, reply.text
+        assert reply.json()["error_type"] == "overloaded" and "RoPE slot" in reply.json()["error"]
+        assert client.post(route, json={"inputs": "x", "parameters": {"max_new_tokens": 2}}).status_code == 200
 
 
 def test_prompt_longer_than_fake_window_names_limit():

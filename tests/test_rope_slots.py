@@ -66,6 +66,22 @@ def test_a_held_slot_is_never_handed_to_another_configuration() -> None:
         slots.release(slot)
 
 
+async def test_the_engine_refuses_a_row_when_every_slot_is_held_and_frees_it_after() -> None:
+    from server.engines.base import RowRequest, SamplingOptions
+    from server.engines.vllm_engine import VllmEngine, VllmEngineConfig
+
+    engine = VllmEngine(VllmEngineConfig(model="unused", max_model_len=16384, rope_slots=2), MODEL)
+    held = engine.slots.acquire(rope(2e5))
+    row = RowRequest("r", [1, 2, 3], SamplingOptions(max_new_tokens=1), rope(4e5))
+    with pytest.raises(RopeSlotsFull):  # before anything reaches vLLM: no engine was even started
+        await anext(engine.generate(row))
+    assert engine.stats().rope_slots_in_use == 1
+    engine.slots.release(held)
+    assert engine.stats().rope_slots_in_use == 0
+    # Configurations longer than the engine's rows are not served (the service answers 422).
+    assert not engine.supports(rope(4e5, length=32768)) and engine.supports(RopeConfig.native())
+
+
 # --- the table against vLLM's per-configuration rotaries -----------------------------------------
 
 CASES = [

@@ -187,6 +187,10 @@ class Engine(Protocol):
         """Whether rows under `rope` can run here (False: a 422 before any engine work)."""
         ...
 
+    def can_admit(self, rope: RopeConfig) -> bool:
+        """Whether a row under `rope` would be admitted now (False: it would raise EngineBusy)."""
+        ...
+
     def generate(self, row: RowRequest) -> AsyncIterator[EngineStep]:
         """Stream one row's new tokens; closing the stream aborts the row. Raises EngineBusy."""
         ...

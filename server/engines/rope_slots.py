@@ -67,6 +67,10 @@ class RopeSlots:
         self._holders[slot] = self._holders.get(slot, 0) + 1
         return slot
 
+    def has_room(self, rope: RopeConfig) -> bool:
+        """Whether `acquire(rope)` would succeed now."""
+        return rope.is_native or rope.key() in self._slot_of or bool(self._never_used or self._idle)
+
     def release(self, slot: int) -> None:
         if slot == 0:
             return

@@ -260,8 +260,9 @@ class VllmEngine:
     def _rope_args(self, cpu: bool) -> dict[str, Any]:
         fixed = self.config.fixed_rope
         if fixed is not None:
-            overrides = hf_overrides_for(fixed, self.model)
-            return {"hf_overrides": overrides} if overrides else {}
+            overrides = hf_overrides_for(fixed, self.model) or {}
+            overrides.setdefault("max_position_embeddings", max(self.config.max_model_len, self.model.native_window))
+            return {"hf_overrides": overrides}
         if not cpu:
             # The slot hooks live in vLLM's V1 runner; a GPU host runs V2 by default.
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -332,6 +333,9 @@ class VllmEngine:
         if fixed is not None:
             return rope == fixed
         return rope.is_native or (rope.max_model_len or 0) <= self.config.max_model_len
+
+    def can_admit(self, rope: RopeConfig) -> bool:
+        return self.config.fixed_rope is not None or self.slots.has_room(rope)
 
     # --- requests ------------------------------------------------------------------------------
 

@@ -1,0 +1,211 @@
+"""One engine, every RoPE configuration: exact against a plain vLLM engine per configuration.
+
+Real engines, one after the other in one subprocess (tests/engine_tokens.py), float32:
+- `multi`: the one engine (slot table), every strategy's configuration; the rows one at a time,
+  then all at once in one continuous batch;
+- `fixed-*`: a plain vLLM engine started under each configuration (`hf_overrides`), the reference;
+- `preempt`: the one engine with a KV cache of a few blocks, all rows at once (vLLM preempts);
+- `slot0`: the negative control, the one engine with every row forced to the native slot.
+
+Prompts are longer than the prefill chunk (max_num_batched_tokens=256), so every row is prefilled
+in chunks. Tolerances: a row alone, tokens equal and logprobs within LOGPROB_EXACT (the same kernels
+on the same shapes: in practice bitwise); in a mixed batch or after preemption, tokens equal and
+logprobs within LOGPROB_MIXED (vLLM is not batch-invariant: other rows change the matmul shapes).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients.bench_passkey import make_case
+from server.engines.base import ModelFacts, RopeConfig
+from strategies.base import StrategyRequest
+from strategies.registry import default_registry
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+LOGPROB_EXACT = 1e-5
+LOGPROB_MIXED = 2e-3
+NEW_TOKENS = 12
+CHUNK = 256
+ENGINE_LEN = 9_216  # the one engine's max_model_len (and slot rows) in this test
+SHORT = 1_100  # prompt tokens of most rows: > CHUNK, inside the native window
+LONG = 8_300  # dynamic_ntk's row: past the native window, so its base follows the length
+PREEMPT_LEN = 1_536
+
+STRATEGIES: dict[str, Any] = {
+    "native": "native",
+    "linear": {"name": "linear", "factor": 2},
+    "ntk": {"name": "ntk", "factor": 2.7},
+    "yarn": {"name": "yarn", "factor": 2.7},
+    "llama3": {"name": "llama3", "factor": 4},
+    "dynamic_ntk": {"name": "dynamic_ntk", "factor": 4},
+}
+
+
+def run_engines(spec: dict[str, Any], timeout: int = 1800) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.engine_tokens"], input=json.dumps(spec), capture_output=True, text=True,
+        cwd=ROOT, timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def model_path() -> str:
+    from server.model_store import resolve_model
+
+    return str(resolve_model(None))
+
+
+def prompt_ids(tokenizer: Any, tokens: int, key: str) -> list[int]:
+    case = make_case(tokens + 200, 0.5, key, lambda text: len(tokenizer.encode(text)), varied=True)
+    ids = tokenizer.encode(case.context + "\n\n" + case.inputs)
+    return ids[-tokens:]  # keep the question at the end
+
+
+def rope_spec(rope: RopeConfig) -> dict[str, Any] | None:
+    return None if rope.is_native else {"parameters": rope.as_dict(), "max_model_len": rope.max_model_len}
+
+
+def llama_rows(engine_len: int, names: tuple[str, ...] = tuple(STRATEGIES)) -> list[dict[str, Any]]:
+    """One row per strategy, each with the RoPE configuration its strategy plans on a server whose
+    engine holds `engine_len` tokens."""
+    from server.engines.vllm_engine import read_model_facts
+    from transformers import AutoTokenizer
+
+    path = model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = read_model_facts(path)
+    model = ModelFacts(**{**model.__dict__, "max_context_tokens": engine_len})
+    registry = default_registry()
+    rows = []
+    for i, (name, spec) in enumerate(STRATEGIES.items()):
+        if name not in names:
+            continue
+        length = LONG if name == "dynamic_ntk" else SHORT
+        ids = prompt_ids(tokenizer, length, f"{41234 + 97 * i}")
+        plan = registry.resolve(spec, "native").plan(StrategyRequest("", max_new_tokens=NEW_TOKENS), model, lambda _t: ids)
+        assert name == "native" or not plan.rope.is_native, name
+        rows.append({"id": name, "prompt": ids, "rope": rope_spec(plan.rope), "max_new_tokens": NEW_TOKENS})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def llama() -> dict[str, Any]:
+    rows = llama_rows(ENGINE_LEN)
+    # The same prompts planned for an engine of 1,536 tokens (the same RoPE parameters).
+    short = llama_rows(PREEMPT_LEN, tuple(n for n in STRATEGIES if n != "dynamic_ntk"))
+    base = {"max_num_batched_tokens": CHUNK, "max_model_len": ENGINE_LEN}
+    engines = [
+        {"name": "multi", **base, "runs": [{"rows": rows}, {"concurrent": True, "rows": rows}]},
+        # 5 rows of ~1.1k tokens at once in 100 blocks of 16 (1,600 tokens): vLLM must preempt.
+        {"name": "preempt", **base, "max_model_len": PREEMPT_LEN, "num_kv_blocks": 100,
+         "runs": [{"concurrent": True, "rows": short}]},
+        {"name": "slot0", **base, "force_rope_slot0": True, "runs": [{"rows": rows}]},
+    ]
+    for row in rows:
+        engines.append({"name": f"fixed-{row['id']}", **base, "fixed_rope": row["rope"] or "native",
+                        "runs": [{"rows": [row]}]})
+    return {"rows": rows, "out": run_engines({"model": model_path(), "engines": engines})}
+
+
+def assert_agree(got: dict[str, Any], want: dict[str, Any], tolerance: float, what: str) -> None:
+    assert got["tokens"] == want["tokens"], f"{what}: {got['tokens']} != {want['tokens']}"
+    worst = max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"]))
+    assert worst <= tolerance, f"{what}: logprobs differ by {worst:.2e} > {tolerance:g}"
+
+
+def reference(out: dict[str, Any], name: str) -> dict[str, Any]:
+    return out[f"fixed-{name}"]["runs"][0][name]
+
+
+def test_each_configuration_alone_equals_its_own_engine(llama: dict[str, Any]) -> None:
+    out = llama["out"]
+    for name in STRATEGIES:
+        assert_agree(out["multi"]["runs"][0][name], reference(out, name), LOGPROB_EXACT, f"{name} alone")
+    # One configuration per scaled strategy was placed in a slot (the native one has slot 0).
+    assert out["multi"]["rope_slot_loads"] == len(STRATEGIES) - 1
+
+
+def test_a_mixed_batch_agrees_within_tolerance(llama: dict[str, Any]) -> None:
+    out = llama["out"]
+    for name in STRATEGIES:
+        assert_agree(out["multi"]["runs"][1][name], reference(out, name), LOGPROB_MIXED, f"{name} in a mixed batch")
+
+
+def test_preemption_under_a_small_kv_cache_keeps_every_configuration(llama: dict[str, Any]) -> None:
+    out = llama["out"]["preempt"]
+    assert out["preemptions"] > 0, "the KV cache was meant to force preemption"
+    for name, got in out["runs"][0].items():
+        assert_agree(got, reference(llama["out"], name), LOGPROB_MIXED, f"{name} with preemption")
+
+
+def test_negative_control_rows_forced_to_the_native_slot_disagree(llama: dict[str, Any]) -> None:
+    """If the slots did nothing, the tests above would fail: every scaled configuration's output
+    differs from its reference once the rows are rotated natively."""
+    out = llama["out"]
+    assert_agree(out["slot0"]["runs"][0]["native"], reference(out, "native"), LOGPROB_EXACT, "native in slot0")
+    for name in STRATEGIES:
+        if name == "native":
+            continue
+        with pytest.raises(AssertionError):
+            assert_agree(out["slot0"]["runs"][0][name], reference(out, name), LOGPROB_MIXED, name)
+
+
+# --- other architectures: tiny random checkpoints made here ------------------------------------
+
+
+def tiny_checkpoint(kind: str, directory: Path) -> Path:
+    """A randomly initialised 2-layer Qwen2 or Mistral with the bundled model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096, rope_theta=10000.0,
+        initializer_range=0.3, tie_word_embeddings=False, torch_dtype="float32",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    target = directory / kind
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_other_architectures_match_their_own_engine(kind: str, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    path = tiny_checkpoint(kind, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = prompt_ids(tokenizer, 700, "27182")
+    yarn = {"parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.7,
+                           "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0},
+            "max_model_len": 2048}
+    rows = [{"id": "native", "prompt": ids, "rope": None, "max_new_tokens": NEW_TOKENS},
+            {"id": "yarn", "prompt": ids, "rope": yarn, "max_new_tokens": NEW_TOKENS}]
+    base = {"max_num_batched_tokens": CHUNK, "max_model_len": 2048}
+    out = run_engines({"model": str(path), "engines": [
+        {"name": "multi", **base, "runs": [{"rows": rows}, {"concurrent": True, "rows": rows}]},
+        {"name": "fixed-yarn", **base, "fixed_rope": yarn, "runs": [{"rows": [rows[1]]}]},
+    ]})
+    want = out["fixed-yarn"]["runs"][0]["yarn"]
+    assert_agree(out["multi"]["runs"][0]["yarn"], want, LOGPROB_EXACT, f"{kind} yarn alone")
+    assert_agree(out["multi"]["runs"][1]["yarn"], want, LOGPROB_MIXED, f"{kind} yarn in a mixed batch")
+    # The two configurations really differ on this model (else the comparison proves nothing).
+    with pytest.raises(AssertionError):
+        assert_agree(out["multi"]["runs"][0]["native"], want, LOGPROB_MIXED, f"{kind} native vs yarn")
