@@ -114,7 +114,8 @@ def metric(url: str, name: str) -> float:
 
 
 def engine_cores() -> int:
-    out = subprocess.run(["ps", "-eo", "comm"], capture_output=True, text=True).stdout
+    # vLLM titles the process "VLLM::EngineCore" in its argv (comm is cut at 15 characters).
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     return sum(1 for line in out.splitlines() if "EngineCore" in line)
 
 

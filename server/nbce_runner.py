@@ -146,7 +146,7 @@ async def run_nbce(engine: Engine, job: Any) -> AsyncIterator[EngineStep]:
     n = len(rows)
     tokenizer = engine.tokenizer
     special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
-    eos = set(getattr(engine.model, "eos_token_ids", ()) or ())
+    eos = set(engine.model.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(tokenizer.eos_token_id)
     max_new = sampling.max_new_tokens

@@ -99,10 +99,8 @@ class GenerationService:
                 plan = await asyncio.to_thread(strategy.plan, request, self.model, self.tokenize)
             else:
                 plan = strategy.plan(request, self.model, self.tokenize)
-            if not self.engine.supports(plan.rope):
-                raise StrategyError(
-                    f"strategy: this server's engine runs only its fixed RoPE configuration, not {plan.rope.label()}"
-                )
+            if (refusal := self.engine.refuse_rope(plan.rope)) is not None:
+                raise StrategyError(f"strategy: {refusal}")
             if plan.combiner is not None and plan.combiner.get("name") not in self.runners:
                 raise StrategyError(f"strategy: no runner for combiner '{plan.combiner.get('name')}'")
             if plan.combiner is None and sampling.seed is not None and not sampling.greedy and not self.engine_seeds:

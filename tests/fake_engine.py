@@ -41,8 +41,8 @@ class FakeEngine:
     def tokenizer(self) -> ByteTokenizer:
         return ByteTokenizer()
 
-    def supports(self, rope: RopeConfig) -> bool:
-        return True
+    def refuse_rope(self, rope: RopeConfig) -> str | None:
+        return None
 
     def can_admit(self, rope: RopeConfig) -> bool:
         return True

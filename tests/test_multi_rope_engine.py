@@ -38,7 +38,14 @@ CHUNK = 256
 ENGINE_LEN = 9_216  # the one engine's max_model_len (and slot rows) in this test
 SHORT = 1_100  # prompt tokens of most rows: > CHUNK, inside the native window
 LONG = 8_300  # dynamic_ntk's row: past the native window, so its base follows the length
-PREEMPT_LEN = 1_536
+# The preemption run: 300-token prompts that generate 300 tokens each in a KV cache of 1,152
+# tokens (9 blocks of 128 on CPU, one of them vLLM's null block). vLLM admits a row only when its
+# whole prompt fits (3 blocks), so two rows start; they grow to 4 blocks each, and the 5th block
+# one of them needs is not there: vLLM preempts (measured: 4 preemptions for 5 native rows).
+PREEMPT_LEN = 1_024
+PREEMPT_PROMPT = 300
+PREEMPT_NEW = 300
+PREEMPT_KV_TOKENS = 1_152
 
 STRATEGIES: dict[str, Any] = {
     "native": "native",
@@ -75,7 +82,8 @@ def rope_spec(rope: RopeConfig) -> dict[str, Any] | None:
     return None if rope.is_native else {"parameters": rope.as_dict(), "max_model_len": rope.max_model_len}
 
 
-def llama_rows(engine_len: int, names: tuple[str, ...] = tuple(STRATEGIES)) -> list[dict[str, Any]]:
+def llama_rows(engine_len: int, names: tuple[str, ...] = tuple(STRATEGIES), tokens: int = SHORT,
+               new_tokens: int = NEW_TOKENS) -> list[dict[str, Any]]:
     """One row per strategy, each with the RoPE configuration its strategy plans on a server whose
     engine holds `engine_len` tokens."""
     from server.engines.vllm_engine import read_model_facts
@@ -90,30 +98,35 @@ def llama_rows(engine_len: int, names: tuple[str, ...] = tuple(STRATEGIES)) -> l
     for i, (name, spec) in enumerate(STRATEGIES.items()):
         if name not in names:
             continue
-        length = LONG if name == "dynamic_ntk" else SHORT
-        ids = prompt_ids(tokenizer, length, f"{41234 + 97 * i}")
-        plan = registry.resolve(spec, "native").plan(StrategyRequest("", max_new_tokens=NEW_TOKENS), model, lambda _t: ids)
+        length = LONG if name == "dynamic_ntk" else tokens
+        ids = prompt_ids(tokenizer, length, f"{41234 + 97 * i + tokens}")
+        plan = registry.resolve(spec, "native").plan(StrategyRequest("", max_new_tokens=new_tokens), model, lambda _t: ids)
         assert name == "native" or not plan.rope.is_native, name
-        rows.append({"id": name, "prompt": ids, "rope": rope_spec(plan.rope), "max_new_tokens": NEW_TOKENS})
+        rows.append({"id": name, "prompt": ids, "rope": rope_spec(plan.rope), "max_new_tokens": new_tokens})
     return rows
 
 
 @pytest.fixture(scope="module")
 def llama() -> dict[str, Any]:
     rows = llama_rows(ENGINE_LEN)
-    # The same prompts planned for an engine of 1,536 tokens (the same RoPE parameters).
-    short = llama_rows(PREEMPT_LEN, tuple(n for n in STRATEGIES if n != "dynamic_ntk"))
+    from server.engines.vllm_engine import is_cpu_build
+
+    rows = llama_rows(ENGINE_LEN)
+    # Short prompts, long generations, planned for an engine of 1,024 tokens (the same RoPE parameters).
+    growing = llama_rows(PREEMPT_LEN, tuple(n for n in STRATEGIES if n != "dynamic_ntk"), PREEMPT_PROMPT, PREEMPT_NEW)
+    block = 128 if is_cpu_build() else 16  # vLLM's KV block size on this platform
     base = {"max_num_batched_tokens": CHUNK, "max_model_len": ENGINE_LEN}
     engines = [
         {"name": "multi", **base, "runs": [{"rows": rows}, {"concurrent": True, "rows": rows}]},
-        # 5 rows of ~1.1k tokens at once in 100 blocks of 16 (1,600 tokens): vLLM must preempt.
-        {"name": "preempt", **base, "max_model_len": PREEMPT_LEN, "num_kv_blocks": 100,
-         "runs": [{"concurrent": True, "rows": short}]},
+        {"name": "preempt", **base, "max_model_len": PREEMPT_LEN, "num_kv_blocks": PREEMPT_KV_TOKENS // block,
+         "runs": [{"concurrent": True, "rows": growing}]},
         {"name": "slot0", **base, "force_rope_slot0": True, "runs": [{"rows": rows}]},
     ]
+    by_name = {r["id"]: r for r in growing}
     for row in rows:
-        engines.append({"name": f"fixed-{row['id']}", **base, "fixed_rope": row["rope"] or "native",
-                        "runs": [{"rows": [row]}]})
+        # The preemption run's row too, under this engine's configuration (the same parameters).
+        runs = [{"rows": [row]}] + ([{"rows": [{**by_name[row["id"]], "rope": row["rope"]}]}] if row["id"] in by_name else [])
+        engines.append({"name": f"fixed-{row['id']}", **base, "fixed_rope": row["rope"] or "native", "runs": runs})
     return {"rows": rows, "out": run_engines({"model": model_path(), "engines": engines})}
 
 
@@ -123,8 +136,8 @@ def assert_agree(got: dict[str, Any], want: dict[str, Any], tolerance: float, wh
     assert worst <= tolerance, f"{what}: logprobs differ by {worst:.2e} > {tolerance:g}"
 
 
-def reference(out: dict[str, Any], name: str) -> dict[str, Any]:
-    return out[f"fixed-{name}"]["runs"][0][name]
+def reference(out: dict[str, Any], name: str, run: int = 0) -> dict[str, Any]:
+    return out[f"fixed-{name}"]["runs"][run][name]
 
 
 def test_each_configuration_alone_equals_its_own_engine(llama: dict[str, Any]) -> None:
@@ -145,7 +158,7 @@ def test_preemption_under_a_small_kv_cache_keeps_every_configuration(llama: dict
     out = llama["out"]["preempt"]
     assert out["preemptions"] > 0, "the KV cache was meant to force preemption"
     for name, got in out["runs"][0].items():
-        assert_agree(got, reference(llama["out"], name), LOGPROB_MIXED, f"{name} with preemption")
+        assert_agree(got, reference(llama["out"], name, run=1), LOGPROB_MIXED, f"{name} with preemption")
 
 
 def test_negative_control_rows_forced_to_the_native_slot_disagree(llama: dict[str, Any]) -> None:

@@ -46,3 +46,35 @@ def test_long_passkey_refused_natively_answered_with_ntk(http: httpx.Client) -> 
     reply = answered.json()
     assert case.key in reply["generated_text"], reply
     assert reply["strategy"]["name"] == "ntk" and reply["strategy"]["factor"] == 2
+
+
+def test_every_strategy_at_once_runs_on_the_one_engine(server, http: httpx.Client) -> None:
+    """A mixed load over every strategy (and factors never used before) is served concurrently by
+    the server's one engine: no engine starts, one engine-core process, slots loaded on demand."""
+    import concurrent.futures
+
+    import psutil
+
+    from tests.metrics_text import sample_value
+
+    specs = ["native", "linear", "ntk", "yarn", "llama3", "dynamic_ntk", {"name": "yarn", "factor": 2.7},
+             {"name": "ntk", "factor": 3.3}, {"name": "llama3", "factor": 5.5},
+             {"name": "nbce", "rope": {"name": "yarn", "factor": 1.9}}]
+    body = {"inputs": "Which city is the capital of France? Answer in one word.", "context": ["Paris is in France."],
+            "parameters": {"max_new_tokens": 6}}
+    before = http.get("/metrics").text
+    with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
+        replies = list(pool.map(lambda s: http.post("/generate", json={**body, "strategy": s}), specs))
+    for spec, reply in zip(specs, replies):
+        assert reply.status_code == 200, (spec, reply.text)
+        name = spec if isinstance(spec, str) else spec["name"]
+        assert reply.json()["strategy"]["name"] == name
+    after = http.get("/metrics").text
+    assert sample_value(after, "ropeserve_engine_starts_total", engine="vllm") == 1
+    assert sample_value(after, "ropeserve_engines") == 1
+    loads = sample_value(after, "ropeserve_rope_slot_loads_total", engine="vllm") - sample_value(
+        before, "ropeserve_rope_slot_loads_total", engine="vllm")
+    assert loads >= 3  # at least the three factors no other test uses
+    # vLLM titles its engine-core process "VLLM::EngineCore" (argv; comm is cut at 15 characters).
+    children = [" ".join(p.cmdline()) for p in psutil.Process(server.process.pid).children(recursive=True)]
+    assert sum("EngineCore" in c for c in children) == 1, children

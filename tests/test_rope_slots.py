@@ -79,7 +79,14 @@ async def test_the_engine_refuses_a_row_when_every_slot_is_held_and_frees_it_aft
     engine.slots.release(held)
     assert engine.stats().rope_slots_in_use == 0
     # Configurations longer than the engine's rows are not served (the service answers 422).
-    assert not engine.supports(rope(4e5, length=32768)) and engine.supports(RopeConfig.native())
+    assert "holds 16384" in (engine.refuse_rope(rope(4e5, length=32768)) or "")
+    assert engine.refuse_rope(RopeConfig.native()) is None and engine.refuse_rope(rope(4e5)) is None
+    # Parameters vLLM cannot build a table from are refused here, never sent to the engine core.
+    broken = RopeConfig.from_dict({"rope_type": "yarn", "rope_theta": 1e5, "factor": 2.0, "beta_fast": float("inf"),
+                                   "beta_slow": 1.0, "original_max_position_embeddings": 8192}, 16384)
+    assert "table" in (engine.refuse_rope(broken) or "")
+    half = RopeConfig.from_dict({"rope_type": "default", "rope_theta": 1e5, "partial_rotary_factor": 0.5}, 16384)
+    assert "rotate 32 dimensions" in (engine.refuse_rope(half) or "")
 
 
 # --- the table against vLLM's per-configuration rotaries -----------------------------------------

@@ -32,6 +32,11 @@ class ModelFacts:
     def rope_theta(self) -> float:
         return float(self.rope_parameters.get("rope_theta", 10000.0))
 
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head the RoPE rotates (vLLM's rule: head_dim x partial_rotary_factor)."""
+        return int(self.head_dim * float(self.rope_parameters.get("partial_rotary_factor", 1.0)))
+
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -170,7 +175,7 @@ class EngineBusy(RuntimeError):
 
 
 class Engine(Protocol):
-    """One running model that serves rows under any RoPE configuration it `supports`."""
+    """One running model that serves rows under any RoPE configuration it does not refuse."""
 
     kind: str
     model: ModelFacts
@@ -183,8 +188,8 @@ class Engine(Protocol):
     @property
     def dtype(self) -> str: ...
 
-    def supports(self, rope: RopeConfig) -> bool:
-        """Whether rows under `rope` can run here (False: a 422 before any engine work)."""
+    def refuse_rope(self, rope: RopeConfig) -> str | None:
+        """Why rows under `rope` cannot run here (a 422 before any engine work); None: they can."""
         ...
 
     def can_admit(self, rope: RopeConfig) -> bool:

@@ -218,6 +218,7 @@ class VllmEngine:
         self._special_ids: frozenset[int] = frozenset()
         self._scheduler_stats: Any = None
         self._group_lock: Any = None  # asyncio.Lock, made on first use (NBCE row groups)
+        self._checked_ropes: dict[str, str | None] = {}
         self.started_at: float | None = None
         self.startup_seconds: float | None = None
 
@@ -236,7 +237,7 @@ class VllmEngine:
             model=self.config.model,
             served_model_name=self.config.served_model_name,
             dtype=self.config.dtype,
-            max_model_len=self.config.max_model_len,
+            max_model_len=self.max_model_len,
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             enforce_eager=self.config.enforce_eager,
@@ -261,7 +262,7 @@ class VllmEngine:
         fixed = self.config.fixed_rope
         if fixed is not None:
             overrides = hf_overrides_for(fixed, self.model) or {}
-            overrides.setdefault("max_position_embeddings", max(self.config.max_model_len, self.model.native_window))
+            overrides.setdefault("max_position_embeddings", max(self.max_model_len, self.model.native_window))
             return {"hf_overrides": overrides}
         if not cpu:
             # The slot hooks live in vLLM's V1 runner; a GPU host runs V2 by default.
@@ -276,6 +277,14 @@ class VllmEngine:
                 "force_slot0": self.config.force_rope_slot0,
             }},
         }
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest row: the configured length, or a fixed configuration's own if shorter."""
+        fixed = self.config.fixed_rope
+        if fixed is not None and fixed.max_model_len is not None:
+            return min(self.config.max_model_len, fixed.max_model_len)
+        return self.config.max_model_len
 
     def describe_rope(self) -> str:
         if self.config.fixed_rope is not None:
@@ -328,11 +337,27 @@ class VllmEngine:
             return None
         return int(cache.num_gpu_blocks) * int(cache.block_size)
 
-    def supports(self, rope: RopeConfig) -> bool:
+    def refuse_rope(self, rope: RopeConfig) -> str | None:
         fixed = self.config.fixed_rope
         if fixed is not None:
-            return rope == fixed
-        return rope.is_native or (rope.max_model_len or 0) <= self.config.max_model_len
+            return None if rope == fixed else f"this engine runs only its fixed RoPE configuration {fixed.label()}"
+        if rope.is_native:
+            return None
+        if (rope.max_model_len or 0) > self.config.max_model_len:
+            return f"{rope.label()} allows {rope.max_model_len} tokens; this engine holds {self.config.max_model_len}"
+        return self._table_refusal(rope)
+
+    def _table_refusal(self, rope: RopeConfig) -> str | None:
+        """Build a few rows of `rope`'s table here, as the engine core would: parameters vLLM cannot
+        build a table from (or that give inf/NaN) must be refused, not crash the engine core."""
+        key = rope.key()
+        if key not in self._checked_ropes:
+            from server.engines.multi_rope.table import check_rope_parameters
+
+            self._checked_ropes[key] = check_rope_parameters(self.model.head_dim, self.model.rotary_dim, rope.as_dict())
+            while len(self._checked_ropes) > 4096:
+                self._checked_ropes.pop(next(iter(self._checked_ropes)))
+        return self._checked_ropes[key]
 
     def can_admit(self, rope: RopeConfig) -> bool:
         return self.config.fixed_rope is not None or self.slots.has_room(rope)
@@ -341,8 +366,8 @@ class VllmEngine:
 
     def _admit(self, row: RowRequest) -> tuple[Any, int]:
         """vLLM's sampling params for `row`, with its RoPE slot held (release it with `_release`)."""
-        if not self.supports(row.rope):
-            raise ValueError(f"this engine does not serve RoPE configuration {row.rope.key()}")
+        if (refusal := self.refuse_rope(row.rope)) is not None:
+            raise ValueError(refusal)
         slot = 0 if self.config.fixed_rope is not None else self.slots.acquire(row.rope)
         extra = dict(row.sampling.extra_args or {})
         if (spec := self.slots.slot_spec(row.rope, slot)) is not None:

@@ -1,7 +1,8 @@
 """One vLLM engine, every RoPE configuration: the engine-core side (workers, runner, slot table).
 
-Imported only inside vLLM's engine-core processes (through `worker_cls`); the API process decides
-slots in server/engines/rope_slots.py and never imports torch-side code from here.
+The workers and the runner run inside vLLM's engine-core processes (through `worker_cls`). The API
+process decides slots in server/engines/rope_slots.py and uses only `table.check_rope_parameters`
+from here: a configuration vLLM cannot build a table from is refused before it reaches the engine.
 """
 
 WORKER_CLASSES = {

@@ -16,6 +16,7 @@ actually filled.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -119,3 +120,37 @@ def install_slot_table(model: nn.Module, slots: int, slot_rows: int) -> SlotTabl
     log.info("multi-RoPE: %d slots x %d rows in one %s table (%d layers)",
              slots, slot_rows, str(table.cos_sin_cache.dtype), len(owners))
     return table
+
+
+# Rows built to check a configuration before it reaches the engine core: past the native window
+# (where scalings differ) is not needed, a table that builds and is finite for these rows is.
+CHECK_ROWS = 64
+
+
+@functools.cache
+def _check_config() -> Any:
+    """A default vLLM config for building rotaries outside an engine (vLLM's CustomOps need one)."""
+    from vllm.config import VllmConfig
+
+    return VllmConfig()
+
+
+def check_rope_parameters(head_size: int, rotary_dim: int, parameters: dict[str, Any]) -> str | None:
+    """Why vLLM cannot build a usable table from `parameters` for a model whose rotary covers
+    `rotary_dim` of each head (None: it can), on the CPU.
+
+    The API process calls this before a row is admitted: the same construction in the engine core
+    would raise inside a model step and take the engine down.
+    """
+    from vllm.config import set_current_vllm_config
+
+    try:
+        with set_current_vllm_config(_check_config()), torch.device("cpu"):
+            table = vllm_rope_table(head_size, True, torch.float32, parameters, CHECK_ROWS)
+    except Exception as exc:  # any failure of vLLM's constructors is a refusal, with its reason
+        return f"vLLM builds no RoPE table from these parameters ({type(exc).__name__}: {exc})"
+    if table.shape[1] != rotary_dim:
+        return f"these RoPE parameters rotate {table.shape[1]} dimensions of each head; the model rotates {rotary_dim}"
+    if not bool(torch.isfinite(table).all()):
+        return "these RoPE parameters give a table with inf or NaN values"
+    return None
