@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
+from server.body_limit import BodyLimitMiddleware
 from server.errors import install_error_handlers
 from server.http_meta import router as meta_router
 from server.http_openai import router as openai_router
@@ -42,6 +43,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory | None = None
     app.state.settings = settings
     app.state.service = None
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.include_router(meta_router)
     app.include_router(tgi_router)
     app.include_router(openai_router)

@@ -28,4 +28,7 @@ def require_api_key(request: Request) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in keys):
-        raise HTTPException(status_code=401, detail="authorization: a valid 'Bearer <key>' header is required")
+        raise HTTPException(
+            status_code=401, detail="authorization: a valid 'Bearer <key>' header is required",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -31,12 +31,23 @@ def validation_error(message: str) -> ApiError:
     return ApiError(422, message, "validation")
 
 
+# Seconds a refused client should wait before retrying (429): one engine step is well below it.
+RETRY_AFTER_SECONDS = 1
+
+
 def error_body(message: str, error_type: ErrorType) -> dict[str, Any]:
-    return ErrorResponse(error=message, error_type=error_type).model_dump()
+    # A message may quote client input; unpaired surrogates in it cannot be encoded as UTF-8.
+    safe = message.encode("utf-8", "replace").decode("utf-8")
+    return ErrorResponse(error=safe, error_type=error_type).model_dump()
 
 
-def error_response(status: int, message: str, error_type: ErrorType) -> JSONResponse:
-    return JSONResponse(status_code=status, content=error_body(message, error_type))
+def error_response(
+    status: int, message: str, error_type: ErrorType, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    headers = dict(headers or {})
+    if status == 429:
+        headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+    return JSONResponse(status_code=status, content=error_body(message, error_type), headers=headers or None)
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "none"}
@@ -79,7 +90,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         error_type: ErrorType = "unauthorized" if exc.status_code == 401 else "validation"
-        return error_response(exc.status_code, str(exc.detail), error_type)
+        if exc.status_code == 503:
+            error_type = "generation"
+        # Starlette's own headers (405's `Allow`, 401's `WWW-Authenticate`) go out with the error.
+        return error_response(exc.status_code, str(exc.detail), error_type, dict(exc.headers or {}))
 
     async def _domain(_: Request, exc: Exception) -> JSONResponse:
         err = as_api_error(exc)

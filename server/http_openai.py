@@ -12,6 +12,7 @@ from server.deps import get_service, get_settings_dep, require_api_key
 from server.errors import as_api_error, error_body
 from server.generation import GenerationResult, collect, documents_of, openai_sampling
 from server.schemas import (
+    GENERATION_ERRORS,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -26,7 +27,7 @@ from server.settings import Settings
 from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
-ERRORS = {s: {"model": ErrorResponse} for s in (401, 422, 424, 429)}
+ERRORS = GENERATION_ERRORS
 
 
 def _finish(reason: str | None) -> str | None:

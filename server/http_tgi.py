@@ -11,6 +11,7 @@ from server.deps import get_service, get_settings_dep, require_api_key
 from server.errors import as_api_error, error_body
 from server.generation import GenerationResult, collect, tgi_request_values
 from server.schemas import (
+    GENERATION_ERRORS,
     Details,
     ErrorResponse,
     GenerateRequest,
@@ -25,12 +26,7 @@ from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
-ERRORS = {
-    401: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-    424: {"model": ErrorResponse},
-    429: {"model": ErrorResponse},
-}
+ERRORS = GENERATION_ERRORS
 
 
 async def _prepare(body: GenerateRequest, service: GenerationService, settings: Settings) -> Job:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 StrategySpec = str | dict[str, Any]
 
@@ -14,6 +14,42 @@ ErrorType = Literal["validation", "overloaded", "unauthorized", "generation"]
 # Bounds that hold whatever the server's settings are; settings tighten max_new_tokens further.
 MAX_STOP_SEQUENCES = 16
 MAX_SEED = 2**63 - 1
+# vLLM refuses a temperature above 2 and cannot serialise a top_k past int32.
+MAX_TEMPERATURE = 2.0
+MAX_TOP_K = 2**31 - 1
+
+
+def _unencodable(value: Any, path: str) -> str | None:
+    """The path of the first string in `value` that is not valid Unicode (an unpaired surrogate)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _unencodable(key, path) or _unencodable(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if found := _unencodable(item, f"{path}.{i}"):
+                return found
+    return None
+
+
+class RequestBody(BaseModel):
+    """Base of request bodies: unknown fields are errors, numbers finite, text valid Unicode."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if (path := _unencodable(data, "")) is not None:
+            raise ValueError(f"{path or 'body'}: text with an unpaired surrogate (not valid Unicode)")
+        return data
 
 
 class ErrorResponse(BaseModel):
@@ -21,26 +57,37 @@ class ErrorResponse(BaseModel):
     error_type: ErrorType
 
 
-class GenerateParameters(BaseModel):
+# The error statuses of the generation routes, for the OpenAPI document.
+GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "a valid `Authorization: Bearer <key>` is required",
+          "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}},
+    413: {"model": ErrorResponse, "description": "the body is over the server's size limit (refused unread)"},
+    422: {"model": ErrorResponse, "description": "invalid input; the message names the field and the limit"},
+    424: {"model": ErrorResponse, "description": "the engine failed while generating"},
+    429: {"model": ErrorResponse, "description": "the server is full (requests or RoPE slots); retry later",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
+    503: {"model": ErrorResponse, "description": "the engine is starting, down or restarting"},
+}
+
+
+class GenerateParameters(RequestBody):
     """TGI's `parameters` object; names and meanings follow TGI."""
 
-    model_config = ConfigDict(extra="forbid")
-
     max_new_tokens: int | None = Field(default=None, ge=1)
-    do_sample: bool = False
-    temperature: float | None = Field(default=None, gt=0, le=100)
+    do_sample: StrictBool = False
+    temperature: float | None = Field(default=None, gt=0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, gt=0)
+    top_k: int | None = Field(default=None, gt=0, le=MAX_TOP_K)
     typical_p: float | None = Field(default=None, gt=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
-    details: bool = False
-    decoder_input_details: bool = False
-    return_full_text: bool | None = False
+    details: StrictBool = False
+    decoder_input_details: StrictBool = False
+    return_full_text: StrictBool | None = False
     truncate: int | None = Field(default=None, ge=1)
-    watermark: bool = False
+    watermark: StrictBool = False
     best_of: int | None = Field(default=None, ge=1, le=1)
     top_n_tokens: int | None = Field(default=None, ge=0, le=5)
     grammar: Any | None = None
@@ -68,16 +115,14 @@ class GenerateParameters(BaseModel):
         return value
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(RequestBody):
     """Body of POST /generate, /generate_stream and / (TGI)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     inputs: str = Field(min_length=1)
     context: str | list[str] | None = None
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     strategy: StrategySpec | None = None
-    stream: bool = False
+    stream: StrictBool = False
 
     @field_validator("context")
     @classmethod
@@ -169,33 +214,31 @@ class StrategiesResponse(BaseModel):
 # --- OpenAI-compatible completions -------------------------------------------------------------
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+class StreamOptions(RequestBody):
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(RequestBody):
     """Body of POST /v1/completions; `strategy` and `context` are ropeserve's extra fields."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     prompt: str | list[str] = Field(min_length=1)
     max_tokens: int | None = Field(default=16, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
     n: int = Field(default=1, ge=1, le=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
+    echo: StrictBool = False
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     user: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=1)
     logit_bias: dict[str, float] | None = None
@@ -216,6 +259,13 @@ class CompletionRequest(BaseModel):
         if value not in (None, False, {}):
             raise ValueError(f"{info.field_name} is not supported by ropeserve")
         return value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if stop is not None and any(not s for s in ([stop] if isinstance(stop, str) else stop)):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stop
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

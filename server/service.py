@@ -101,6 +101,8 @@ class GenerationService:
                 plan = strategy.plan(request, self.model, self.tokenize)
             if (refusal := self.engine.refuse_rope(plan.rope)) is not None:
                 raise StrategyError(f"strategy: {refusal}")
+            if len(plan.rows) > 1:
+                self._check_row_group(plan, sampling.max_new_tokens)
             if plan.combiner is not None and plan.combiner.get("name") not in self.runners:
                 raise StrategyError(f"strategy: no runner for combiner '{plan.combiner.get('name')}'")
             if plan.combiner is None and sampling.seed is not None and not sampling.greedy and not self.engine_seeds:
@@ -114,6 +116,21 @@ class GenerationService:
             self.metrics.requests.labels(self._strategy_label(strategy_spec), "invalid").inc()
             raise
         return Job(uuid.uuid4().hex, strategy, plan, sampling, arrived)
+
+    def _check_row_group(self, plan: ExecutionPlan, max_new_tokens: int) -> None:
+        """Rows decoded in lockstep must all be in the batch at once, and in the KV cache at once."""
+        rows, limit = len(plan.rows), self.engine.max_rows_per_step
+        if rows > limit:
+            raise StrategyError(
+                f"context: this strategy needs {rows} rows (one per document or chunk, plus one), more than "
+                f"the {limit} rows the engine runs in one step; send fewer, longer documents", field="context",
+            )
+        needed, capacity = plan.prompt_tokens + rows * max_new_tokens, self.engine.kv_capacity_tokens
+        if capacity is not None and needed > capacity:
+            raise StrategyError(
+                f"context: the {rows} rows need {needed} tokens of KV cache at once (prompts + max_new_tokens "
+                f"each); the engine holds {capacity}", field="context",
+            )
 
     def _strategy_label(self, spec: str | dict[str, Any] | None) -> str:
         """The metrics label of a request's strategy: a registered name, never raw client input."""

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int | None = None
     max_new_tokens_limit: int = Field(default=4096, ge=1)
     max_input_chars: int = Field(default=4_000_000, ge=1)
+    max_body_bytes: int = Field(
+        default=32 * 2**20, ge=1024, description="request bodies over this many bytes are refused with 413 unread"
+    )
     max_concurrent_requests: int = Field(default=256, ge=1)
     api_keys: list[str] = Field(default_factory=list)
     log_level: str = "info"

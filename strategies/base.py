@@ -73,9 +73,11 @@ class Strategy(ABC):
 
 
 class StrategyParams(BaseModel):
-    """Base for parameter models: unknown keys are errors, not silently ignored."""
+    """Base for parameter models: unknown keys are errors, not silently ignored, and numbers are
+    finite (every field also has finite bounds, so a value reaches the engine only if it can
+    build something from it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def check_fits(prompt_tokens: int, max_new_tokens: int, limit: int, strategy: str, hint: str = "") -> None:

@@ -49,6 +49,7 @@ class NbceParams(StrategyParams):
     chunk_tokens: int | None = Field(
         default=None,
         ge=MIN_CHUNK_TOKENS,
+        le=1_048_576,
         description="most tokens of a string context per row; default: what fits the row window "
         "together with the question and max_new_tokens",
     )

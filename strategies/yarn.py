@@ -12,13 +12,13 @@ from strategies.rope import RopeParams, RopeStrategy, factor_field
 
 class YarnParams(RopeParams):
     factor: float = factor_field(2.0)
-    beta_fast: float = Field(default=32.0, gt=0, description="rotations above which a dimension is extrapolated")
-    beta_slow: float = Field(default=1.0, gt=0, description="rotations below which a dimension is interpolated")
+    beta_fast: float = Field(default=32.0, gt=0, le=1024, description="rotations above which a dimension is extrapolated")
+    beta_slow: float = Field(default=1.0, gt=0, le=1024, description="rotations below which a dimension is interpolated")
     attention_factor: float | None = Field(
         default=None, gt=0, le=4, description="cos/sin magnitude (attention temperature); default 0.1 ln(factor) + 1"
     )
-    mscale: float | None = Field(default=None, gt=0, description="DeepSeek-style mscale (with mscale_all_dim)")
-    mscale_all_dim: float | None = Field(default=None, gt=0, description="DeepSeek-style mscale_all_dim")
+    mscale: float | None = Field(default=None, gt=0, le=16, description="DeepSeek-style mscale (with mscale_all_dim)")
+    mscale_all_dim: float | None = Field(default=None, gt=0, le=16, description="DeepSeek-style mscale_all_dim")
 
     @model_validator(mode="after")
     def _betas(self) -> YarnParams:

@@ -31,6 +31,8 @@ class FakeEngine:
     kind = "fake"
     dtype = "float32"
     startup_seconds = 0.0
+    max_rows_per_step = 8
+    kv_capacity_tokens = 4096
 
     def __init__(self, delay: float = 0.0) -> None:
         self.model = FAKE_MODEL

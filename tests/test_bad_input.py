@@ -38,6 +38,16 @@ def _assert_422(reply, *words):
         ('{"inputs": "x", "strategy": 7}', ["strategy"]),
         ('{"inputs": "x", "context": []}', ["context"]),
         ('{"inputs": "x", "context": [""]}', ["context"]),
+        # Regressions from the hardening probe (issue 9): each was a 424 or a crashed handler.
+        ('{"inputs": "x", "parameters": {"temperature": 50}}', ["parameters.temperature", "2"]),
+        ('{"inputs": "x", "parameters": {"top_k": 1180591620717411303424}}', ["parameters.top_k"]),
+        ('{"inputs": "x", "parameters": {"stop": ["\\udfff"]}}', ["parameters.stop.0", "surrogate"]),
+        ('{"inputs": "x", "strategy": "\\ud800"}', ["strategy", "surrogate"]),
+        ('{"inputs": "x", "strategy": {"name": "yarn", "factor": 2, "beta_fast": Infinity}}', ["strategy.beta_fast", "finite"]),
+        ('{"inputs": "x", "strategy": {"name": "yarn", "beta_fast": 1e9}}', ["strategy.beta_fast", "1024"]),
+        ('{"inputs": "x", "strategy": {"name": "llama3", "original_max_position_embeddings": 1e18}}',
+         ["strategy.original_max_position_embeddings"]),
+        ('{"inputs": "x", "parameters": {"details": 0}}', ["parameters.details", "boolean"]),
     ],
 )
 def test_generate_rejects(http, raw, words):
@@ -68,10 +78,19 @@ def test_window_counts_max_new_tokens(http):
         ({"prompt": "x", "n": 3}, ["n"]),
         ({"prompt": "x", "strategy": "nope"}, ["strategy", "nope"]),
         ({"max_tokens": 3}, ["prompt"]),
+        ({"prompt": "x", "stop": [""]}, ["stop", "non-empty"]),
+        ({"prompt": "x", "stop": ""}, ["stop", "non-empty"]),
+        ({"prompt": "x", "top_k": 2**70}, ["top_k"]),
+        ('{"prompt": "x", "model": "\\ud800"}', ["model", "surrogate"]),  # raw: a client cannot encode it
+        ({"prompt": "x", "ignore_eos": 0}, ["ignore_eos", "boolean"]),
     ],
 )
 def test_completions_reject(http, body, words):
-    _assert_422(http.post("/v1/completions", json=body), *words)
+    if isinstance(body, str):
+        reply = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        reply = http.post("/v1/completions", json=body)
+    _assert_422(reply, *words)
 
 
 def test_server_survives_bad_input(http):
@@ -106,3 +125,14 @@ def test_seeded_sampling_never_takes_the_engine_down(http, path, body):
         **body, "temperature": 0}
     assert http.post(path, json=greedy).status_code == 200, "a seed with greedy decoding is harmless"
     assert http.get("/health").status_code == 200
+
+
+def test_an_nbce_request_with_more_rows_than_one_engine_step_is_refused_at_once(http):
+    """It was accepted and hung for 271 s (its rows could never run in step), then answered 424."""
+    import time
+
+    body = {"inputs": "Say hi.", "parameters": {"max_new_tokens": 4}, "strategy": "nbce",
+            "context": [f"doc {i}" for i in range(100)]}
+    started = time.monotonic()
+    _assert_422(http.post("/generate", json=body), "context", "101 rows", "64")
+    assert time.monotonic() - started < 10

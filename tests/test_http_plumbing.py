@@ -23,6 +23,7 @@ def test_api_keys_are_required_when_configured():
         body = {"inputs": "hello", "parameters": {"max_new_tokens": 3}}
         missing = client.post("/generate", json=body)
         assert missing.status_code == 401
+        assert missing.headers["www-authenticate"] == "Bearer"
         assert missing.json()["error_type"] == "unauthorized"
         assert "authorization" in missing.json()["error"]
         wrong = client.post("/generate", json=body, headers={"Authorization": "Bearer nope"})
@@ -42,6 +43,7 @@ def test_full_server_answers_429_and_recovers():
         busy = client.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1}})
         assert busy.status_code == 429
         assert busy.json()["error_type"] == "overloaded"
+        assert busy.headers["retry-after"] == "1"
         worker.join()
         assert results == [200]
         again = client.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1}})
@@ -61,6 +63,7 @@ def test_a_full_rope_slot_table_answers_429_at_once(route: str):
         reply = client.post(route, json={"inputs": "x", "parameters": {"max_new_tokens": 2}, "strategy": "yarn"})
         assert reply.status_code == 429, reply.text
         assert reply.json()["error_type"] == "overloaded" and "RoPE slot" in reply.json()["error"]
+        assert reply.headers["retry-after"] == "1"
         assert client.post(route, json={"inputs": "x", "parameters": {"max_new_tokens": 2}}).status_code == 200
 
 
@@ -98,3 +101,49 @@ def test_wrong_method_is_json_405(path):
         reply = client.get(path)
         assert reply.status_code == 405
         assert set(reply.json()) == {"error", "error_type"}
+
+
+def test_wrong_method_answers_405_with_allow():
+    with _client() as client:
+        reply = client.get("/generate")
+        assert reply.status_code == 405 and reply.headers["allow"] == "POST"
+        assert reply.json()["error_type"] == "validation"
+
+
+def test_bodies_over_the_limit_are_refused_with_413_unread_or_while_read():
+    with _client(max_body_bytes=2048) as client:
+        big = {"inputs": "x" * 4096, "parameters": {"max_new_tokens": 1}}
+        declared = client.post("/generate", json=big)
+        assert declared.status_code == 413, declared.text
+        assert declared.json()["error_type"] == "validation" and "2048 bytes" in declared.json()["error"]
+
+        def chunks():  # no Content-Length: counted while the route reads it
+            yield b'{"inputs": "'
+            for _ in range(8):
+                yield b"y" * 512
+            yield b'"}'
+
+        chunked = client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+        assert chunked.status_code == 413, chunked.text
+        assert client.post("/generate", json={"inputs": "ok", "parameters": {"max_new_tokens": 1}}).status_code == 200
+
+
+def test_unencodable_text_in_an_error_message_does_not_break_the_reply():
+    with _client() as client:
+        reply = client.post(
+            "/generate", content=b'{"inputs": "hi", "strategy": "\\ud800"}', headers={"content-type": "application/json"}
+        )
+        assert reply.status_code == 422, reply.text
+        assert reply.json()["error_type"] == "validation" and "strategy" in reply.json()["error"]
+
+
+def test_an_nbce_row_group_larger_than_one_engine_step_is_refused_at_once():
+    # The fake engine runs 8 rows per step; 20 documents make 21 rows (vLLM: max_num_seqs).
+    with _client() as client:
+        body = {"inputs": "Say hi.", "parameters": {"max_new_tokens": 2}, "strategy": "nbce",
+                "context": [f"doc {i}" for i in range(20)]}
+        started = time.monotonic()
+        reply = client.post("/generate", json=body)
+        assert reply.status_code == 422, reply.text
+        assert reply.json()["error"].startswith("context: ") and "21 rows" in reply.json()["error"]
+        assert time.monotonic() - started < 5

@@ -181,6 +181,11 @@ class Engine(Protocol):
     model: ModelFacts
     # Seconds the engine took to start (None until started).
     startup_seconds: float | None
+    # Rows one engine step can run together (vLLM's max_num_seqs): a row group larger than this
+    # could never decode in lockstep.
+    max_rows_per_step: int
+    # Tokens the KV cache holds (None: unknown); a row group must fit in it at once.
+    kv_capacity_tokens: int | None
 
     @property
     def tokenizer(self) -> Tokenizer: ...

@@ -330,6 +330,11 @@ class VllmEngine:
     def tokenizer(self) -> Any:
         return self._tokenizer
 
+    @property
+    def max_rows_per_step(self) -> int:
+        return self.config.max_num_seqs
+
+    @property
     def kv_capacity_tokens(self) -> int | None:
         """Tokens the started engine's KV cache holds (blocks x block size)."""
         cache = self._llm.vllm_config.cache_config if self._llm is not None else None
