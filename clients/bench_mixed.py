@@ -57,13 +57,16 @@ class Result:
 
 
 def prompt(tokens: int, seed: int, count: Any) -> str:
+    """A chat prompt of about `tokens` tokens (at most that many when a tokenizer counts them)."""
     rng = random.Random(seed)
-    words = max(1, tokens)
-    text = ""
+    sentences: list[str] = []
     while True:
-        text += " ".join(rng.choice(VARIED_FILLER) for _ in range(max(1, words // 12))) + " "
-        if count is None or count(text) >= tokens - 24:
+        used = count(" ".join(sentences)) if count else 15 * len(sentences)
+        left = tokens - 40 - used
+        if left <= 20:
             break
+        sentences += [rng.choice(VARIED_FILLER) for _ in range(max(1, left // 30))]
+    text = " ".join(sentences)
     return "<|im_start|>user\n" + text + "\nSummarize the text in one sentence.<|im_end|>\n<|im_start|>assistant\n"
 
 

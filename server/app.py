@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -33,9 +34,11 @@ def create_app(settings: Settings, service_factory: ServiceFactory | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await service_factory(settings)
         app.state.service = service
+        watchdog = asyncio.create_task(service.watch_engine())
         try:
             yield
         finally:
+            watchdog.cancel()
             app.state.service = None
             service.engine.shutdown()
 

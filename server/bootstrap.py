@@ -81,11 +81,16 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     metrics = Metrics()
     registry = default_registry()
-    # The metrics room hears vLLM's per-iteration stats through the engine's listener.
-    engine = VllmEngine(engine_config(settings, model_path, max_model_len), model,
-                        stats_listener=metrics.engine_listener)
-    # Engine start-up blocks for tens of seconds; keep the event loop (health checks) serving.
-    await asyncio.to_thread(engine.start)
+    config = engine_config(settings, model_path, max_model_len)
+
+    async def start_engine() -> VllmEngine:
+        # The metrics room hears vLLM's per-iteration stats through the engine's listener.
+        engine = VllmEngine(config, model, stats_listener=metrics.engine_listener)
+        # Engine start-up blocks for tens of seconds; keep the event loop (health checks) serving.
+        await asyncio.to_thread(engine.start)
+        return engine
+
+    engine = await start_engine()
     metrics.refresh_engine(engine)
     return GenerationService(
         engine=engine,
@@ -96,4 +101,6 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
         max_concurrent_requests=settings.max_concurrent_requests,
         runners={"nbce": run_nbce},
         engine_seeds=not is_cpu_build(),
+        request_timeout_s=settings.request_timeout_s,
+        engine_factory=start_engine,
     )

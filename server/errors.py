@@ -10,9 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engines.base import EngineBusy
+from server.engines.base import EngineBusy, EngineDown
 from server.schemas import ErrorResponse, ErrorType
-from server.service import Overloaded
+from server.service import DeadlineExceeded, Overloaded
 from server.sse import ClientDisconnected
 from strategies.base import StrategyError
 
@@ -77,6 +77,10 @@ def as_api_error(exc: BaseException) -> ApiError:
         return ApiError(499, "the client closed the connection", "generation")
     if isinstance(exc, (Overloaded, EngineBusy)):
         return ApiError(429, str(exc), "overloaded")
+    if isinstance(exc, EngineDown):
+        return ApiError(503, str(exc), "generation")
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(408, str(exc), "generation")
     log.error("generation failed", exc_info=exc)
     # TGI answers engine failures with 424 (the request was fine; the backend failed).
     return ApiError(424, f"generation failed: {type(exc).__name__}: {exc}", "generation")
@@ -101,6 +105,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Expected errors get their own handlers: Starlette's catch-all for Exception also re-raises
     # into the server log as a crash, which these are not.
-    for expected in (ApiError, StrategyError, Overloaded, EngineBusy, ClientDisconnected):
+    for expected in (ApiError, StrategyError, Overloaded, EngineBusy, EngineDown, DeadlineExceeded, ClientDisconnected):
         app.add_exception_handler(expected, _domain)
     app.add_exception_handler(Exception, _domain)

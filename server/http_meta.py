@@ -20,6 +20,8 @@ async def health(request: Request) -> HealthResponse | Response:
     service: GenerationService | None = getattr(request.app.state, "service", None)
     if service is None:
         return error_response(503, "the engine is still starting", "generation")
+    if service.restarting or not service.engine.alive:
+        return error_response(503, "the engine is down and being restarted", "generation")
     try:
         await service.engine.check_health()
     except Exception as exc:  # a dead engine core makes the server unhealthy, not the request invalid

@@ -70,7 +70,7 @@ async def completions(
     settings: Settings = Depends(get_settings_dep),
 ) -> CompletionResponse | StreamingResponse:
     sampling = openai_sampling(body, settings)
-    job = await service.prepare(body.prompt_text(), documents_of(body.context), sampling, body.strategy)
+    job = await service.prepare(body.prompt_text(), documents_of(body.context), sampling, body.strategy, body.deadline_s)
     service.check_capacity(job)
     model = body.model or _model_name(service, settings)
     if body.stream:

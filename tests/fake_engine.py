@@ -33,11 +33,13 @@ class FakeEngine:
     startup_seconds = 0.0
     max_rows_per_step = 8
     kv_capacity_tokens = 4096
+    alive = True
 
     def __init__(self, delay: float = 0.0) -> None:
         self.model = FAKE_MODEL
         self.delay = delay
         self.aborted: list[str] = []
+        self.cancelled = 0
 
     @property
     def tokenizer(self) -> ByteTokenizer:
@@ -55,7 +57,11 @@ class FakeEngine:
     async def generate(self, row: RowRequest) -> AsyncIterator[EngineStep]:
         n = row.sampling.max_new_tokens
         for i in range(n):
-            await asyncio.sleep(self.delay)
+            try:
+                await asyncio.sleep(self.delay)
+            except asyncio.CancelledError:  # as in vLLM, where a cancelled stream aborts its row
+                self.cancelled += 1
+                raise
             token = row.prompt_token_ids[i % len(row.prompt_token_ids)]
             done = i == n - 1
             yield EngineStep(
@@ -81,6 +87,7 @@ def fake_service_factory(delay: float = 0.0, engine: FakeEngine | None = None):
         return GenerationService(
             engine=engine or FakeEngine(delay), registry=default_registry(), tokenizer=ByteTokenizer(), metrics=Metrics(),
             default_strategy=settings.default_strategy, max_concurrent_requests=settings.max_concurrent_requests,
+            request_timeout_s=settings.request_timeout_s,
         )
 
     return build

@@ -136,3 +136,23 @@ def test_an_nbce_request_with_more_rows_than_one_engine_step_is_refused_at_once(
     started = time.monotonic()
     _assert_422(http.post("/generate", json=body), "context", "101 rows", "64")
     assert time.monotonic() - started < 10
+
+
+def test_a_deadline_aborts_the_engine_work(http):
+    import time
+    import uuid
+
+    from tests.metrics_text import scrape
+
+    # ~6k tokens nobody else sends (no prefix-cache hit): seconds of prefill on this host.
+    text = uuid.uuid4().hex + " " + "The quick brown fox jumps over the lazy dog. " * 600
+    started = time.monotonic()
+    reply = http.post("/generate", json={"inputs": text, "parameters": {"max_new_tokens": 50}, "deadline_s": 1.0})
+    assert reply.status_code == 408, reply.text
+    assert reply.json() == {"error": "deadline_s: the request's deadline passed; its engine work was aborted",
+                            "error_type": "generation"}
+    assert time.monotonic() - started < 10
+    # A short request after it: when it is done, the scheduler runs nothing, so the long row is gone.
+    assert http.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+    assert scrape(http, "ropeserve_requests_running", engine="vllm") == 0
+    assert scrape(http, "ropeserve_requests_total", strategy="native", status="timeout") >= 1

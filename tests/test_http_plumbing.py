@@ -147,3 +147,19 @@ def test_an_nbce_row_group_larger_than_one_engine_step_is_refused_at_once():
         assert reply.status_code == 422, reply.text
         assert reply.json()["error"].startswith("context: ") and "21 rows" in reply.json()["error"]
         assert time.monotonic() - started < 5
+
+
+def test_a_request_past_its_deadline_gets_408_and_its_engine_row_is_aborted():
+    engine = FakeEngine(delay=0.05)
+    with TestClient(create_app(Settings(), fake_service_factory(engine=engine))) as client:
+        started = time.monotonic()
+        reply = client.post("/generate", json={"inputs": "abcdef", "parameters": {"max_new_tokens": 50}, "deadline_s": 0.3})
+        assert reply.status_code == 408, reply.text
+        assert reply.json()["error"].startswith("deadline_s: ") and time.monotonic() - started < 3
+        assert engine.cancelled == 1  # the row's stream was cancelled, which aborts it in vLLM
+        ok = client.post("/generate", json={"inputs": "abc", "parameters": {"max_new_tokens": 2}, "deadline_s": 30})
+        assert ok.status_code == 200
+    # The server's request_timeout_s caps every request, with or without deadline_s.
+    with TestClient(create_app(Settings(request_timeout_s=0.2), fake_service_factory(delay=0.05))) as client:
+        reply = client.post("/v1/completions", json={"prompt": "abcdef", "max_tokens": 50, "deadline_s": 60})
+        assert reply.status_code == 408, reply.text

@@ -66,15 +66,15 @@ def test_a_held_slot_is_never_handed_to_another_configuration() -> None:
         slots.release(slot)
 
 
-async def test_the_engine_refuses_a_row_when_every_slot_is_held_and_frees_it_after() -> None:
-    from server.engines.base import RowRequest, SamplingOptions
+def test_the_engine_refuses_a_row_when_every_slot_is_held_and_frees_it_after() -> None:
     from server.engines.vllm_engine import VllmEngine, VllmEngineConfig
 
     engine = VllmEngine(VllmEngineConfig(model="unused", max_model_len=16384, rope_slots=2), MODEL)
     held = engine.slots.acquire(rope(2e5))
-    row = RowRequest("r", [1, 2, 3], SamplingOptions(max_new_tokens=1), rope(4e5))
-    with pytest.raises(RopeSlotsFull):  # before anything reaches vLLM: no engine was even started
-        await anext(engine.generate(row))
+    # Checked before a response starts (the service's 429), and again when the row is admitted.
+    assert not engine.can_admit(rope(4e5)) and engine.can_admit(rope(2e5)) and engine.can_admit(RopeConfig.native())
+    with pytest.raises(RopeSlotsFull):
+        engine.slots.acquire(rope(4e5))
     assert engine.stats().rope_slots_in_use == 1
     engine.slots.release(held)
     assert engine.stats().rope_slots_in_use == 0

@@ -170,6 +170,10 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
 
+class EngineDown(RuntimeError):
+    """The engine died or is restarting; retry later (HTTP 503)."""
+
+
 class EngineBusy(RuntimeError):
     """The engine cannot take this row now (e.g. every RoPE slot is held); retry later (HTTP 429)."""
 
@@ -192,6 +196,11 @@ class Engine(Protocol):
 
     @property
     def dtype(self) -> str: ...
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine has died (its process gone): it must be replaced."""
+        ...
 
     def refuse_rope(self, rope: RopeConfig) -> str | None:
         """Why rows under `rope` cannot run here (a 422 before any engine work); None: they can."""

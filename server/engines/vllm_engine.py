@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.engines.base import (
+    EngineDown,
     EngineStats,
     EngineStep,
     FinishReason,
@@ -320,6 +321,10 @@ class VllmEngine:
     # --- facts ---------------------------------------------------------------------------------
 
     @property
+    def alive(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    @property
     def dtype(self) -> str:
         """The dtype the engine actually runs in (e.g. "float32"), once started."""
         if self._llm is None:
@@ -384,12 +389,18 @@ class VllmEngine:
             self.slots.release(slot)
 
     async def generate(self, row: RowRequest) -> AsyncIterator[EngineStep]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if not self.alive:
+            raise EngineDown("the engine is down; it is being restarted, retry later")
         sampling, slot = self._admit(row)
         try:
             # AsyncLLM aborts the engine request itself (and awaits it) when this generator is
             # closed early, so the slot is released only once the row is gone from the engine.
             async for output in self._llm.generate(_tokens_prompt(row), sampling, row.request_id):
                 yield self._step(output, row)
+        except EngineDeadError as exc:
+            raise EngineDown(f"the engine died while serving this request ({exc}); retry later") from exc
         finally:
             self._release(slot)
 
