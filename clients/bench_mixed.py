@@ -150,10 +150,11 @@ def main_async(args: argparse.Namespace) -> int:
                 strategies = ["native"] if kind == "single" else MIXED
                 seconds, results = await phase(url, prompts, strategies, args.concurrency, args.max_new_tokens)
                 took[kind] = seconds
-                rss[kind] = metric(url, "ropeserve_engine_processes_resident_memory_bytes")
+                # The first single phase runs before any mixed one: RSS with one configuration.
+                rss.setdefault(kind, metric(url, "ropeserve_engine_processes_resident_memory_bytes"))
                 print(f"round {rnd + 1} {kind:6s}: {len(results)} requests in {seconds:6.1f} s = "
                       f"{len(results) / seconds:.3f} req/s; median TTFT {statistics.median(r.ttft for r in results):.2f} s; "
-                      f"engine RSS {rss[kind] / 2**30:.2f} GiB")
+                      f"engine RSS {metric(url, 'ropeserve_engine_processes_resident_memory_bytes') / 2**30:.2f} GiB")
             ratios.append(took["single"] / took["mixed"])
         print(f"mixed/single throughput: {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f} (target >= 0.9)")
 
