@@ -131,7 +131,7 @@ def slot_table_bytes(url: str, configurations: int) -> float:
     return configurations * rows * head_dim * dtype_bytes
 
 
-def main_async(args: argparse.Namespace) -> int:
+def cli(args: argparse.Namespace) -> int:
     count = load_token_counter(None)
     url = args.url.rstrip("/")
     lengths = [args.long if i % 4 == 0 else args.short for i in range(args.requests)]
@@ -192,7 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return main_async(parser.parse_args(argv))
+    return cli(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

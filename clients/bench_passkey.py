@@ -269,7 +269,7 @@ def render_table(cells: dict[tuple[int, int], Cell], strategies: Sequence[dict[s
     return "\n".join(rows)
 
 
-def main(args: Any) -> int:
+def cli(args: Any) -> int:
     strategies = split_strategies(args.strategies)
     lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
     _, table = run(

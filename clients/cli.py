@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -40,16 +41,17 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_passkey(args: argparse.Namespace) -> int:
-    from clients.bench_passkey import main as passkey_main
+# `ropeserve bench NAME`: the module clients/bench_NAME.py gives add_arguments(parser) and cli(args).
+BENCHMARKS = {
+    "passkey": "passkey retrieval per strategy and length; prints a markdown table",
+    "mixed": "mixed RoPE strategies vs one strategy on one server: throughput, TTFT, memory",
+    "soak": "minutes of mixed traffic at twice the capacity: every request answered or 429, memory after",
+}
 
-    return passkey_main(args)
 
-
-def _bench_mixed(args: argparse.Namespace) -> int:
-    from clients.bench_mixed import main_async
-
-    return main_async(args)
+def _bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"clients.bench_{args.bench}")
+    return int(module.cli(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,16 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks against a running server")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    passkey = bench_sub.add_parser("passkey", help="passkey retrieval per strategy and length; prints a markdown table")
-    from clients.bench_passkey import add_arguments as _passkey_arguments
-
-    _passkey_arguments(passkey)
-    passkey.set_defaults(func=_bench_passkey)
-    mixed = bench_sub.add_parser("mixed", help="mixed RoPE strategies vs one strategy on one server: throughput, TTFT, memory")
-    from clients.bench_mixed import add_arguments as _mixed_arguments
-
-    _mixed_arguments(mixed)
-    mixed.set_defaults(func=_bench_mixed)
+    for name, help_text in BENCHMARKS.items():
+        bench_parser = bench_sub.add_parser(name, help=help_text)
+        importlib.import_module(f"clients.bench_{name}").add_arguments(bench_parser)
+        bench_parser.set_defaults(func=_bench)
     return parser
 
 

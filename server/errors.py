@@ -96,6 +96,8 @@ def install_error_handlers(app: FastAPI) -> None:
         error_type: ErrorType = "unauthorized" if exc.status_code == 401 else "validation"
         if exc.status_code == 503:
             error_type = "generation"
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): invalid input
+            return error_response(422, f"body: malformed request body ({exc.detail})", "validation")
         # Starlette's own headers (405's `Allow`, 401's `WWW-Authenticate`) go out with the error.
         return error_response(exc.status_code, str(exc.detail), error_type, dict(exc.headers or {}))
 

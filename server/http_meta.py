@@ -8,14 +8,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.deps import get_service, get_settings_dep
 from server.errors import error_response
-from server.schemas import HealthResponse, InfoResponse, StrategiesResponse, StrategyInfo
+from server.schemas import ErrorResponse, HealthResponse, InfoResponse, StrategiesResponse, StrategyInfo
 from server.service import GenerationService
 from server.settings import Settings
 
 router = APIRouter()
 
 
-@router.get("/health", response_model=HealthResponse)
+@router.get("/health", response_model=HealthResponse, responses={503: {"model": ErrorResponse, "description": "the engine is starting, down or restarting"}})
 async def health(request: Request) -> HealthResponse | Response:
     service: GenerationService | None = getattr(request.app.state, "service", None)
     if service is None:
@@ -64,7 +64,7 @@ async def strategies(service: GenerationService = Depends(get_service)) -> Strat
     )
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}, "description": "Prometheus text exposition"}})
 async def metrics(service: GenerationService = Depends(get_service)) -> Response:
     service.refresh_gauges()
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -13,11 +13,11 @@ from server.errors import as_api_error, error_body
 from server.generation import GenerationResult, collect, documents_of, openai_sampling
 from server.schemas import (
     GENERATION_ERRORS,
+    STREAM_TOO,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
     ModelCard,
     ModelList,
     Usage,
@@ -62,7 +62,7 @@ async def models(
     return ModelList(data=[card])
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
+@router.post("/completions", response_model=CompletionResponse, responses={**ERRORS, **STREAM_TOO})
 async def completions(
     request: Request,
     body: CompletionRequest,

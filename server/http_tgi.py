@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.deps import get_service, get_settings_dep, require_api_key
@@ -12,8 +12,8 @@ from server.errors import as_api_error, error_body
 from server.generation import GenerationResult, collect, tgi_request_values
 from server.schemas import (
     GENERATION_ERRORS,
+    STREAM_TOO,
     Details,
-    ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     StreamDetails,
@@ -109,7 +109,9 @@ async def generate(
     return await _generate(request, body, service, settings)
 
 
-@router.post("/generate_stream", responses={200: {"content": {SSE_MEDIA_TYPE: {}}}, **ERRORS})
+# response_class=Response: no JSON body is documented for the 200, only the event stream.
+@router.post("/generate_stream", response_class=Response,
+             responses={200: {"content": {SSE_MEDIA_TYPE: {}}}, **ERRORS})
 async def generate_stream(
     body: GenerateRequest,
     service: GenerationService = Depends(get_service),
@@ -118,7 +120,7 @@ async def generate_stream(
     return await _stream(body, service, settings)
 
 
-@router.post("/", response_model=list[GenerateResponse], response_model_exclude_none=True, responses=ERRORS)
+@router.post("/", response_model=list[GenerateResponse], response_model_exclude_none=True, responses={**ERRORS, **STREAM_TOO})
 async def compat_generate(
     request: Request,
     body: GenerateRequest,

@@ -41,9 +41,10 @@ def _unencodable(value: Any, path: str) -> str | None:
 
 
 class RequestBody(BaseModel):
-    """Base of request bodies: unknown fields are errors, numbers finite, text valid Unicode."""
+    """Base of request bodies: unknown fields are errors, types strict (no "1" for 1, no 1.0 for
+    an integer, no 0 for false), numbers finite, text valid Unicode."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -57,6 +58,12 @@ class ErrorResponse(BaseModel):
     error: str
     error_type: ErrorType
 
+
+# Routes that stream with `"stream": true` answer 200 with Server-Sent Events too.
+STREAM_TOO: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}},
+          "description": 'JSON, or with `"stream": true` Server-Sent Events'},
+}
 
 # The error statuses of the generation routes, for the OpenAPI document.
 GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {

@@ -79,6 +79,24 @@ def test_non_streaming_client_disconnect_aborts_engine_request(base_url, http):
     assert scrape(http, "ropeserve_requests_total", status="cancelled") == cancelled_before + 1
 
 
+def test_a_client_leaving_mid_prefill_frees_the_row_within_a_step(base_url, http):
+    """The client of a long prompt leaves before its first token: the row is aborted mid-prefill
+    (vLLM aborts between steps of the chunked prefill), not after the whole prompt is read."""
+    import uuid
+
+    text = uuid.uuid4().hex + " " + "The quick brown fox jumps over the lazy dog. " * 1300  # ~12k tokens
+    body = {"inputs": text, "strategy": "dynamic_ntk", "parameters": {"max_new_tokens": 8}}
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        with client.stream("POST", "/generate_stream", json=body) as reply:
+            assert reply.status_code == 200
+            time.sleep(2)  # mid-prefill: ~12k tokens take tens of seconds here
+    assert _wait_for(lambda: scrape(http, "ropeserve_requests_in_flight") == 0, timeout=30)
+    # When a short request after it is done, vLLM's scheduler runs nothing: the long row is gone
+    # (its prefill alone would have taken longer than this).
+    assert http.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+    assert scrape(http, "ropeserve_requests_running", engine="vllm") == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_shutdown_leaves_no_engine_processes(tmp_path, sig):

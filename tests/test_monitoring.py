@@ -30,8 +30,8 @@ from tests.prometheus_fixture import (  # noqa: F401 - `prometheus` is a fixture
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "ropeserve-dashboard.json"
-TIMEOUT = 600  # a non-native strategy's first request starts its engine (tens of seconds on CPU)
-# Second strategies for the two-strategy checks, cheapest first; each starts its own engine.
+TIMEOUT = 600
+# Second strategies for the two-strategy checks (all served by the one engine).
 SECOND_STRATEGIES = ("ntk", "linear", "yarn", "dynamic_ntk", "llama3")
 TTFT_MEDIAN = "histogram_quantile(0.5, sum by (le, strategy) (rate(ropeserve_time_to_first_token_seconds_bucket[1m])))"
 # Metrics that exist only on some hosts.
@@ -260,8 +260,8 @@ def test_metrics_after_real_traffic_are_promtool_clean_and_add_up(server: Runnin
         "ropeserve_request_duration_seconds_sum", strategy="native"
     )
     assert value(after, "ropeserve_engines") >= 1
-    assert value(after, "ropeserve_engine_startup_seconds", engine="native") > 0
-    assert 0 <= value(after, "ropeserve_kv_cache_usage_ratio", engine="native") <= 1
+    assert value(after, "ropeserve_engine_startup_seconds", engine="vllm") > 0
+    assert 0 <= value(after, "ropeserve_kv_cache_usage_ratio", engine="vllm") <= 1
     assert value(after, "ropeserve_requests_in_flight", strategy="native") == 0
     assert value(after, "process_resident_memory_bytes") > 50e6
     # The engine core (weights and, on CPU, the KV cache) lives in a child process.
@@ -310,7 +310,7 @@ def test_prometheus_scrapes_ttft_per_strategy(server: RunningServer, prometheus:
     url = server.url
     other = second_strategy(url)
     strategies = ("native", other)
-    # A first request each (it starts the second strategy's engine), then a measured round.
+    # A first request each (it fills the second strategy's RoPE slot), then a measured round.
     for strategy in strategies:
         generate(url, "Warm up.", strategy=strategy, max_new_tokens=2)
     counts = {}
@@ -339,9 +339,9 @@ def test_prometheus_scrapes_ttft_per_strategy(server: RunningServer, prometheus:
             f"histogram_quantile(0.95, sum by (le, strategy) (rate({metric}_bucket[1m])))", by="strategy"
         )
         assert all(is_number(p95.get(s, float("nan"))) for s in strategies), (metric, p95)
-    # Two engines now: KV use is reported per engine.
+    # One engine served both strategies: KV use is reported for it alone.
     kv = prometheus.values("ropeserve_kv_cache_usage_ratio", by="engine")
-    assert "native" in kv and len(kv) >= 2, kv
+    assert list(kv) == ["vllm"], kv
     # The shipped alert rules load and evaluate against our series.
     groups = prometheus.api("rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
