@@ -3,8 +3,8 @@
     ROPESERVE_MAX_CONCURRENT_REQUESTS=8 ropeserve serve --port 8014 &
     ropeserve bench soak --url http://127.0.0.1:8014 --minutes 5
 
-First it measures what the server serves (short native requests, concurrency 4, requests/s), then
-sends requests open-loop at `--overload` times that rate for `--minutes`: plain native, RoPE
+First it measures what the server serves (8 short native requests at once, requests/s), runs the
+same load as below for `--warmup-minutes`, then sends requests open-loop at `--overload` times that rate for `--minutes`: plain native, RoPE
 strategies (yarn, ntk, dynamic_ntk, llama3), NBCE over three documents, streamed ones, and
 streamed ones whose client disconnects after the first token. Every request has a timeout; loopback
 only; the number of requests is bounded by rate x duration.
@@ -90,19 +90,14 @@ def memory(url: str) -> tuple[float, float]:
     return (metric(url, "ropeserve_engine_processes_resident_memory_bytes"), metric(url, "process_resident_memory_bytes"))
 
 
-async def soak(args: argparse.Namespace) -> int:
-    url = args.url.rstrip("/")
-    served = await capacity(url, args.max_new_tokens)
-    rate = args.overload * served
-    total = int(rate * args.minutes * 60)
-    before = memory(url)
-    print(f"capacity {served:.2f} req/s; sending {total} requests at {rate:.2f} req/s for {args.minutes:g} min")
-    rng = random.Random(7)
+async def load(url: str, rate: float, seconds: float, args: argparse.Namespace, seed: int) -> dict[str, collections.Counter[str]]:
+    """Open-loop arrivals at `rate` for `seconds`, cycling through KINDS; waits for every answer."""
+    rng = random.Random(seed)
     outcomes: dict[str, collections.Counter[str]] = {k: collections.Counter() for k in KINDS}
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=None)) as client:
         tasks = []
-        for i in range(total):
+        for i in range(int(rate * seconds)):
             await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
             kind = KINDS[i % len(KINDS)]
             payload = body(kind, i, rng, args.max_new_tokens)
@@ -112,6 +107,34 @@ async def soak(args: argparse.Namespace) -> int:
 
             tasks.append(asyncio.create_task(run()))
         await asyncio.gather(*tasks)
+    return outcomes
+
+
+async def drained(url: str) -> None:
+    """Nothing in flight, then one short request so vLLM reports its scheduler state again."""
+    deadline = time.monotonic() + 120
+    while metric(url, "ropeserve_requests_in_flight") > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+    await asyncio.sleep(5)
+    async with httpx.AsyncClient(base_url=url) as client:
+        await send(client, "native", body("native", -1, random.Random(0), 2), 120)
+
+
+async def soak(args: argparse.Namespace) -> int:
+    url = args.url.rstrip("/")
+    served = await capacity(url, args.max_new_tokens)
+    rate = args.overload * served
+    if args.warmup_minutes > 0:
+        # The same mix first: the engine's buffers and allocator arenas grow to the load's batches
+        # once; what the soak measures is whether memory keeps growing after that.
+        print(f"warm-up: {args.warmup_minutes:g} min of the same load")
+        await load(url, rate, args.warmup_minutes * 60, args, seed=3)
+        await drained(url)
+    before = memory(url)
+    total = int(rate * args.minutes * 60)
+    print(f"capacity {served:.2f} req/s; sending {total} requests at {rate:.2f} req/s for {args.minutes:g} min")
+    started = time.perf_counter()
+    outcomes = await load(url, rate, args.minutes * 60, args, seed=7)
     took = time.perf_counter() - started
     for kind, counts in outcomes.items():
         print(f"  {kind:10s} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
@@ -120,13 +143,7 @@ async def soak(args: argparse.Namespace) -> int:
     print(f"{total} requests in {took:.0f} s: {answered} served, {every['429']} refused with 429 (+Retry-After), "
           f"{every['lost']} lost, other: {dict((k, v) for k, v in every.items() if k not in ('200', '429', 'lost', 'disconnected'))}")
 
-    # Drain: nothing in flight, then one short request so vLLM reports its scheduler state again.
-    deadline = time.monotonic() + 120
-    while metric(url, "ropeserve_requests_in_flight") > 0 and time.monotonic() < deadline:
-        await asyncio.sleep(1)
-    await asyncio.sleep(5)
-    async with httpx.AsyncClient(base_url=url) as client:
-        await send(client, "native", body("native", -1, rng, 2), 120)
+    await drained(url)
     after = memory(url)
     print(f"after: in flight {metric(url, 'ropeserve_requests_in_flight'):g}, KV cache use "
           f"{metric(url, 'ropeserve_kv_cache_usage_ratio'):.3f}, running rows {metric(url, 'ropeserve_requests_running'):g}")
@@ -139,6 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--overload", type=float, default=2.0, help="send this many times the measured capacity")
+    parser.add_argument("--warmup-minutes", type=float, default=1.0, help="the same load before memory is measured")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take before it counts as lost")
 
