@@ -27,7 +27,6 @@ import json
 import random
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -187,13 +186,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short", type=int, default=300, help="tokens of a short prompt")
     parser.add_argument("--long", type=int, default=6000, help="tokens of a long prompt (every fourth)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return cli(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,7 +22,6 @@ import asyncio
 import collections
 import json
 import random
-import sys
 import time
 from typing import Any
 
@@ -163,13 +162,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     return asyncio.run(soak(args))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return cli(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
