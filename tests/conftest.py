@@ -19,6 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 600
 
 
+def engine_core_processes(server_pid: int) -> list:
+    """The vLLM engine-core processes under a server (psutil.Process list).
+
+    vLLM titles the process "VLLM::EngineCore" in its argv; its comm is cut at 15 characters."""
+    import psutil
+
+    children = psutil.Process(server_pid).children(recursive=True)
+    return [p for p in children if "EngineCore" in " ".join(p.cmdline())]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

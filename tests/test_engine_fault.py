@@ -11,15 +11,14 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import start_server, stop_server
+from tests.conftest import engine_core_processes, start_server, stop_server
 from tests.metrics_text import scrape
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
 def engine_core(server_pid: int) -> psutil.Process:
-    # vLLM titles the process "VLLM::EngineCore" in its argv (comm is cut at 15 characters).
-    cores = [p for p in psutil.Process(server_pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
+    cores = engine_core_processes(server_pid)
     assert len(cores) == 1, cores
     return cores[0]
 

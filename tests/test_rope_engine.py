@@ -53,8 +53,7 @@ def test_every_strategy_at_once_runs_on_the_one_engine(server, http: httpx.Clien
     the server's one engine: no engine starts, one engine-core process, slots loaded on demand."""
     import concurrent.futures
 
-    import psutil
-
+    from tests.conftest import engine_core_processes
     from tests.metrics_text import sample_value
 
     specs = ["native", "linear", "ntk", "yarn", "llama3", "dynamic_ntk", {"name": "yarn", "factor": 2.7},
@@ -75,6 +74,5 @@ def test_every_strategy_at_once_runs_on_the_one_engine(server, http: httpx.Clien
     loads = sample_value(after, "ropeserve_rope_slot_loads_total", engine="vllm") - sample_value(
         before, "ropeserve_rope_slot_loads_total", engine="vllm")
     assert loads >= 3  # at least the three factors no other test uses
-    # vLLM titles its engine-core process "VLLM::EngineCore" (argv; comm is cut at 15 characters).
-    children = [" ".join(p.cmdline()) for p in psutil.Process(server.process.pid).children(recursive=True)]
-    assert sum("EngineCore" in c for c in children) == 1, children
+    cores = engine_core_processes(server.process.pid)
+    assert len(cores) == 1, cores
