@@ -24,11 +24,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clients.bench_passkey import make_case, parse_length  # noqa: E402
+from clients.bench_passkey import make_case, parse_length  # noqa: E402 - after the sys.path line
 from clients.client import sse_events  # noqa: E402
+from server.model_store import default_checkpoint_dir  # noqa: E402
 from strategies.rope import SUGGESTION_ORDER, smallest_power_of_two_factor  # noqa: E402
 
-MODEL_DIR = Path("~/.cache/ropeserve/models/SmolLM2-135M-Instruct").expanduser()
 
 
 def rope_spec(total_tokens: int, native_window: int, name: str) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(os.environ.get("ROPESERVE_BENCH_TOKENIZER", str(MODEL_DIR)))
+    tok = AutoTokenizer.from_pretrained(os.environ.get("ROPESERVE_BENCH_TOKENIZER", str(default_checkpoint_dir())))
     count = lambda text: len(tok.encode(text))  # noqa: E731
     client = httpx.Client(base_url=args.url, timeout=1800)
     window = int(client.get("/info").json().get("native_context_window", 8192))

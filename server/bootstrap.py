@@ -7,7 +7,6 @@ import dataclasses
 
 from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, is_cpu_build, read_model_facts
 from server.metrics import Metrics
-from server.nbce_runner import run_nbce
 from server.model_store import DEFAULT_MODEL_NAME, resolve_model
 from server.service import GenerationService
 from server.settings import Settings
@@ -15,20 +14,30 @@ from strategies.base import ModelFacts
 from strategies.registry import default_registry
 from strategies.rope import MAX_FACTOR
 
-NBCE_LOGITS_PROCESSOR = "server.engines.nbce_processor:NbceLogitsProcessor"
+# CPU flags (Linux /proc/cpuinfo) that give bfloat16 matmuls in hardware.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return not BF16_CPU_FLAGS.isdisjoint(flags)
 
 
 def engine_dtype(settings: Settings) -> str:
-    """`auto` on a CPU without AVX-512 bf16 means float32: vLLM falls back to torch's bf16 matmul
-    there, measured at 0.5 GFLOPS against 41 GFLOPS in float32 on this project's CI machine."""
+    """`auto` on a CPU without bf16 instructions means float32: vLLM falls back to torch's bf16
+    matmul there, measured at 0.5 GFLOPS against 41 GFLOPS in float32 on this project's CI machine."""
     if settings.dtype != "auto" or not is_cpu_build():
         return settings.dtype
-    import torch
-
-    return "auto" if torch.cpu._is_avx512_bf16_supported() else "float32"
+    return "auto" if cpu_has_bf16() else "float32"
 
 
-def engine_config(settings: Settings, model_path: str, max_model_len: int) -> VllmEngineConfig:
+def engine_config(
+    settings: Settings, model_path: str, max_model_len: int, logits_processors: tuple[str, ...] = ()
+) -> VllmEngineConfig:
     cpu = is_cpu_build()
     return VllmEngineConfig(
         model=model_path,
@@ -41,8 +50,8 @@ def engine_config(settings: Settings, model_path: str, max_model_len: int) -> Vl
         kv_cache_gib=settings.kv_cache_gib,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         served_model_name=settings.served_model_name,
-        # NBCE combines its rows inside the engine (server/nbce_runner.py).
-        logits_processors=(NBCE_LOGITS_PROCESSOR,),
+        # What the registered strategies run inside the engine (NBCE combines its rows there).
+        logits_processors=logits_processors,
     )
 
 
@@ -73,7 +82,7 @@ def engine_max_model_len(settings: Settings, model: ModelFacts, kv_capacity: int
 async def build_vllm_service(settings: Settings) -> GenerationService:
     from transformers import AutoTokenizer
 
-    model_path = await asyncio.to_thread(resolve_model, settings.model)
+    model_path = await asyncio.to_thread(resolve_model, settings.model, settings.model_cache)
     model = read_model_facts(model_path)
     name = settings.served_model_name or (DEFAULT_MODEL_NAME if settings.model is None else settings.model)
     max_model_len = engine_max_model_len(settings, model, estimate_kv_capacity(settings, model_path))
@@ -81,7 +90,7 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     metrics = Metrics()
     registry = default_registry()
-    config = engine_config(settings, model_path, max_model_len)
+    config = engine_config(settings, model_path, max_model_len, registry.engine_logits_processors())
 
     async def start_engine() -> VllmEngine:
         # The metrics room hears vLLM's per-iteration stats through the engine's listener.
@@ -99,7 +108,6 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
         metrics=metrics,
         default_strategy=settings.default_strategy,
         max_concurrent_requests=settings.max_concurrent_requests,
-        runners={"nbce": run_nbce},
         engine_seeds=not is_cpu_build(),
         request_timeout_s=settings.request_timeout_s,
         engine_factory=start_engine,

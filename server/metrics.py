@@ -34,7 +34,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.engines.base import Engine
+from server.engines.base import Engine, EngineIteration
 
 log = logging.getLogger(__name__)
 
@@ -256,25 +256,22 @@ class Metrics:
 
     # --- engines --------------------------------------------------------------------------------
 
-    def engine_listener(self, engine: Engine, scheduler_stats: Any, iteration_stats: Any) -> None:
-        """The engine's stats listener: called on the event loop after every vLLM iteration."""
-        try:
-            label = engine.kind
-            if scheduler_stats is not None:
-                self.kv_cache_usage.labels(label).set(float(scheduler_stats.kv_cache_usage))
-                self.requests_running.labels(label).set(int(scheduler_stats.num_running_reqs))
-                self.requests_queued.labels(label).set(int(scheduler_stats.num_waiting_reqs))
-            if iteration_stats is not None:
-                if getattr(iteration_stats, "num_preempted_reqs", 0):
-                    self.preemptions.labels(label).inc(iteration_stats.num_preempted_reqs)
-                for finished in getattr(iteration_stats, "finished_requests", ()) or ():
-                    strategy = self._strategy_of(getattr(finished, "request_id", None))
-                    if strategy is None:
-                        continue
-                    self.request_queue_time.labels(strategy).observe(max(0.0, float(finished.queued_time)))
-                    self.request_prefill_time.labels(strategy).observe(max(0.0, float(finished.prefill_time)))
-        except Exception:  # metrics must never break the engine's output loop
-            log.exception("engine stats listener failed")
+    def engine_listener(self, engine: Engine, iteration: EngineIteration) -> None:
+        """The engine's stats listener (`StatsListener`): called after every engine iteration."""
+        label = engine.kind
+        if iteration.kv_cache_usage is not None:
+            self.kv_cache_usage.labels(label).set(iteration.kv_cache_usage)
+        if iteration.running_requests is not None:
+            self.requests_running.labels(label).set(iteration.running_requests)
+        if iteration.waiting_requests is not None:
+            self.requests_queued.labels(label).set(iteration.waiting_requests)
+        if iteration.preempted_rows:
+            self.preemptions.labels(label).inc(iteration.preempted_rows)
+        for row in iteration.finished:
+            strategy = self._strategy_of(row.request_id)
+            if strategy is not None:
+                self.request_queue_time.labels(strategy).observe(row.queued_s)
+                self.request_prefill_time.labels(strategy).observe(row.prefill_s)
 
     def refresh_engine(self, engine: Engine) -> None:
         """The engine's gauges, at start-up and at every scrape."""

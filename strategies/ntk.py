@@ -12,7 +12,7 @@ class NtkParams(RopeParams):
     factor: float = factor_field(4.0)
 
 
-class NtkStrategy(RopeStrategy):
+class NtkStrategy(RopeStrategy[NtkParams]):
     name = "ntk"
     description = (
         "NTK-aware scaling: the RoPE base becomes theta * factor^(d/(d-2)) (d = head dim), which "

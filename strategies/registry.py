@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from strategies.base import Strategy, StrategyError
+from strategies.base import Strategy, StrategyError, StrategySpec
 
 ENTRY_POINT_GROUP = "ropeserve.strategies"
 
@@ -29,16 +29,17 @@ BUILTIN_STRATEGIES = (
 log = logging.getLogger(__name__)
 
 
-def _load(target: str) -> type[Strategy]:
+def _load(target: str) -> type[Strategy[Any]]:
     module_name, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    cls: type[Strategy[Any]] = getattr(importlib.import_module(module_name), attr)
+    return cls
 
 
 class StrategyRegistry:
     def __init__(self) -> None:
-        self._classes: dict[str, type[Strategy]] = {}
+        self._classes: dict[str, type[Strategy[Any]]] = {}
 
-    def register(self, cls: type[Strategy]) -> type[Strategy]:
+    def register(self, cls: type[Strategy[Any]]) -> type[Strategy[Any]]:
         existing = self._classes.get(cls.name)
         if existing is not None and existing is not cls:
             raise ValueError(f"strategy name '{cls.name}' is already taken by {existing.__qualname__}")
@@ -69,10 +70,10 @@ class StrategyRegistry:
     def names(self) -> list[str]:
         return sorted(self._classes)
 
-    def classes(self) -> list[type[Strategy]]:
+    def classes(self) -> list[type[Strategy[Any]]]:
         return [self._classes[name] for name in self.names()]
 
-    def get(self, name: str) -> type[Strategy]:
+    def get(self, name: str) -> type[Strategy[Any]]:
         try:
             return self._classes[name]
         except KeyError:
@@ -80,7 +81,11 @@ class StrategyRegistry:
                 f"strategy: unknown strategy '{name}'; known: {', '.join(self.names())}"
             ) from None
 
-    def resolve(self, spec: str | dict[str, Any] | None, default: str) -> Strategy:
+    def engine_logits_processors(self) -> tuple[str, ...]:
+        """Every registered strategy's in-engine processors ("module:Class"), each once."""
+        return tuple(dict.fromkeys(p for cls in self.classes() for p in cls.engine_logits_processors))
+
+    def resolve(self, spec: StrategySpec | None, default: str = "native") -> Strategy[Any]:
         """Build a strategy from a request's `strategy` field (a name or {"name": ..., **params})."""
         if spec is None:
             spec = default

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from typing import Any, ClassVar
+from typing import Any, TypeVar
 
 from pydantic import Field
 
 from strategies.base import (
     ExecutionPlan,
     ModelFacts,
+    PlanContext,
     RopeConfig,
     Strategy,
     StrategyParams,
     StrategyRequest,
-    Tokenize,
     check_fits,
 )
 
@@ -109,10 +109,11 @@ def longer_context_hint(needed_tokens: int, model: ModelFacts) -> str:
     )
 
 
-class RopeStrategy(Strategy):
-    """One static RoPE scaling: a complete rope_parameters dict and factor x native window."""
+RP = TypeVar("RP", bound=RopeParams)
 
-    Params: ClassVar[type[RopeParams]] = RopeParams
+
+class RopeStrategy(Strategy[RP]):
+    """One static RoPE scaling: a complete rope_parameters dict and factor x native window."""
 
     @abstractmethod
     def rope_parameters(self, model: ModelFacts) -> dict[str, Any]:
@@ -131,8 +132,9 @@ class RopeStrategy(Strategy):
             "rope_theta": float(model.rope_theta)
         }
 
-    def plan(self, request: StrategyRequest, model: ModelFacts, tokenize: Tokenize) -> ExecutionPlan:
-        row = tokenize(request.plain_prompt())
+    def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
+        model = context.model
+        row = context.tokenize(request.plain_prompt())
         needed = len(row) + request.max_new_tokens
         limit = self.max_total_tokens(model)
         hint = "" if needed <= limit else self._hint(needed, model)

@@ -27,7 +27,7 @@ class YarnParams(RopeParams):
         return self
 
 
-class YarnStrategy(RopeStrategy):
+class YarnStrategy(RopeStrategy[YarnParams]):
     name = "yarn"
     description = (
         "YaRN: high frequencies kept, low frequencies interpolated by `factor`, a linear ramp between "

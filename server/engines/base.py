@@ -9,9 +9,9 @@ engines never see strategies.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -86,16 +86,16 @@ class RopeConfig:
 class ExecutionPlan:
     """What the engine runs for one request.
 
-    One row is an ordinary generation; several rows are decoded in lockstep and combined
-    (`combiner` names how, e.g. NBCE). `resolved` is echoed back in the response.
+    One row is an ordinary generation; several rows are run by the plan's `combiner` (e.g.
+    NBCE's lockstep decoding), which turns them into one token stream. `resolved` is echoed back
+    in the response.
     """
 
     rope: RopeConfig
     rows: list[list[int]]
     max_total_tokens: int
     resolved: dict[str, Any]
-    combiner: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
+    combiner: RowCombiner | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -139,6 +139,10 @@ class EngineStep:
     prompt_tokens: int = 0
 
 
+# A row's (or a combined request's) new tokens as they come; closing it aborts the engine rows.
+StepStream = AsyncGenerator[EngineStep, None]
+
+
 @dataclass(frozen=True)
 class RowRequest:
     """One engine row: a prompt, how to sample it, and the RoPE configuration it runs under.
@@ -164,6 +168,28 @@ class EngineStats:
     rope_slot_loads: int = 0
 
 
+@dataclass(frozen=True)
+class FinishedRow:
+    """A row the engine finished in an iteration, with where its time went."""
+
+    request_id: str
+    queued_s: float
+    prefill_s: float
+
+
+@dataclass(frozen=True)
+class EngineIteration:
+    """What one engine iteration reports to its stats listener (the metrics room).
+
+    The scheduler's figures are None when the iteration carried none."""
+
+    kv_cache_usage: float | None = None
+    running_requests: int | None = None
+    waiting_requests: int | None = None
+    preempted_rows: int = 0
+    finished: tuple[FinishedRow, ...] = ()
+
+
 class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
@@ -176,6 +202,48 @@ class EngineDown(RuntimeError):
 
 class EngineBusy(RuntimeError):
     """The engine cannot take this row now (e.g. every RoPE slot is held); retry later (HTTP 429)."""
+
+
+class RowJob(Protocol):
+    """What a combiner reads of a request being served (the service's `Job`)."""
+
+    request_id: str
+    plan: ExecutionPlan
+    sampling: SamplingOptions
+    # Per-request figures the combiner reports (e.g. "kv_tokens": what its rows held together).
+    stats: dict[str, Any]
+
+
+class RowCombiner(Protocol):
+    """Runs the rows of a multi-row plan on an engine and yields one combined token stream.
+
+    A strategy puts one in its plan (NBCE: strategies/nbce/runner.py); the service runs it in
+    place of a single-row generation. Closing the stream must abort every row it started.
+    """
+
+    name: str
+
+    def run(self, engine: Engine, job: RowJob) -> StepStream: ...
+
+
+class StepRows(Protocol):
+    """What the engine tells an in-engine row processor about the step being computed."""
+
+    def mid_prefill(self, num_rows: int) -> Sequence[bool]:
+        """Per batch row: True when the row is inside a chunked prefill (its sampled token is
+        thrown away this step), False at its decode point."""
+        ...
+
+
+@runtime_checkable
+class StepAware(Protocol):
+    """An in-engine row processor (e.g. a vLLM logits processor) that wants `StepRows`.
+
+    Engines that can tell call `bind_step_rows` before the processor's first step, and again if
+    they rebuild their processors; a processor left unbound must assume every row decodes.
+    """
+
+    def bind_step_rows(self, rows: StepRows) -> None: ...
 
 
 class Engine(Protocol):
@@ -210,11 +278,11 @@ class Engine(Protocol):
         """Whether a row under `rope` would be admitted now (False: it would raise EngineBusy)."""
         ...
 
-    def generate(self, row: RowRequest) -> AsyncIterator[EngineStep]:
+    def generate(self, row: RowRequest) -> StepStream:
         """Stream one row's new tokens; closing the stream aborts the row. Raises EngineBusy."""
         ...
 
-    async def generate_group(self, rows: list[RowRequest]) -> list[AsyncIterator[EngineStep]]:
+    async def generate_group(self, rows: list[RowRequest]) -> list[StepStream]:
         """Admit several rows so that the scheduler sees them in one step (NBCE's lockstep rows)."""
         ...
 
@@ -225,3 +293,7 @@ class Engine(Protocol):
     async def check_health(self) -> None: ...
 
     def shutdown(self) -> None: ...
+
+
+# Called after every engine iteration; the engine stays ignorant of Prometheus.
+StatsListener = Callable[[Engine, EngineIteration], None]

@@ -24,6 +24,9 @@ from typing import Any
 
 from server.engines.base import (
     EngineDown,
+    EngineIteration,
+    FinishedRow,
+    StatsListener,
     EngineStats,
     EngineStep,
     FinishReason,
@@ -31,6 +34,7 @@ from server.engines.base import (
     RopeConfig,
     RowRequest,
     SamplingOptions,
+    StepStream,
     TokenEvent,
 )
 from server.engines.multi_rope import CONFIG_KEY, WORKER_CLASSES
@@ -38,9 +42,25 @@ from server.engines.rope_slots import ROPE_EXTRA_KEY, RopeSlots
 
 log = logging.getLogger(__name__)
 
-# Called with (engine, vLLM FinishedRequestStats) for every finished request, and with the
-# latest scheduler stats; the metrics room subscribes, the engine stays ignorant of Prometheus.
-StatsListener = Callable[["VllmEngine", Any, Any], None]
+
+def iteration_from_vllm(scheduler_stats: Any, iteration_stats: Any) -> EngineIteration:
+    """vLLM's per-iteration `SchedulerStats` and `IterationStats` (either may be None) as the
+    engine API's `EngineIteration`."""
+    finished = tuple(
+        FinishedRow(str(f.request_id), max(0.0, float(f.queued_time)), max(0.0, float(f.prefill_time)))
+        for f in (iteration_stats.finished_requests if iteration_stats is not None else ())
+        if f.request_id is not None
+    )
+    preempted = int(iteration_stats.num_preempted_reqs) if iteration_stats is not None else 0
+    if scheduler_stats is None:
+        return EngineIteration(preempted_rows=preempted, finished=finished)
+    return EngineIteration(
+        kv_cache_usage=float(scheduler_stats.kv_cache_usage),
+        running_requests=int(scheduler_stats.num_running_reqs),
+        waiting_requests=int(scheduler_stats.num_waiting_reqs),
+        preempted_rows=preempted,
+        finished=finished,
+    )
 
 
 # Slots of the RoPE table (slot 0: the model's own): configurations that can be in use at once.
@@ -217,7 +237,8 @@ class VllmEngine:
         self._llm: Any = None
         self._tokenizer: Any = None
         self._special_ids: frozenset[int] = frozenset()
-        self._scheduler_stats: Any = None
+        # The latest iteration that carried the scheduler's figures (EngineStats between scrapes).
+        self._last_iteration = EngineIteration()
         self._group_lock: Any = None  # asyncio.Lock, made on first use (NBCE row groups)
         self._checked_ropes: dict[str, str | None] = {}
         self.started_at: float | None = None
@@ -308,15 +329,22 @@ class VllmEngine:
 
             def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                        engine_idx: int = 0) -> None:
-                if scheduler_stats is not None:
-                    engine._scheduler_stats = scheduler_stats
-                if engine.stats_listener is not None:
-                    engine.stats_listener(engine, scheduler_stats, iteration_stats)
+                engine.record_iteration(iteration_from_vllm(scheduler_stats, iteration_stats))
 
             def log_engine_initialized(self) -> None:
                 pass
 
         return _Collector
+
+    def record_iteration(self, iteration: EngineIteration) -> None:
+        """After every vLLM iteration (on the event loop): keep the scheduler's figures, tell the listener."""
+        if iteration.kv_cache_usage is not None:
+            self._last_iteration = iteration
+        if self.stats_listener is not None:
+            try:
+                self.stats_listener(self, iteration)
+            except Exception:  # a listener's bug must not break vLLM's output loop
+                log.exception("engine stats listener failed")
 
     # --- facts ---------------------------------------------------------------------------------
 
@@ -388,7 +416,7 @@ class VllmEngine:
         if self.config.fixed_rope is None:
             self.slots.release(slot)
 
-    async def generate(self, row: RowRequest) -> AsyncIterator[EngineStep]:
+    async def generate(self, row: RowRequest) -> StepStream:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if not self.alive:
@@ -414,7 +442,7 @@ class VllmEngine:
             prompt_tokens=len(row.prompt_token_ids),
         )
 
-    async def generate_group(self, rows: list[RowRequest]) -> list[AsyncIterator[EngineStep]]:
+    async def generate_group(self, rows: list[RowRequest]) -> list[StepStream]:
         """Admit several rows so that the scheduler sees them in one step (NBCE's lockstep rows).
 
         The scheduler is paused ("keep": running requests stay, nothing is stepped) for the few
@@ -453,7 +481,7 @@ class VllmEngine:
                     await asyncio.shield(core.resume_scheduler_async())
         return [self._follow(queue, row, slot) for queue, row, slot in admitted]
 
-    async def _follow(self, queue: Any, row: RowRequest, slot: int) -> AsyncIterator[EngineStep]:
+    async def _follow(self, queue: Any, row: RowRequest, slot: int) -> StepStream:
         from vllm.outputs import STREAM_FINISHED
 
         try:
@@ -499,14 +527,12 @@ class VllmEngine:
         await self._llm.check_health()
 
     def stats(self) -> EngineStats:
-        s = self._scheduler_stats
-        slots = dict(rope_slots_in_use=self.slots.in_use(), rope_slots=self.slots.slots - 1,
-                     rope_slot_loads=self.slots.loads)
-        if s is None:
-            return EngineStats(**slots)
+        last = self._last_iteration
         return EngineStats(
-            kv_cache_usage=float(s.kv_cache_usage),
-            running_requests=int(s.num_running_reqs),
-            waiting_requests=int(s.num_waiting_reqs),
-            **slots,
+            kv_cache_usage=last.kv_cache_usage or 0.0,
+            running_requests=last.running_requests or 0,
+            waiting_requests=last.waiting_requests or 0,
+            rope_slots_in_use=self.slots.in_use(),
+            rope_slots=self.slots.slots - 1,
+            rope_slot_loads=self.slots.loads,
         )

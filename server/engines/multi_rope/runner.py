@@ -10,6 +10,9 @@ package. It changes two things:
   its row's `slot x slot_rows`, so the rotary reads that row's configuration and nothing else
   (KV placement, causal masks, sequence lengths) sees a shifted position.
 
+It also hands logits processors that declare `StepAware` (server/engines/base.py) the rows that
+are mid-prefill this step (vLLM's `discard_request_mask`), e.g. NBCE's processor.
+
 A row's slot comes from `SamplingParams.extra_args["ropeserve_rope"]` (server/engines/rope_slots.py);
 rows without it use slot 0, the model's own RoPE. A slot's table rows are rebuilt when a row
 arrives with a new epoch for it (the API process hands a slot to another configuration only when
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from server.engines.base import StepAware
 from server.engines.multi_rope import CONFIG_KEY
 from server.engines.multi_rope.table import SlotTableRotaryEmbedding, install_slot_table
 from server.engines.rope_slots import ROPE_EXTRA_KEY
@@ -43,6 +47,9 @@ class MultiRopeRunner:
     input_batch: Any
     requests: dict[str, Any]
     positions: torch.Tensor
+    discard_request_mask: Any
+    # The vLLM LogitsProcessors object whose StepAware members were last handed this runner.
+    _bound_logitsprocs: Any = None
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)  # type: ignore[misc]  # vLLM's runner, after this mixin in the MRO
@@ -57,7 +64,8 @@ class MultiRopeRunner:
             log.warning("multi-RoPE: force_slot0 is set; every row is rotated with the native RoPE")
 
     def _preprocess(self, scheduler_output: Any, num_input_tokens: int, intermediate_tensors: Any = None) -> Any:
-        inputs = super()._preprocess(scheduler_output, num_input_tokens, intermediate_tensors)  # type: ignore[misc]
+        inputs = super()._preprocess(scheduler_output, num_input_tokens, intermediate_tensors)  # type: ignore[misc]  # as in load_model
+        self._bind_step_rows()
         bases = self._slot_bases()
         if bases is None:
             return inputs
@@ -68,6 +76,20 @@ class MultiRopeRunner:
         shifted.copy_(positions)
         shifted[: len(offsets)] += offsets.to(shifted.device, non_blocking=True)
         return (*inputs[:2], shifted, *inputs[3:])
+
+    def mid_prefill(self, num_rows: int) -> Any:
+        """`StepRows`: the rows whose sampled token vLLM discards this step (chunked prefill)."""
+        return self.discard_request_mask.np[:num_rows]
+
+    def _bind_step_rows(self) -> None:
+        # vLLM rebuilds its input batch (and the processors with it) once the KV cache is sized.
+        processors = self.input_batch.logitsprocs
+        if self._bound_logitsprocs is processors:
+            return
+        for processor in processors.all:
+            if isinstance(processor, StepAware):
+                processor.bind_step_rows(self)
+        self._bound_logitsprocs = processors
 
     def _slot_bases(self) -> list[int] | None:
         """Each scheduled row's first table row (batch order); None when all rows are native."""

@@ -11,7 +11,7 @@ from server.engines.base import RopeConfig
 from server.engines.rope_slots import RopeSlots, RopeSlotsFull
 from server.engines.vllm_engine import hf_overrides_for
 from strategies.base import ModelFacts, StrategyRequest
-from strategies.registry import default_registry
+from tests.support.planning import plan_for
 
 HEAD_DIM = 64
 NATIVE = 8192
@@ -104,9 +104,8 @@ ROWS = 40_000  # slot_rows: the engine's max_model_len here
 
 
 def plan_rope(name: str, params: dict) -> RopeConfig:
-    strategy = default_registry().resolve({"name": name, **params}, "native")
     prompt = list(range(12_000))
-    return strategy.plan(StrategyRequest("x", max_new_tokens=16), MODEL, lambda _t: prompt).rope
+    return plan_for({"name": name, **params}, StrategyRequest("x", max_new_tokens=16), MODEL, lambda _t: prompt).rope
 
 
 def per_config_rotary(config: RopeConfig):

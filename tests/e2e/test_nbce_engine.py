@@ -3,26 +3,26 @@ the same engine, streaming + disconnect frees every row, and a ~30k-token passke
 `nbce` and `auto` while other clients are served.
 
 The session server runs the engine in float32 (tests/conftest.py sets ROPESERVE_DTYPE), so the
-engine's logits and the transformers reference agree up to float rounding (server/nbce_runner.py).
+engine's logits and the transformers reference agree up to float rounding (strategies/nbce/runner.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
+from server.model_store import default_checkpoint_dir
 from strategies.base import StrategyRequest
-from strategies.registry import default_registry
+from strategies.nbce.runner import NbceCombiner
+from tests.support.planning import plan_for
 
 pytestmark = pytest.mark.engine
 
-MODEL_DIR = Path(os.environ.get("ROPESERVE_MODEL_CACHE", "~/.cache/ropeserve/models")).expanduser() / "SmolLM2-135M-Instruct"
+MODEL_DIR = default_checkpoint_dir()
 NEAR_TIE = 1e-4
 CHAT = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -81,7 +81,7 @@ def tokenizer():
 def reference_model():
     import torch
 
-    from strategies.nbce_reference import load_model
+    from tests.support.nbce_reference import load_model
 
     torch.set_num_threads(1)
     return load_model(str(MODEL_DIR), torch.float32)
@@ -92,9 +92,8 @@ def plan_rows(tokenizer, context, question, spec):
 
     facts = read_model_facts(str(MODEL_DIR))
     documents = (context,) if isinstance(context, str) else tuple(context)
-    plan = default_registry().resolve(spec, "native").plan(
-        StrategyRequest(inputs=question, documents=documents, max_new_tokens=MAX_NEW), facts, tokenizer.encode)
-    return plan
+    return plan_for(spec, StrategyRequest(inputs=question, documents=documents, max_new_tokens=MAX_NEW), facts,
+                    tokenizer.encode)
 
 
 def agree(got: list[int], ref) -> tuple[bool, str]:
@@ -136,7 +135,7 @@ async def ordinary_load(base_url: str, stop: asyncio.Event, counts: dict[str, in
 
 @pytest.mark.slow
 def test_nbce_exact_under_concurrent_load(base_url, tokenizer, reference_model):
-    from strategies.nbce_reference import generate as reference_generate
+    from tests.support.nbce_reference import generate as reference_generate
 
     async def main():
         stop = asyncio.Event()
@@ -164,8 +163,9 @@ def test_nbce_exact_under_concurrent_load(base_url, tokenizer, reference_model):
         plan = plan_rows(tokenizer, context, CHAT.format(q=question), spec)
         assert body["strategy"]["row_tokens"] == [len(r) for r in plan.rows]
         got = [t["id"] for t in body["details"]["tokens"]]
-        ref = reference_generate(reference_model, plan.rows, MAX_NEW, beta=plan.combiner["beta"],
-                                 pooling=plan.combiner["pooling"], eos_token_ids=(tokenizer.eos_token_id,))
+        assert isinstance(plan.combiner, NbceCombiner)
+        ref = reference_generate(reference_model, plan.rows, MAX_NEW, plan.combiner.combination,
+                                 eos_token_ids=(tokenizer.eos_token_id,))
         ok, why = agree(got, ref)
         assert ok, f"{spec}: {why}\nengine:    {got}\nreference: {ref.token_ids}"
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import process_group_alive, start_server, stop_server
-from tests.metrics_text import scrape
+from tests.support.metrics_text import scrape
 
 pytestmark = pytest.mark.engine
 
@@ -40,7 +40,7 @@ def test_concurrent_requests_are_in_flight_together(base_url, http):
         nonlocal peak
         while not stop.is_set():
             text = (await client.get("/metrics")).text
-            from tests.metrics_text import sample_value
+            from tests.support.metrics_text import sample_value
 
             peak = max(peak, int(sample_value(text, "ropeserve_requests_in_flight")))
             await asyncio.sleep(0.05)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from server.model_store import converted_checkpoint_dir
-from tests.sse import stream_events
+from server.model_store import default_checkpoint_dir
+from tests.support.sse import stream_events
 
 pytestmark = pytest.mark.engine
 
@@ -15,7 +15,7 @@ CHAT = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(str(converted_checkpoint_dir()))
+    return AutoTokenizer.from_pretrained(str(default_checkpoint_dir()))
 
 
 def test_generate_answers_and_reports_strategy(http):

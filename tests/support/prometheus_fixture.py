@@ -1,7 +1,7 @@
 """A real Prometheus (the Debian `prometheus` package) scraping the session's real server with the
 shipped config (deploy/prometheus/prometheus.yml + alerts.yml), and helpers around it.
 
-Reuse: `from tests.prometheus_fixture import prometheus` in a test module brings the session-scoped
+Reuse: `from tests.support.prometheus_fixture import prometheus` in a test module brings the session-scoped
 `prometheus` fixture; `start_prometheus(tmp_dir, "127.0.0.1:PORT")` starts one for another server.
 """
 
@@ -25,7 +25,7 @@ import yaml
 
 from tests.conftest import RunningServer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_PROMETHEUS = ROOT / "deploy" / "prometheus"
 SCRAPE_INTERVAL = "1s"
 # Ports for what these tests start themselves.

@@ -1,6 +1,6 @@
 """One engine, every RoPE configuration: exact against a plain vLLM engine per configuration.
 
-Real engines, one after the other in one subprocess (tests/engine_tokens.py), float32:
+Real engines, one after the other in one subprocess (tests/support/engine_tokens.py), float32:
 - `multi`: the one engine (slot table), every strategy's configuration; the rows one at a time,
   then all at once in one continuous batch;
 - `fixed-*`: a plain vLLM engine started under each configuration (`hf_overrides`), the reference;
@@ -27,10 +27,11 @@ from clients.bench_passkey import make_case
 from server.engines.base import ModelFacts, RopeConfig
 from strategies.base import StrategyRequest
 from strategies.registry import default_registry
+from tests.support.planning import plan_for
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOGPROB_EXACT = 1e-5
 LOGPROB_MIXED = 2e-3
 NEW_TOKENS = 12
@@ -59,7 +60,7 @@ STRATEGIES: dict[str, Any] = {
 
 def run_engines(spec: dict[str, Any], timeout: int = 1800) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "tests.engine_tokens"], input=json.dumps(spec), capture_output=True, text=True,
+        [sys.executable, "-m", "tests.support.engine_tokens"], input=json.dumps(spec), capture_output=True, text=True,
         cwd=ROOT, timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-4000:]
@@ -100,7 +101,7 @@ def llama_rows(engine_len: int, names: tuple[str, ...] = tuple(STRATEGIES), toke
             continue
         length = LONG if name == "dynamic_ntk" else tokens
         ids = prompt_ids(tokenizer, length, f"{41234 + 97 * i + tokens}")
-        plan = registry.resolve(spec, "native").plan(StrategyRequest("", max_new_tokens=new_tokens), model, lambda _t: ids)
+        plan = plan_for(spec, StrategyRequest("", max_new_tokens=new_tokens), model, lambda _t: ids, registry)
         assert name == "native" or not plan.rope.is_native, name
         rows.append({"id": name, "prompt": ids, "rope": rope_spec(plan.rope), "max_new_tokens": new_tokens})
     return rows

@@ -3,7 +3,7 @@
 Run as a subprocess (vLLM spawns its engine core, so this needs a `__main__` of its own); the
 engines start one after the other in this one process:
 
-    python -m tests.engine_tokens < spec.json > result.json
+    python -m tests.support.engine_tokens < spec.json > result.json
 
 spec: {"model": PATH, "dtype": "float32", "engines": [{"name": ..., "max_model_len": N,
         "fixed_rope": RopeSpec | "native" | null (null: the slot-table engine), "num_kv_blocks": N | null, "force_rope_slot0": bool,

@@ -12,16 +12,14 @@ The documents become rows that decode in lockstep (CONTRACT.md, "NBCE rows"):
   as `(beta + 1) * pooled - beta * uncond`, the token is chosen from that, and appended to every row.
 
 The rows run under a RoPE strategy of their own (`rope`, default `native`) resolved through the
-registry, so NBCE composes with every RoPE scaling; its plan gives the RoPE configuration and the
-longest row. The plan's rows are `[uncond, row_1, ..., row_n]` (the unconditioned row first,
-as in the reference); `combiner` carries the parameters for the runner (server/nbce_runner.py).
+server's registry (`PlanContext.resolve`), so NBCE composes with every RoPE scaling; its plan
+gives the RoPE configuration and the longest row. The plan's rows are `[uncond, row_1, ..., row_n]`
+(the unconditioned row first, as in the reference); its combiner (runner.py) runs them.
 """
 
 from __future__ import annotations
 
-import re
-from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
@@ -29,20 +27,25 @@ from strategies.base import (
     DOCUMENT_SEPARATOR,
     ExecutionPlan,
     ModelFacts,
+    PlanContext,
     RopeConfig,
     Strategy,
     StrategyError,
     StrategyParams,
     StrategyRequest,
+    StrategySpec,
     Tokenize,
 )
+from strategies.nbce.chunking import row_text, split_document
+from strategies.nbce.protocol import Combination, Pooling
+from strategies.nbce.runner import NbceCombiner
 
 # Tokens kept free in every row beyond the question and max_new_tokens (tokenization of a chunk
 # next to the question is not exactly additive).
 ROW_MARGIN_TOKENS = 8
-# A chunk may end at a paragraph break once it holds this share of its budget.
-PARAGRAPH_PREFERENCE = 0.8
 MIN_CHUNK_TOKENS = 16
+# The combination's defaults (protocol.py), stated once.
+DEFAULT = Combination()
 
 
 class NbceParams(StrategyParams):
@@ -53,47 +56,36 @@ class NbceParams(StrategyParams):
         description="most tokens of a string context per row; default: what fits the row window "
         "together with the question and max_new_tokens",
     )
-    beta: float = Field(default=0.25, ge=0.0, le=10.0, description="weight of the unconditioned row")
-    pooling: Literal["min_entropy", "max_prob", "mean"] = Field(
-        default="min_entropy", description="how the context rows are pooled at each step"
-    )
+    beta: float = Field(default=DEFAULT.beta, ge=0.0, le=10.0, description="weight of the unconditioned row")
+    pooling: Pooling = Field(default=DEFAULT.pooling, description="how the context rows are pooled at each step")
     eta: float = Field(
-        default=0.0, ge=0.0, le=10.0,
+        default=DEFAULT.eta, ge=0.0, le=10.0,
         description="stickiness bonus (in nats) for the row chosen at the previous step",
     )
     top_p: float | None = Field(
-        default=None, gt=0.0, le=1.0,
+        default=DEFAULT.top_p, gt=0.0, le=1.0,
         description="per-row nucleus truncation before pooling (the reference uses 0.95); none: full vocabulary",
     )
-    rope: str | dict[str, Any] = Field(
+    rope: StrategySpec = Field(
         default="native", description="RoPE strategy spec the rows run under (a name or {'name': ..., ...})"
     )
 
 
-@lru_cache(maxsize=1)
-def _registry():  # noqa: ANN202 - StrategyRegistry
-    from strategies.registry import default_registry
-
-    return default_registry()
-
-
-def resolve_rope_strategy(spec: str | dict[str, Any]) -> Strategy:
+def resolve_rope_strategy(spec: StrategySpec, context: PlanContext) -> Strategy[Any]:
     name = spec if isinstance(spec, str) else spec.get("name")
     if name in ("nbce", "auto"):
         raise StrategyError(f"strategy.rope: '{name}' is not a RoPE strategy")
     try:
-        strategy = _registry().resolve(spec, "native")
+        strategy = context.resolve(spec)
     except StrategyError as exc:
         raise StrategyError(exc.message.replace("strategy", "strategy.rope", 1)) from None
     return strategy
 
 
-def rope_plan_for(
-    rope_strategy: Strategy, text: str, max_new_tokens: int, model: ModelFacts, tokenize: Tokenize
-) -> ExecutionPlan:
+def rope_plan_for(rope_strategy: Strategy[Any], text: str, max_new_tokens: int, context: PlanContext) -> ExecutionPlan:
     """The RoPE strategy's plan for one row's text: its RoPE config and its longest total length."""
     try:
-        plan = rope_strategy.plan(StrategyRequest(inputs=text, max_new_tokens=max_new_tokens), model, tokenize)
+        plan = rope_strategy.plan(StrategyRequest(inputs=text, max_new_tokens=max_new_tokens), context)
     except StrategyError as exc:
         raise StrategyError(f"strategy.rope: {exc.message}", field="inputs") from None
     if plan.combiner is not None or len(plan.rows) != 1:
@@ -101,82 +93,7 @@ def rope_plan_for(
     return plan
 
 
-# --- chunking ------------------------------------------------------------------------------------
-
-_PARAGRAPH = re.compile(r"(?<=\n\n)")
-_SENTENCE = re.compile(r"(?<=[.!?;:。！？])(?=\s)")
-_WORD = re.compile(r"(?=\s)")
-
-
-def _pieces(text: str) -> list[tuple[str, bool]]:
-    """The text cut into paragraphs, then sentences, then words: (piece, ends a paragraph)."""
-    out: list[tuple[str, bool]] = []
-    for para in _PARAGRAPH.split(text):
-        if not para:
-            continue
-        sentences = [s for s in _SENTENCE.split(para) if s]
-        for i, sentence in enumerate(sentences):
-            out.append((sentence, i == len(sentences) - 1))
-    return out
-
-
-def split_document(text: str, budget: int, tokenize: Tokenize) -> list[str]:
-    """Split `text` into chunks of at most `budget` tokens (as counted piece by piece).
-
-    Chunks end on a paragraph break when one lies in the last fifth of the chunk, else on a
-    sentence end, else on a word boundary, else (one enormous word) on a token boundary.
-    Concatenated, the chunks are the document (whitespace at the cuts aside).
-    """
-    pieces: list[tuple[str, int, bool]] = []
-    for piece, para_end in _pieces(text):
-        n = len(tokenize(piece))
-        if n <= budget:
-            pieces.append((piece, n, para_end))
-            continue
-        words = [w for w in _WORD.split(piece) if w]
-        for j, word in enumerate(words):
-            wn = len(tokenize(word))
-            last = para_end and j == len(words) - 1
-            if wn <= budget:
-                pieces.append((word, wn, last))
-                continue
-            # A "word" longer than a chunk: cut it by characters into budget-sized parts.
-            step = max(1, len(word) * budget // (wn + 1))
-            parts = [word[i : i + step] for i in range(0, len(word), step)]
-            for pi, part in enumerate(parts):
-                pieces.append((part, len(tokenize(part)), last and pi == len(parts) - 1))
-
-    chunks: list[str] = []
-    current: list[tuple[str, int, bool]] = []
-    used = 0
-    for piece in pieces:
-        if current and used + piece[1] > budget:
-            cut = len(current)
-            # Prefer the last paragraph end when it leaves the chunk well filled.
-            acc = 0
-            best = None
-            for i, (_, n, para_end) in enumerate(current):
-                acc += n
-                if para_end and acc >= PARAGRAPH_PREFERENCE * budget:
-                    best = i + 1
-            if best is not None:
-                cut = best
-            chunks.append("".join(p for p, _, _ in current[:cut]))
-            current = current[cut:]
-            used = sum(n for _, n, _ in current)
-        current.append(piece)
-        used += piece[1]
-    if current:
-        chunks.append("".join(p for p, _, _ in current))
-    chunks = [c.strip() for c in chunks]
-    return [c for c in chunks if c]
-
-
-def row_text(document: str, inputs: str) -> str:
-    return document + DOCUMENT_SEPARATOR + inputs
-
-
-class NbceStrategy(Strategy):
+class NbceStrategy(Strategy[NbceParams]):
     name = "nbce"
     description = (
         "Naive Bayes-based Context Extension: the documents (or chunks of one long document) are "
@@ -185,14 +102,15 @@ class NbceStrategy(Strategy):
         "row is subtracted with weight beta. Exact full-vocabulary combination inside the engine."
     )
     Params = NbceParams
+    engine_logits_processors = ("strategies.nbce.processor:NbceLogitsProcessor",)
 
-    def plan(self, request: StrategyRequest, model: ModelFacts, tokenize: Tokenize) -> ExecutionPlan:
-        p: NbceParams = self.params  # type: ignore[assignment]
+    def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
+        p, model, tokenize = self.params, context.model, context.tokenize
         if not request.documents or not any(d.strip() for d in request.documents):
             raise StrategyError("context: nbce needs a context (a document or a list of documents)", field="context")
-        rope_strategy = resolve_rope_strategy(p.rope)
+        rope_strategy = resolve_rope_strategy(p.rope, context)
         # The RoPE plan for the question alone gives the row window.
-        probe = rope_plan_for(rope_strategy, request.inputs, request.max_new_tokens, model, tokenize)
+        probe = rope_plan_for(rope_strategy, request.inputs, request.max_new_tokens, context)
         row_limit = probe.max_total_tokens
         uncond = tokenize(request.inputs)
         question_tokens = len(tokenize(DOCUMENT_SEPARATOR + request.inputs))
@@ -215,7 +133,7 @@ class NbceStrategy(Strategy):
             # every row runs under one configuration that fits all of them.
             longest = max(range(len(texts)), key=lambda i: len(rows[i + 1]))
             final = rope_plan_for(rope_strategy, row_text(texts[longest], request.inputs),
-                                  request.max_new_tokens, model, tokenize)
+                                  request.max_new_tokens, context)
             if final.max_total_tokens >= row_limit:
                 rope, max_total = final.rope, final.max_total_tokens
 
@@ -236,14 +154,7 @@ class NbceStrategy(Strategy):
             rows=rows,
             max_total_tokens=max_total,
             resolved=resolved,
-            combiner={
-                "name": "nbce",
-                "beta": p.beta,
-                "pooling": p.pooling,
-                "eta": p.eta,
-                "top_p": p.top_p,
-                "uncond_row": 0,
-            },
+            combiner=NbceCombiner(Combination(beta=p.beta, pooling=p.pooling, eta=p.eta, top_p=p.top_p)),
         )
 
     @staticmethod

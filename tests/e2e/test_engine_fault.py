@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.conftest import engine_core_processes, start_server, stop_server
-from tests.metrics_text import scrape
+from tests.support.metrics_text import scrape
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningServer
-from tests.prometheus_fixture import (  # noqa: F401 - `prometheus` is a fixture
+from tests.support.prometheus_fixture import (  # noqa: F401 - `prometheus` is a fixture
     DEPLOY_PROMETHEUS,
     PrometheusServer,
     find_tool,
@@ -27,7 +27,7 @@ from tests.prometheus_fixture import (  # noqa: F401 - `prometheus` is a fixture
     prometheus,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "ropeserve-dashboard.json"
 TIMEOUT = 600

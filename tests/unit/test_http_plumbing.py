@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.settings import Settings
 from server.engines.base import RopeConfig
-from tests.fake_engine import FakeEngine, fake_service_factory
+from tests.support.fake_engine import FakeEngine, fake_service_factory
 
 
 def _client(delay: float = 0.0, **settings) -> TestClient:

@@ -142,7 +142,7 @@ def test_a_deadline_aborts_the_engine_work(http):
     import time
     import uuid
 
-    from tests.metrics_text import scrape
+    from tests.support.metrics_text import scrape
 
     # ~6k tokens nobody else sends (no prefix-cache hit): seconds of prefill on this host.
     text = uuid.uuid4().hex + " " + "The quick brown fox jumps over the lazy dog. " * 600

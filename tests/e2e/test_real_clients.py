@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import InferenceClient
 from openai import OpenAI
 
-from server.model_store import converted_checkpoint_dir
+from server.model_store import default_checkpoint_dir
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.engine
@@ -56,7 +56,7 @@ def test_vllm_bench_serve_runs_against_ropeserve(base_url, tmp_path):
     cmd = [
         sys.executable, "-m", "clients.vllm_cli", "bench", "serve",
         "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
-        "--model", str(converted_checkpoint_dir()), "--served-model-name", "SmolLM2-135M-Instruct",
+        "--model", str(default_checkpoint_dir()), "--served-model-name", "SmolLM2-135M-Instruct",
         "--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "8",
         "--num-prompts", "8", "--max-concurrency", "4", "--ignore-eos",
         "--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json",

@@ -8,6 +8,7 @@ import pytest
 
 from strategies.base import ModelFacts, StrategyError, StrategyRequest
 from strategies.registry import default_registry
+from tests.support.planning import plan_for
 from strategies.rope import suggest_rope_strategy
 
 MODEL = ModelFacts("m", 8192, {"rope_type": "default", "rope_theta": 100000.0}, 64, 49152)
@@ -15,8 +16,7 @@ ROPE = ("linear", "ntk", "dynamic_ntk", "yarn", "llama3")
 
 
 def plan(spec, prompt_tokens: int, model: ModelFacts = MODEL, max_new: int = 16):
-    strategy = default_registry().resolve(spec, "native")
-    return strategy.plan(StrategyRequest("q", max_new_tokens=max_new), model, lambda _t: [7] * prompt_tokens)
+    return plan_for(spec, StrategyRequest("q", max_new_tokens=max_new), model, lambda _t: [7] * prompt_tokens)
 
 
 @pytest.mark.parametrize("name", ROPE)

@@ -1,21 +1,23 @@
 """The metrics room without an engine: vLLM's stats reach the right series, labels stay bounded,
-and promtool accepts the exposition. (The real server's /metrics: tests/test_monitoring.py.)"""
+and promtool accepts the exposition. (The real server's /metrics: tests/e2e/test_monitoring.py.)"""
 
 from __future__ import annotations
 
+import logging
 import subprocess
-from types import SimpleNamespace
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.engines.base import EngineStats
+from server.engines.base import EngineIteration, EngineStats, FinishedRow, ModelFacts
 from server.metrics import Metrics
-from tests.prometheus_fixture import find_tool
+from tests.support.prometheus_fixture import find_tool
 
 
 class FakeEngine:  # hashable, like VllmEngine
     kind = "vllm"
+    MODEL = ModelFacts("m", 2048, {"rope_theta": 10000.0}, 64, 1000)
 
     def __init__(self, startup_seconds: float = 3.0, slot_loads: int = 0) -> None:
         self.startup_seconds = startup_seconds
@@ -38,12 +40,6 @@ def value(metrics: Metrics, name: str, **labels: str) -> float | None:
     return samples(metrics).get((name, tuple(sorted(labels.items()))))
 
 
-def scheduler(kv: float, running: int, waiting: int) -> SimpleNamespace:
-    return SimpleNamespace(kv_cache_usage=kv, num_running_reqs=running, num_waiting_reqs=waiting)
-
-
-def finished(request_id: str, queued: float, prefill: float) -> SimpleNamespace:
-    return SimpleNamespace(request_id=request_id, queued_time=queued, prefill_time=prefill, e2e_latency=1.0)
 
 
 def test_vllm_stats_reach_engine_gauges_and_strategy_histograms() -> None:
@@ -53,16 +49,16 @@ def test_vllm_stats_reach_engine_gauges_and_strategy_histograms() -> None:
     job_a, job_b = "a" * 32, "b" * 32
     m.track_request(job_a, "native")
     m.track_request(job_b, "nbce")
-    iteration = SimpleNamespace(
-        num_preempted_reqs=2,
-        finished_requests=[
-            finished(job_a, 0.5, 0.25),
-            finished(f"{job_b}-row1", 1.0, 0.1),  # NBCE rows extend their request's id
-            finished(f"{job_b}-row2", 2.0, 0.1),
-            finished("c" * 32, 9.0, 9.0),  # not ours: ignored, not labelled "unknown"
-        ],
+    iteration = EngineIteration(
+        kv_cache_usage=0.4, running_requests=3, waiting_requests=2, preempted_rows=2,
+        finished=(
+            FinishedRow(job_a, 0.5, 0.25),
+            FinishedRow(f"{job_b}-row1", 1.0, 0.1),  # NBCE rows extend their request's id
+            FinishedRow(f"{job_b}-row2", 2.0, 0.1),
+            FinishedRow("c" * 32, 9.0, 9.0),  # not ours: ignored, not labelled "unknown"
+        ),
     )
-    m.engine_listener(engine, scheduler(0.4, 3, 2), iteration)
+    m.engine_listener(engine, iteration)
 
     assert value(m, "ropeserve_kv_cache_usage_ratio", engine="vllm") == 0.4
     assert value(m, "ropeserve_requests_running", engine="vllm") == 3
@@ -102,9 +98,46 @@ def test_strategies_are_exported_at_zero_before_traffic() -> None:
         assert value(m, "ropeserve_requests_total", strategy=strategy, status="error") == 0
 
 
-def test_a_broken_stats_object_does_not_raise_into_vllm() -> None:
+def test_an_iteration_without_scheduler_figures_keeps_the_gauges() -> None:
     m = Metrics(gpu=False)
-    m.engine_listener(FakeEngine(), SimpleNamespace(), SimpleNamespace(finished_requests=[None]))
+    engine = FakeEngine()
+    m.engine_listener(engine, EngineIteration(kv_cache_usage=0.3, running_requests=1, waiting_requests=0))
+    m.engine_listener(engine, EngineIteration(preempted_rows=1))
+    assert value(m, "ropeserve_kv_cache_usage_ratio", engine="vllm") == 0.3
+    assert value(m, "ropeserve_engine_preemptions_total", engine="vllm") == 1
+
+
+def test_vllm_stats_become_engine_iterations() -> None:
+    """The engine's conversion of vLLM's own stats objects (this vLLM version's classes)."""
+    pytest.importorskip("vllm")
+    from vllm.v1.engine import FinishReason
+    from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
+
+    from server.engines.vllm_engine import iteration_from_vllm
+
+    iteration = IterationStats()
+    iteration.num_preempted_reqs = 2
+    iteration.finished_requests = [
+        FinishedRequestStats(FinishReason.LENGTH, request_id="a" * 32, queued_time=0.5, prefill_time=0.25),
+        FinishedRequestStats(FinishReason.STOP, request_id=None, queued_time=1.0),
+    ]
+    got = iteration_from_vllm(SchedulerStats(num_running_reqs=3, num_waiting_reqs=1, kv_cache_usage=0.5), iteration)
+    assert got == EngineIteration(0.5, 3, 1, 2, (FinishedRow("a" * 32, 0.5, 0.25),))
+    assert iteration_from_vllm(None, None) == EngineIteration()
+
+
+def test_a_failing_listener_is_logged_not_raised_into_vllm(caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("vllm")
+    from server.engines.vllm_engine import VllmEngine, VllmEngineConfig
+
+    def broken(engine: object, iteration: EngineIteration) -> None:
+        raise RuntimeError("listener bug")
+
+    engine = VllmEngine(VllmEngineConfig(model="unused", max_model_len=4096), FakeEngine.MODEL, stats_listener=broken)
+    with caplog.at_level(logging.ERROR):
+        engine.record_iteration(EngineIteration(kv_cache_usage=0.7, running_requests=1, waiting_requests=0))
+    assert "listener failed" in caplog.text and "listener bug" in caplog.text
+    assert engine.stats().kv_cache_usage == 0.7
 
 
 def test_gpu_memory_is_absent_without_a_gpu() -> None:
@@ -119,7 +152,7 @@ def test_promtool_accepts_the_exposition_with_every_series() -> None:
     engine = FakeEngine()
     m.refresh_engine(engine)
     m.track_request("d" * 32, "native")
-    m.engine_listener(engine, scheduler(0.1, 1, 0), SimpleNamespace(num_preempted_reqs=1, finished_requests=[finished("d" * 32, 0.1, 0.2)]))
+    m.engine_listener(engine, EngineIteration(0.1, 1, 0, 1, (FinishedRow("d" * 32, 0.1, 0.2),)))
     m.time_to_first_token.labels("native").observe(0.3)
     text = generate_latest(m.registry).decode()
     assert ":" not in "".join(line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#"))

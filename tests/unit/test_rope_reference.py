@@ -17,6 +17,7 @@ from server.engines.vllm_engine import hf_overrides_for
 from strategies.base import ModelFacts, StrategyRequest
 from strategies.dynamic_ntk import bucket_length
 from strategies.registry import default_registry
+from tests.support.planning import plan_context
 
 NATIVE = 8192
 HEAD_DIM = 64
@@ -43,10 +44,10 @@ CASES = [
 
 
 def plan_for(name: str, params: dict, total_tokens: int):
-    strategy = default_registry().resolve({"name": name, **params}, "native")
-    prompt = list(range(total_tokens - 16))
-    plan = strategy.plan(StrategyRequest("x", max_new_tokens=16), MODEL, lambda _text: prompt)
-    return strategy, plan
+    registry = default_registry()
+    context = plan_context(MODEL, lambda _text: list(range(total_tokens - 16)), registry)
+    strategy = registry.resolve({"name": name, **params})
+    return strategy, strategy.plan(StrategyRequest("x", max_new_tokens=16), context)
 
 
 def vllm_rope(rope_parameters: dict, max_position: int):

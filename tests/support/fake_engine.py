@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from server.engines.base import EngineStats, EngineStep, ModelFacts, RopeConfig, RowRequest, TokenEvent
+from server.engines.base import EngineStats, EngineStep, ModelFacts, RopeConfig, RowRequest, StepStream, TokenEvent
 from server.metrics import Metrics
 from server.service import GenerationService
 from server.settings import Settings
@@ -51,10 +51,10 @@ class FakeEngine:
     def can_admit(self, rope: RopeConfig) -> bool:
         return True
 
-    async def generate_group(self, rows: list[RowRequest]) -> list[AsyncIterator[EngineStep]]:
+    async def generate_group(self, rows: list[RowRequest]) -> list[StepStream]:
         return [self.generate(row) for row in rows]
 
-    async def generate(self, row: RowRequest) -> AsyncIterator[EngineStep]:
+    async def generate(self, row: RowRequest) -> StepStream:
         n = row.sampling.max_new_tokens
         for i in range(n):
             try:

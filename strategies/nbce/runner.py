@@ -1,9 +1,12 @@
 """Runs NBCE plans: all rows of a request decode in lockstep inside the shared vLLM engine.
 
+`NbceCombiner` is the `RowCombiner` (server/engines/base.py) an NBCE plan carries; the service
+runs it in place of a single-row generation.
+
 Design
 ------
 * **Exact, in the engine.** The combination happens in a batch-level vLLM logits processor
-  (server/engines/nbce_processor.py) on the full-vocabulary float32 logits of the rows: at a
+  (processor.py, arithmetic in combine.py) on the full-vocabulary float32 logits of the rows: at a
   step where every row of the request is scheduled at its decode point and at the same output
   length, it computes the NBCE token (pooling, beta, eta, optional per-row top_p, then greedy or
   seeded sampling) and forces it in every row. Nothing is approximated: the tokens are those of
@@ -26,7 +29,7 @@ Design
   but a bf16 engine and a transformers reference never agree bit for bit (different kernels,
   logits rounded to 8 mantissa bits: ties between top tokens are common). The exactness tests
   therefore run the engine in float32 (`ROPESERVE_DTYPE=float32`, what the test server uses) and
-  compare with the float32 reference (strategies/nbce_reference.py); near-ties (top-2 gap < 1e-4)
+  compare with the float32 reference (tests/support/nbce_reference.py); near-ties (top-2 gap < 1e-4)
   may break either way. Production serving may keep bf16.
 * **Streaming, cancellation.** Each confirmed token is yielded as an EngineStep at once; if the
   consumer goes away, every row of the request is aborted (their KV blocks freed).
@@ -42,9 +45,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-from server.engines.base import Engine, EngineStep, RowRequest, SamplingOptions, TokenEvent
+from server.engines.base import (
+    Engine,
+    EngineStep,
+    RowJob,
+    RowRequest,
+    SamplingOptions,
+    StepStream,
+    Tokenizer,
+    TokenEvent,
+)
+from strategies.nbce.protocol import Combination, Draw, RowTag
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +72,7 @@ class NbceError(RuntimeError):
 class _Detokenizer:
     """Incremental text of the confirmed tokens (holds back incomplete UTF-8)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.emitted = ""
@@ -80,30 +94,23 @@ class _Detokenizer:
         return delta
 
 
-def _info(job: Any) -> dict[str, Any]:
-    c = job.plan.combiner or {}
-    s = job.sampling
-    return {
-        "job": job.request_id,
-        "n": len(job.plan.rows),
-        "beta": float(c.get("beta", 0.25)),
-        "pooling": c.get("pooling", "min_entropy"),
-        "eta": float(c.get("eta", 0.0)),
-        "top_p": c.get("top_p"),
-        "greedy": bool(s.greedy),
-        "temperature": float(s.temperature),
-        "top_k": s.top_k,
-        "sample_top_p": float(s.top_p) if s.top_p is not None else None,
-        "seed": s.seed,
-    }
-
-
-async def _drain(stream: AsyncIterator[EngineStep]) -> None:
+async def _drain(stream: StepStream) -> None:
     async for _ in stream:
         pass
 
 
-async def _prefill(engine: Engine, job: Any) -> None:
+@dataclass(frozen=True)
+class NbceCombiner:
+    """The `RowCombiner` of an NBCE plan: its rows are [question alone, document rows...]."""
+
+    combination: Combination
+    name: str = "nbce"
+
+    def run(self, engine: Engine, job: RowJob) -> StepStream:
+        return run_nbce(engine, job, self.combination)
+
+
+async def _prefill(engine: Engine, job: RowJob) -> None:
     """Every row as a one-token request: fills the prefix cache, batched with other traffic.
 
     One row after the other: a row in chunked prefill is a *running* request and takes the whole
@@ -117,12 +124,13 @@ async def _prefill(engine: Engine, job: Any) -> None:
         try:
             await _drain(stream)
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await stream.aclose()
 
 
-async def _pump(k: int, stream: AsyncIterator[EngineStep], queue: asyncio.Queue) -> None:
+Pumped = tuple[int, EngineStep | BaseException | None]
+
+
+async def _pump(k: int, stream: StepStream, queue: asyncio.Queue[Pumped]) -> None:
     try:
         async for step in stream:
             await queue.put((k, step))
@@ -132,15 +140,13 @@ async def _pump(k: int, stream: AsyncIterator[EngineStep], queue: asyncio.Queue)
     except BaseException as exc:  # noqa: BLE001 - handed to the runner
         await queue.put((k, exc))
     finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            try:
-                await aclose()
-            except BaseException:  # noqa: BLE001
-                pass
+        try:
+            await stream.aclose()
+        except BaseException:  # noqa: BLE001 - the row is gone either way; its failure was reported
+            pass
 
 
-async def run_nbce(engine: Engine, job: Any) -> AsyncIterator[EngineStep]:
+async def run_nbce(engine: Engine, job: RowJob, combination: Combination) -> StepStream:
     plan, sampling = job.plan, job.sampling
     rows: list[list[int]] = plan.rows
     n = len(rows)
@@ -151,7 +157,7 @@ async def run_nbce(engine: Engine, job: Any) -> AsyncIterator[EngineStep]:
         eos.add(tokenizer.eos_token_id)
     max_new = sampling.max_new_tokens
     stops = tuple(s for s in sampling.stop if s)
-    base_info = _info(job)
+    draw = Draw.from_sampling(sampling)
     prompt_total = sum(len(r) for r in rows)
     confirmed: list[int] = []
     detok = _Detokenizer(tokenizer)
@@ -174,14 +180,16 @@ async def run_nbce(engine: Engine, job: Any) -> AsyncIterator[EngineStep]:
         while finish is None:
             remaining = max_new - len(confirmed)
             group = f"{job.request_id}:{attempt}"
-            info = {**base_info, "group": group, "base": len(confirmed)}
             row_requests = [
                 RowRequest(
                     f"{group}:{k}",
                     rows[k] + confirmed,
                     SamplingOptions(
                         max_new_tokens=remaining, greedy=True, ignore_eos=sampling.ignore_eos,
-                        extra_args={"nbce": {**info, "row": k}},
+                        extra_args=RowTag(
+                            job=job.request_id, group=group, row=k, rows=n, base=len(confirmed),
+                            combination=combination, draw=draw,
+                        ).to_extra_args(),
                     ),
                     plan.rope,
                 )
@@ -189,7 +197,7 @@ async def run_nbce(engine: Engine, job: Any) -> AsyncIterator[EngineStep]:
             ]
             current_ids[:] = [r.request_id for r in row_requests]
             streams = await engine.generate_group(row_requests)
-            queue: asyncio.Queue = asyncio.Queue()
+            queue: asyncio.Queue[Pumped] = asyncio.Queue()
             tasks = [asyncio.create_task(_pump(k, s, queue)) for k, s in enumerate(streams)]
             outs: list[list[int]] = [[] for _ in range(n)]
             ended = [False] * n

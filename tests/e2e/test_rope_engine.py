@@ -54,7 +54,7 @@ def test_every_strategy_at_once_runs_on_the_one_engine(server, http: httpx.Clien
     import concurrent.futures
 
     from tests.conftest import engine_core_processes
-    from tests.metrics_text import sample_value
+    from tests.support.metrics_text import sample_value
 
     specs = ["native", "linear", "ntk", "yarn", "llama3", "dynamic_ntk", {"name": "yarn", "factor": 2.7},
              {"name": "ntk", "factor": 3.3}, {"name": "llama3", "factor": 5.5},

@@ -1,0 +1,98 @@
+"""What NBCE's rows tell the engine: one typed tag per row, carried in `SamplingParams.extra_args`.
+
+The API process (runner.py) writes a `RowTag` into each row's `extra_args["nbce"]`; the engine's
+logits processor (processor.py) reads it back. The defaults of the combination live here and
+nowhere else: the strategy's parameters, the runner, the processor and the reference use them.
+
+    >>> tag = RowTag(job="j", group="j:0", row=1, rows=3, base=0, combination=Combination(beta=0.5), draw=Draw())
+    >>> RowTag.from_extra_args(tag.to_extra_args()) == tag
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
+
+from server.engines.base import SamplingOptions
+
+EXTRA_KEY = "nbce"
+
+Pooling = Literal["min_entropy", "max_prob", "mean"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+
+
+@dataclass(frozen=True)
+class Combination:
+    """How one step's row distributions become one: the strategy's parameters.
+
+    `beta`: weight of the unconditioned row; `pooling`: how the context rows are pooled; `eta`:
+    stickiness bonus (nats) for the row pooled at the previous step; `top_p`: per-row nucleus
+    truncation before pooling (None: the full vocabulary).
+    """
+
+    beta: float = 0.25
+    pooling: Pooling = "min_entropy"
+    eta: float = 0.0
+    top_p: float | None = None
+
+
+@dataclass(frozen=True)
+class Draw:
+    """How the token is drawn from the combined scores: the request's own sampling options."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    @classmethod
+    def from_sampling(cls, sampling: SamplingOptions) -> Draw:
+        return cls(
+            greedy=sampling.greedy,
+            temperature=float(sampling.temperature),
+            top_k=sampling.top_k,
+            top_p=None if sampling.top_p is None or sampling.top_p >= 1.0 else float(sampling.top_p),
+            seed=sampling.seed,
+        )
+
+
+@dataclass(frozen=True)
+class RowTag:
+    """One row of an NBCE group as the engine sees it.
+
+    `group` names one submission of the rows (`job`:attempt); `row` is the row's index (0: the
+    unconditioned row) among `rows`; `base` is how many tokens were confirmed before this
+    submission (they are appended to the prompt), so `base` + the row's output length is the
+    absolute position of the token being chosen.
+    """
+
+    job: str
+    group: str
+    row: int
+    rows: int
+    base: int
+    combination: Combination
+    draw: Draw
+
+    def to_extra_args(self) -> dict[str, Any]:
+        return {EXTRA_KEY: asdict(self)}
+
+    @classmethod
+    def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> RowTag | None:
+        """The tag in a request's extra_args; None for ordinary rows. ValueError if malformed."""
+        raw = (extra_args or {}).get(EXTRA_KEY)
+        if raw is None:
+            return None
+        try:
+            tag = cls(
+                job=str(raw["job"]), group=str(raw["group"]), row=int(raw["row"]), rows=int(raw["rows"]),
+                base=int(raw["base"]), combination=Combination(**raw["combination"]), draw=Draw(**raw["draw"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"extra_args.{EXTRA_KEY}: not an NBCE row tag ({exc})") from None
+        if not 0 <= tag.row < tag.rows or tag.combination.pooling not in POOLINGS:
+            raise ValueError(f"extra_args.{EXTRA_KEY}: row {tag.row} of {tag.rows}, pooling {tag.combination.pooling!r}")
+        return tag

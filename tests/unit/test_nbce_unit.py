@@ -1,0 +1,233 @@
+"""NBCE and auto without an engine: rows per CONTRACT.md, chunking, parameters, the row tag, and
+the combination against the published formulas written out here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from server.model_store import default_checkpoint_dir
+from strategies.base import ModelFacts, PlanContext, StrategyError, StrategyRequest
+from strategies.nbce import NbceParams, NbceStrategy
+from strategies.nbce.chunking import split_document
+from strategies.nbce.combine import combine, top_p_filter
+from strategies.nbce.protocol import Combination, Draw, RowTag
+from strategies.nbce.runner import NbceCombiner
+from strategies.registry import default_registry
+from strategies.rope import RopeParams, RopeStrategy
+from tests.support.planning import plan_context
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_checkpoint_dir())
+
+
+@pytest.fixture(scope="module")
+def facts() -> ModelFacts:
+    from server.engines.vllm_engine import read_model_facts
+
+    return read_model_facts(str(default_checkpoint_dir()))
+
+
+@pytest.fixture(scope="module")
+def context(tokenizer, facts) -> PlanContext:
+    return plan_context(facts, tokenizer.encode)
+
+
+def nbce_plan(context: PlanContext, request: StrategyRequest, **params: Any):
+    return NbceStrategy(NbceParams(**params)).plan(request, context)
+
+
+def essay(paragraphs: int) -> str:
+    sentences = ["The river bends twice before the mill.", "Nobody remembers who built the bridge.",
+                 "In spring the fields flood and the herons come back.", "The old road is closed to carts."]
+    return "\n\n".join(" ".join(sentences[(p + i) % 4] for i in range(6)) for p in range(paragraphs))
+
+
+def test_list_context_rows_follow_the_contract(tokenizer, context):
+    docs = ("First document about apples.", "Second one, about pears.")
+    q = "Which fruit?"
+    plan = nbce_plan(context, StrategyRequest(q, docs, 16))
+    assert plan.rows[0] == tokenizer.encode(q)
+    assert plan.rows[1:] == [tokenizer.encode(d + "\n\n" + q) for d in docs]
+    assert plan.combiner == NbceCombiner(Combination(beta=0.25, pooling="min_entropy", eta=0.0, top_p=None))
+    assert plan.rope.is_native and plan.resolved["rows"] == 3
+
+
+def test_string_context_is_chunked_on_boundaries(tokenizer, context):
+    text = essay(120)
+    q = "What bends twice?"
+    plan = nbce_plan(context, StrategyRequest(q, (text,), 16), chunk_tokens=400)
+    chunks = split_document(text, 400, tokenizer.encode)
+    assert len(plan.rows) == len(chunks) + 1 > 3
+    for row, chunk in zip(plan.rows[1:], chunks):
+        assert row == tokenizer.encode(chunk + "\n\n" + q)
+        assert len(tokenizer.encode(chunk)) <= 400 + 8
+        assert chunk.endswith(".")  # sentence (here: paragraph) boundaries, never mid-word
+    # Nothing lost: the chunks are the document's paragraphs and sentences in order.
+    assert " ".join(c.replace("\n\n", " ") for c in chunks) == text.replace("\n\n", " ")
+
+
+def test_default_chunk_fills_the_window(context, facts):
+    text = essay(900)  # ~ 3-4 native windows
+    plan = nbce_plan(context, StrategyRequest("Q?", (text,), 64))
+    assert all(len(r) + 64 <= facts.native_window for r in plan.rows)
+    assert max(len(r) for r in plan.rows) > 0.9 * facts.native_window
+
+
+def test_rope_composes_through_the_registry(context, facts):
+    text = essay(900)
+    plan = nbce_plan(context, StrategyRequest("Q?", (text,), 32), rope={"name": "yarn", "factor": 2})
+    assert plan.rope.as_dict()["rope_type"] == "yarn"
+    assert max(len(r) for r in plan.rows) > facts.native_window
+    assert plan.resolved["rope"]["name"] == "yarn"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{"name": "nbce", "pooling": "median"}, {"name": "nbce", "beta": -1}, {"name": "nbce", "chunk_tokens": 4},
+     {"name": "nbce", "rope": "nbce"}, {"name": "nbce", "rope": {"name": "nope"}}, {"name": "nbce", "bogus": 1}],
+)
+def test_bad_parameters_are_strategy_errors(spec, context):
+    with pytest.raises(StrategyError):
+        context.resolve(spec).plan(StrategyRequest("Q?", ("doc",), 8), context)
+
+
+def test_nbce_needs_context_and_fitting_documents(context):
+    with pytest.raises(StrategyError, match="context"):
+        nbce_plan(context, StrategyRequest("Q?", (), 8))
+    with pytest.raises(StrategyError, match=r"context\[1\]"):
+        nbce_plan(context, StrategyRequest("Q?", ("short", essay(900)), 8))
+
+
+def test_auto_picks_by_length(context, facts):
+    auto = context.resolve("auto")
+    short = auto.plan(StrategyRequest("Q?", ("tiny doc",), 8), context)
+    assert short.resolved["chosen"]["name"] == "native" and "fit" in short.resolved["reason"]
+    mid = auto.plan(StrategyRequest("Q?", (essay(200),), 8), context)
+    assert mid.resolved["chosen"]["name"] not in ("native", "nbce") and mid.resolved["chosen"]["factor"] >= 2
+    # Measured best: dynamic_ntk, whose base follows the length, up to 3 x the window.
+    between = auto.plan(StrategyRequest("Q?", (essay(330),), 8), context)
+    assert 2 * facts.native_window < between.prompt_tokens < 3 * facts.native_window
+    assert between.resolved["chosen"]["name"] == mid.resolved["chosen"]["name"] == "dynamic_ntk"
+    assert between.rope != mid.rope, "a longer bucket gets a larger base"
+    long = auto.plan(StrategyRequest("Q?", (essay(700),), 8), context)
+    assert long.resolved["chosen"]["name"] == "nbce" and isinstance(long.combiner, NbceCombiner)
+    assert "within max_rope_factor 3" in between.resolved["reason"]
+    # All `inputs`, nothing to split: RoPE scaling past max_rope_factor, and the reason says so.
+    asked = auto.plan(StrategyRequest(essay(700), (), 8), context)
+    assert asked.resolved["chosen"]["name"] == "dynamic_ntk"
+    assert "no context to split" in asked.resolved["reason"], asked.resolved["reason"]
+
+
+class HalfThetaStrategy(RopeStrategy[RopeParams]):
+    """Registered at run time only (no entry point): NBCE and auto must still find it."""
+
+    name = "half_theta"
+    description = "test: RoPE base halved"
+    Params = RopeParams
+
+    def rope_parameters(self, model: ModelFacts) -> dict[str, Any]:
+        return {**self.base_parameters(model), "rope_type": "default", "rope_theta": model.rope_theta / 2}
+
+
+def test_strategies_registered_at_run_time_are_resolved_by_nbce_and_auto(tokenizer, facts):
+    registry = default_registry()
+    registry.register(HalfThetaStrategy)
+    context = plan_context(facts, tokenizer.encode, registry)
+    plan = nbce_plan(context, StrategyRequest("Q?", (essay(60),), 8), rope={"name": "half_theta", "factor": 2})
+    assert plan.rope.as_dict()["rope_theta"] == facts.rope_theta / 2
+    chosen = context.resolve({"name": "auto", "rope": "half_theta"}).plan(StrategyRequest("Q?", (essay(200),), 8), context)
+    assert chosen.resolved["chosen"]["name"] == "half_theta"
+    assert chosen.rope.as_dict()["rope_theta"] == facts.rope_theta / 2
+    # The process-wide default registry does not know it: nothing leaks between registries.
+    with pytest.raises(StrategyError, match="half_theta"):
+        nbce_plan(plan_context(facts, tokenizer.encode), StrategyRequest("Q?", ("doc",), 8), rope="half_theta")
+
+
+# --- the row tag -----------------------------------------------------------------------------------
+
+
+def test_row_tag_round_trips_and_malformed_tags_are_refused():
+    tag = RowTag(job="j", group="j:2", row=2, rows=3, base=5,
+                 combination=Combination(beta=0.5, pooling="max_prob", eta=0.1, top_p=0.9),
+                 draw=Draw(greedy=False, temperature=0.7, top_k=40, top_p=0.95, seed=3))
+    extra = tag.to_extra_args()
+    assert RowTag.from_extra_args(extra) == tag
+    assert RowTag.from_extra_args({"other": 1}) is None and RowTag.from_extra_args(None) is None
+    for broken in ({"nbce": {"job": "j"}}, {"nbce": {**extra["nbce"], "row": 3}},
+                   {"nbce": {**extra["nbce"], "combination": {"pooling": "median"}}}):
+        with pytest.raises(ValueError, match="extra_args.nbce"):
+            RowTag.from_extra_args(broken)
+    # The strategy's defaults are the protocol's.
+    params = NbceParams()
+    assert Combination(params.beta, params.pooling, params.eta, params.top_p) == Combination()
+
+
+# --- the combination against the formulas, written out -------------------------------------------
+
+
+def published_step(logits: torch.Tensor, beta: float, pooling: str, eta: float, prev: int | None,
+                   top_p: float | None) -> tuple[torch.Tensor, int | None]:
+    """bojone/NBCE test.py step by step, row by row, in plain loops (row 0 unconditioned)."""
+    rows = []
+    for row in logits:
+        lp = row - row.logsumexp(dim=-1)
+        if top_p is not None:
+            order = lp.argsort(descending=True)
+            keep, mass = [], 0.0
+            for t in order.tolist():  # most likely first, until the mass reaches top_p
+                keep.append(t)
+                mass += float(lp[t].exp())
+                if mass >= top_p:
+                    break
+            masked = torch.full_like(lp, float("-inf"))
+            masked[keep] = lp[keep]
+            lp = masked
+        rows.append(lp)
+    k: int | None
+    if pooling == "mean":
+        k, pooled = None, sum(rows[1:]) / (len(rows) - 1)
+    elif pooling == "max_prob":
+        scores = [float(r.max()) + (eta if prev == i + 1 else 0.0) for i, r in enumerate(rows[1:])]
+        k = scores.index(max(scores)) + 1
+        pooled = rows[k]
+    else:
+        entropies = [float(-(r.exp() * r.clip(-100, 0)).sum()) - (eta if prev == i + 1 else 0.0)
+                     for i, r in enumerate(rows[1:])]
+        k = entropies.index(min(entropies)) + 1
+        pooled = rows[k]
+    merged = torch.where(rows[0] > -100, (1 + beta) * pooled - beta * rows[0], pooled)
+    return merged, k
+
+
+@pytest.mark.parametrize("pooling", ["min_entropy", "max_prob", "mean"])
+@pytest.mark.parametrize(("eta", "prev"), [(0.0, None), (0.3, 2), (5.0, 3)])
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_combination_equals_the_published_formula(pooling, eta, prev, top_p):
+    torch.manual_seed(hash((pooling, eta, top_p)) % 1000)
+    logits = torch.randn(5, 300) * 3
+    got, k = combine(logits, Combination(beta=0.25, pooling=pooling, eta=eta, top_p=top_p), prev)
+    expected, k_expected = published_step(logits, 0.25, pooling, eta, prev, top_p)
+    assert k == k_expected
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_large_eta_keeps_the_previous_row():
+    logits = torch.randn(4, 200) * 3
+    _, first = combine(logits, Combination())
+    other = 1 if first != 1 else 2
+    _, kept = combine(logits, Combination(eta=100.0), prev_k=other)
+    assert first is not None and kept == other
+
+
+def test_top_p_filter_keeps_the_smallest_nucleus():
+    logp = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = torch.isfinite(top_p_filter(logp, 0.8)).tolist()
+    assert kept == [True, True, False, False]
+    assert torch.isfinite(top_p_filter(logp, None)).all()
