@@ -88,7 +88,9 @@ async def one(client: httpx.AsyncClient, inputs: str, strategy: Any, max_new: in
     return Result(time.perf_counter() - started, ttft or 0.0, tokens)
 
 
-async def phase(url: str, prompts: list[str], strategies: list[Any], concurrency: int, max_new: int) -> tuple[float, list[Result]]:
+async def phase(
+    url: str, prompts: list[str], strategies: list[Any], concurrency: int, max_new: int
+) -> tuple[float, list[Result]]:
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(prompts)):
         queue.put_nowait(i)
@@ -140,7 +142,8 @@ def cli(args: argparse.Namespace) -> int:
         print(f"engine cores before: {engine_cores()}, engine starts: {starts_before:g}")
         # Warm-up: both code paths once.
         await phase(url, [prompt(args.short, 10**6 + i, count) for i in range(2)], ["native"], 2, args.max_new_tokens)
-        ratios, rss = [], {}
+        ratios: list[float] = []
+        rss: dict[str, float] = {}
         for rnd in range(args.rounds):
             order = ["single", "mixed"] if rnd % 2 == 0 else ["mixed", "single"]
             took: dict[str, float] = {}
@@ -151,28 +154,40 @@ def cli(args: argparse.Namespace) -> int:
                 took[kind] = seconds
                 # The first single phase runs before any mixed one: RSS with one configuration.
                 rss.setdefault(kind, metric(url, "ropeserve_engine_processes_resident_memory_bytes"))
-                print(f"round {rnd + 1} {kind:6s}: {len(results)} requests in {seconds:6.1f} s = "
-                      f"{len(results) / seconds:.3f} req/s; median TTFT {statistics.median(r.ttft for r in results):.2f} s; "
-                      f"engine RSS {metric(url, 'ropeserve_engine_processes_resident_memory_bytes') / 2**30:.2f} GiB")
+                print(
+                    f"round {rnd + 1} {kind:6s}: {len(results)} requests in {seconds:6.1f} s = "
+                    f"{len(results) / seconds:.3f} req/s; median TTFT {statistics.median(r.ttft for r in results):.2f} s; "
+                    f"engine RSS {metric(url, 'ropeserve_engine_processes_resident_memory_bytes') / 2**30:.2f} GiB"
+                )
             ratios.append(took["single"] / took["mixed"])
-        print(f"mixed/single throughput: {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f} (target >= 0.9)")
+        print(
+            f"mixed/single throughput: {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f} (target >= 0.9)"
+        )
 
         # TTFT of never-used configurations vs configurations in use, one request at a time.
         async with httpx.AsyncClient(base_url=url, timeout=900) as client:
             seen, fresh = [], []
             for i, spec in enumerate(FRESH):
-                seen.append((await one(client, prompt(args.short, 7_000 + i, count), MIXED[1 + i], args.max_new_tokens)).ttft)
+                seen.append(
+                    (await one(client, prompt(args.short, 7_000 + i, count), MIXED[1 + i], args.max_new_tokens)).ttft
+                )
                 fresh.append((await one(client, prompt(args.short, 8_000 + i, count), spec, args.max_new_tokens)).ttft)
-        print(f"TTFT, configuration in use: {', '.join(f'{t:.3f}' for t in seen)} s; never used before: "
-              f"{', '.join(f'{t:.3f}' for t in fresh)} s; ratio of medians {statistics.median(fresh) / statistics.median(seen):.3f}")
+        print(
+            f"TTFT, configuration in use: {', '.join(f'{t:.3f}' for t in seen)} s; never used before: "
+            f"{', '.join(f'{t:.3f}' for t in fresh)} s; ratio of medians {statistics.median(fresh) / statistics.median(seen):.3f}"
+        )
 
         growth = rss.get("mixed", 0) - rss.get("single", 0)
         tables = slot_table_bytes(url, len(MIXED) - 1)
-        print(f"engine RSS single {rss['single'] / 2**30:.3f} GiB, mixed ({len(MIXED)} configurations) "
-              f"{rss['mixed'] / 2**30:.3f} GiB: growth {growth / 2**20:.1f} MiB; {len(MIXED) - 1} full slot tables "
-              f"{tables / 2**20:.1f} MiB (target: growth within it)")
+        print(
+            f"engine RSS single {rss['single'] / 2**30:.3f} GiB, mixed ({len(MIXED)} configurations) "
+            f"{rss['mixed'] / 2**30:.3f} GiB: growth {growth / 2**20:.1f} MiB; {len(MIXED) - 1} full slot tables "
+            f"{tables / 2**20:.1f} MiB (target: growth within it)"
+        )
         starts_after = metric(url, "ropeserve_engine_starts_total")
-        print(f"engine starts after: {starts_after:g} (new: {starts_after - starts_before:g}); engine cores: {engine_cores()}")
+        print(
+            f"engine starts after: {starts_after:g} (new: {starts_after - starts_before:g}); engine cores: {engine_cores()}"
+        )
         return 0
 
     return asyncio.run(run())

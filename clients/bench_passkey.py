@@ -33,10 +33,22 @@ QUESTION = "What is the pass key? The pass key is"
 # For a haystack whose chunks all differ: with the repeated FILLER, NBCE's rows are identical token
 # runs that vLLM's prefix cache serves once, which hides what a real document costs.
 VARIED_FILLER = (
-    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
-    "A cat sleeps on the wall.", "Rain falls on the old roof.", "The river runs to the sea.",
-    "Bread is baked at dawn.", "The bell rings at noon.", "Leaves turn red in autumn.", "The road winds up the hill.",
-    "Birds sing in the morning.", "The lamp is lit at night.", "Snow covers the quiet field.", "The boat rocks gently.",
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+    "A cat sleeps on the wall.",
+    "Rain falls on the old roof.",
+    "The river runs to the sea.",
+    "Bread is baked at dawn.",
+    "The bell rings at noon.",
+    "Leaves turn red in autumn.",
+    "The road winds up the hill.",
+    "Birds sing in the morning.",
+    "The lamp is lit at night.",
+    "Snow covers the quiet field.",
+    "The boat rocks gently.",
 )
 # Tokens of one FILLER sentence group for SmolLM2's tokenizer; used when no tokenizer is at hand.
 FILLER_TOKENS_GUESS = 23
@@ -62,7 +74,10 @@ def parse_length(text: str) -> int:
 
 
 def make_case(
-    target_tokens: int, depth: float, key: str, count_tokens: Callable[[str], int] | None,
+    target_tokens: int,
+    depth: float,
+    key: str,
+    count_tokens: Callable[[str], int] | None,
     instruction_in_inputs: bool = False,
     varied: bool = False,
 ) -> PasskeyCase:
@@ -205,7 +220,7 @@ def load_token_counter(tokenizer: str | None) -> Callable[[str], int] | None:
 
             tokenizer = resolve_model(None)
         tok = AutoTokenizer.from_pretrained(tokenizer)
-    except Exception as exc:  # the benchmark still runs, with estimated lengths
+    except Exception as exc:  # noqa: BLE001 - the benchmark still runs, with estimated lengths
         print(f"(no tokenizer: {exc}; lengths are estimates)", file=sys.stderr)
         return None
     return lambda text: len(tok.encode(text))
@@ -231,11 +246,13 @@ def run(
     with httpx.Client(base_url=url, timeout=timeout, headers=headers) as client:
         try:
             native = int(client.get("/info").json().get("native_context_window") or NATIVE_WINDOW_GUESS)
-        except Exception:
+        except Exception:  # noqa: BLE001 - an old server without /info: assume the default window
             native = NATIVE_WINDOW_GUESS
         cases = {
             length: [
-                make_case(length, (i + 0.5) / trials, str(rng.randint(10000, 99999)), count, instruction_in_inputs, varied)
+                make_case(
+                    length, (i + 0.5) / trials, str(rng.randint(10000, 99999)), count, instruction_in_inputs, varied
+                )
                 for i in range(trials)
             ]
             for length in lengths
@@ -249,22 +266,27 @@ def run(
                     used = spec_for_length(spec, length, native)
                     t = run_trial(client, case, used, max_new_tokens)
                     cell.trials.append(t)
-                    log(f"{label(spec):<28} {length:>6} depth={case.depth:.2f} {t.status} "
-                        f"{'ok ' if t.correct else 'BAD'} {t.seconds:6.1f}s {t.text[:40]!r} {t.error[:120]}")
+                    log(
+                        f"{label(spec):<28} {length:>6} depth={case.depth:.2f} {t.status} "
+                        f"{'ok ' if t.correct else 'BAD'} {t.seconds:6.1f}s {t.text[:40]!r} {t.error[:120]}"
+                    )
                     if t.status == 422:  # the same request is refused for every key
                         cell.trials.extend(Trial(False, 0.0, 422, strategy=used) for _ in cases[length][1:])
                         break
     return cells, render_table(cells, strategies, lengths, trials)
 
 
-def render_table(cells: dict[tuple[int, int], Cell], strategies: Sequence[dict[str, Any]],
-                 lengths: Sequence[int], trials: int) -> str:
+def render_table(
+    cells: dict[tuple[int, int], Cell], strategies: Sequence[dict[str, Any]], lengths: Sequence[int], trials: int
+) -> str:
     head = "| prompt tokens | " + " | ".join(label(s) for s in strategies) + " |"
     sep = "|---|" + "---|" * len(strategies)
     rows = [head, sep]
     for length in lengths:
         rows.append(
-            f"| {length:,} | " + " | ".join(cells.get((si, length), Cell()).render() for si in range(len(strategies))) + " |"
+            f"| {length:,} | "
+            + " | ".join(cells.get((si, length), Cell()).render() for si in range(len(strategies)))
+            + " |"
         )
     return "\n".join(rows)
 
@@ -273,32 +295,49 @@ def cli(args: Any) -> int:
     strategies = split_strategies(args.strategies)
     lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
     _, table = run(
-        args.url, strategies, lengths, trials=args.trials, max_new_tokens=args.max_new_tokens,
-        seed=args.seed, tokenizer=args.tokenizer, api_key=args.api_key,
-        instruction_in_inputs=args.instruction == "inputs", varied=args.varied,
+        args.url,
+        strategies,
+        lengths,
+        trials=args.trials,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        api_key=args.api_key,
+        instruction_in_inputs=args.instruction == "inputs",
+        varied=args.varied,
     )
     print(table)
-    print(f"\n{args.trials} trials per cell (keys at depths spread over the context), greedy, "
-          f"max_new_tokens={args.max_new_tokens}; cell: correct/trials, RoPE factor, mean seconds per request; "
-          "422: refused (too long for the strategy).")
+    print(
+        f"\n{args.trials} trials per cell (keys at depths spread over the context), greedy, "
+        f"max_new_tokens={args.max_new_tokens}; cell: correct/trials, RoPE factor, mean seconds per request; "
+        "422: refused (too long for the strategy)."
+    )
     return 0
 
 
 def add_arguments(parser: Any) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--strategies", default="native,linear,ntk,dynamic_ntk,yarn,llama3",
-                        help="comma-separated: name, name:k=v,k=v, or a JSON list of strategy objects")
+    parser.add_argument(
+        "--strategies",
+        default="native,linear,ntk,dynamic_ntk,yarn,llama3",
+        help="comma-separated: name, name:k=v,k=v, or a JSON list of strategy objects",
+    )
     parser.add_argument("--lengths", default="6k,12k,16k", help="prompt lengths in tokens, e.g. 6k,12k,16k,24k")
     parser.add_argument("--trials", type=int, default=3, help="keys (at spread depths) per cell")
     parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="tokenizer to size prompts (default: the bundled model's)")
     parser.add_argument("--api-key", dest="api_key")
-    parser.add_argument("--instruction", choices=("context", "inputs"), default="context",
-                        help="where the 'find the pass key' instruction goes: head of the document (classic), "
-                             "or before the question in `inputs` (what NBCE's rows all read)")
-    parser.add_argument("--varied", action="store_true",
-                        help="filler sentences drawn at random, so no two chunks of the haystack are alike "
-                             "(repeated filler lets NBCE's rows share the prefix cache)")
-
-
+    parser.add_argument(
+        "--instruction",
+        choices=("context", "inputs"),
+        default="context",
+        help="where the 'find the pass key' instruction goes: head of the document (classic), "
+        "or before the question in `inputs` (what NBCE's rows all read)",
+    )
+    parser.add_argument(
+        "--varied",
+        action="store_true",
+        help="filler sentences drawn at random, so no two chunks of the haystack are alike "
+        "(repeated filler lets NBCE's rows share the prefix cache)",
+    )

@@ -31,7 +31,20 @@ from clients.bench_mixed import metric
 
 KINDS = ("native", "rope", "nbce", "stream", "disconnect")
 ROPE = [{"name": "yarn", "factor": 2}, {"name": "ntk", "factor": 3}, "dynamic_ntk", {"name": "llama3", "factor": 4}]
-WORDS = "river stone light garden paper window silver morning forest letter music harbor".split()
+WORDS = [
+    "river",
+    "stone",
+    "light",
+    "garden",
+    "paper",
+    "window",
+    "silver",
+    "morning",
+    "forest",
+    "letter",
+    "music",
+    "harbor",
+]
 
 
 def text(rng: random.Random, words: int) -> str:
@@ -80,16 +93,23 @@ async def capacity(url: str, max_new: int) -> float:
     rng = random.Random(1)
     async with httpx.AsyncClient(base_url=url) as client:
         started = time.perf_counter()
-        outcomes = await asyncio.gather(*(send(client, "native", body("native", i, rng, max_new), 300) for i in range(8)))
+        outcomes = await asyncio.gather(
+            *(send(client, "native", body("native", i, rng, max_new), 300) for i in range(8))
+        )
     assert all(o == "200" for o in outcomes), outcomes
     return 8 / (time.perf_counter() - started)
 
 
 def memory(url: str) -> tuple[float, float]:
-    return (metric(url, "ropeserve_engine_processes_resident_memory_bytes"), metric(url, "process_resident_memory_bytes"))
+    return (
+        metric(url, "ropeserve_engine_processes_resident_memory_bytes"),
+        metric(url, "process_resident_memory_bytes"),
+    )
 
 
-async def load(url: str, rate: float, seconds: float, args: argparse.Namespace, seed: int) -> dict[str, collections.Counter[str]]:
+async def load(
+    url: str, rate: float, seconds: float, args: argparse.Namespace, seed: int
+) -> dict[str, collections.Counter[str]]:
     """Open-loop arrivals at `rate` for `seconds`, cycling through KINDS; waits for every answer."""
     rng = random.Random(seed)
     outcomes: dict[str, collections.Counter[str]] = {k: collections.Counter() for k in KINDS}
@@ -139,13 +159,17 @@ async def soak(args: argparse.Namespace) -> int:
         print(f"  {kind:10s} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     every = sum(outcomes.values(), collections.Counter())
     answered = every["200"] + every["disconnected"]
-    print(f"{total} requests in {took:.0f} s: {answered} served, {every['429']} refused with 429 (+Retry-After), "
-          f"{every['lost']} lost, other: {dict((k, v) for k, v in every.items() if k not in ('200', '429', 'lost', 'disconnected'))}")
+    print(
+        f"{total} requests in {took:.0f} s: {answered} served, {every['429']} refused with 429 (+Retry-After), "
+        f"{every['lost']} lost, other: {dict((k, v) for k, v in every.items() if k not in ('200', '429', 'lost', 'disconnected'))}"
+    )
 
     await drained(url)
     after = memory(url)
-    print(f"after: in flight {metric(url, 'ropeserve_requests_in_flight'):g}, KV cache use "
-          f"{metric(url, 'ropeserve_kv_cache_usage_ratio'):.3f}, running rows {metric(url, 'ropeserve_requests_running'):g}")
+    print(
+        f"after: in flight {metric(url, 'ropeserve_requests_in_flight'):g}, KV cache use "
+        f"{metric(url, 'ropeserve_kv_cache_usage_ratio'):.3f}, running rows {metric(url, 'ropeserve_requests_running'):g}"
+    )
     for name, b, a in (("engine processes", before[0], after[0]), ("API process", before[1], after[1])):
         print(f"RSS {name}: {b / 2**30:.3f} -> {a / 2**30:.3f} GiB ({100 * (a - b) / b:+.1f}%; target within 5%)")
     return 0 if every["lost"] == 0 else 1
@@ -157,7 +181,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overload", type=float, default=2.0, help="send this many times the measured capacity")
     parser.add_argument("--warmup-minutes", type=float, default=1.0, help="the same load before memory is measured")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take before it counts as lost")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds a request may take before it counts as lost"
+    )
 
 
 def cli(args: argparse.Namespace) -> int:

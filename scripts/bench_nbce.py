@@ -24,11 +24,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clients.bench_passkey import make_case, parse_length  # noqa: E402 - after the sys.path line
-from clients.client import sse_events  # noqa: E402
-from server.model_store import default_checkpoint_dir  # noqa: E402
-from strategies.rope import SUGGESTION_ORDER, smallest_power_of_two_factor  # noqa: E402
-
+from clients.bench_passkey import make_case, parse_length
+from clients.client import sse_events
+from server.model_store import default_checkpoint_dir
+from strategies.rope import SUGGESTION_ORDER, smallest_power_of_two_factor
 
 
 def rope_spec(total_tokens: int, native_window: int, name: str) -> dict[str, Any]:
@@ -72,8 +71,10 @@ def background_load(url: str, clients: int, stop: threading.Event, done: list[in
     def work(i: int) -> None:
         with httpx.Client(base_url=url, timeout=600) as c:
             while not stop.is_set():
-                r = c.post("/generate", json={"inputs": f"Write a short poem about the number {i}.",
-                                              "parameters": {"max_new_tokens": 32}})
+                r = c.post(
+                    "/generate",
+                    json={"inputs": f"Write a short poem about the number {i}.", "parameters": {"max_new_tokens": 32}},
+                )
                 if r.status_code == 200:
                     done[0] += 1
 
@@ -87,7 +88,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--lengths", default="8k,16k,32k")
-    ap.add_argument("--rope", default=SUGGESTION_ORDER[0], help="RoPE scaling to compare with (smallest sufficient factor)")
+    ap.add_argument(
+        "--rope", default=SUGGESTION_ORDER[0], help="RoPE scaling to compare with (smallest sufficient factor)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--load", type=int, default=0, help="ordinary clients kept busy meanwhile")
     ap.add_argument("--nbce", default='{"name": "nbce"}', help="NBCE strategy object (JSON)")
@@ -97,7 +100,10 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(os.environ.get("ROPESERVE_BENCH_TOKENIZER", str(default_checkpoint_dir())))
-    count = lambda text: len(tok.encode(text))  # noqa: E731
+
+    def count(text: str) -> int:
+        return len(tok.encode(text))
+
     client = httpx.Client(base_url=args.url, timeout=1800)
     window = int(client.get("/info").json().get("native_context_window", 8192))
     nbce = json.loads(args.nbce)
@@ -115,8 +121,15 @@ def main() -> int:
             before = done[0]
             # A fresh first line per run: no strategy reads another's prompt from the prefix cache.
             context = f"Document {time.time_ns()}.\n" + case.context
-            res = timed_stream(client, {"inputs": case.inputs, "context": context, "strategy": spec,
-                                        "parameters": {"max_new_tokens": args.max_new_tokens}})
+            res = timed_stream(
+                client,
+                {
+                    "inputs": case.inputs,
+                    "context": context,
+                    "strategy": spec,
+                    "parameters": {"max_new_tokens": args.max_new_tokens},
+                },
+            )
             label = spec["name"] + (f" x{spec['factor']:g}" if "factor" in spec else "")
             if "error" in res:
                 print(f"{length:>7} | {label:<22} | error: {res['error']}", flush=True)
@@ -124,8 +137,11 @@ def main() -> int:
                 continue
             ok = case.key in res["text"]
             note = f"load served {done[0] - before}" if args.load else ""
-            print(f"{length:>7} | {label:<22} | {res['ttft_s']:7.2f} | {res['per_token_s']:7.3f} | "
-                  f"{res['total_s']:7.2f} | {'y' if ok else 'n':>2} | {note}", flush=True)
+            print(
+                f"{length:>7} | {label:<22} | {res['ttft_s']:7.2f} | {res['per_token_s']:7.3f} | "
+                f"{res['total_s']:7.2f} | {'y' if ok else 'n':>2} | {note}",
+                flush=True,
+            )
             rows.append({"length": length, "strategy": spec, "ok": ok, **res})
     stop.set()
     if args.json:

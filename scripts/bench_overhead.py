@@ -26,7 +26,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.model_store import DEFAULT_MODEL_NAME, ensure_default_checkpoint  # noqa: E402
+from server.model_store import DEFAULT_MODEL_NAME, ensure_default_checkpoint  # noqa: E402 - after the sys.path line
 
 PY = sys.executable
 
@@ -63,13 +63,41 @@ def launch(name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> sub
 def bench(url: str, model: str, concurrency: int, args: argparse.Namespace, out: Path) -> dict:
     filename = f"{out.name}-c{concurrency}.json"
     cmd = [
-        PY, "-m", "clients.vllm_cli", "bench", "serve", "--backend", "openai", "--base-url", url,
-        "--endpoint", "/v1/completions", "--model", model, "--served-model-name", DEFAULT_MODEL_NAME,
-        "--dataset-name", "random", "--random-input-len", str(args.input_len),
-        "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
-        "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0",
-        "--num-warmups", str(args.warmups if args.warmups is not None else concurrency),
-        "--save-result", "--result-dir", str(out.parent), "--result-filename", filename,
+        PY,
+        "-m",
+        "clients.vllm_cli",
+        "bench",
+        "serve",
+        "--backend",
+        "openai",
+        "--base-url",
+        url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        model,
+        "--served-model-name",
+        DEFAULT_MODEL_NAME,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--num-prompts",
+        str(args.num_prompts),
+        "--max-concurrency",
+        str(concurrency),
+        "--ignore-eos",
+        "--seed",
+        "0",
+        "--num-warmups",
+        str(args.warmups if args.warmups is not None else concurrency),
+        "--save-result",
+        "--result-dir",
+        str(out.parent),
+        "--result-filename",
+        filename,
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     return json.loads((out.parent / filename).read_text())
@@ -96,22 +124,51 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--kv-cache-gib", type=int, default=2)
     parser.add_argument("--port", type=int, default=8400)
-    parser.add_argument("--dtype", default="float32", help="both servers (CPUs without AVX-512 bf16 are far faster in float32)")
+    parser.add_argument(
+        "--dtype", default="float32", help="both servers (CPUs without AVX-512 bf16 are far faster in float32)"
+    )
     parser.add_argument("--warmups", type=int, help="warm-up requests before each level (default: the concurrency)")
     parser.add_argument("--rounds", type=int, default=1, help="pairs of runs, in alternating order")
     parser.add_argument("--json", help="also write all results here")
     args = parser.parse_args()
 
     model = str(ensure_default_checkpoint())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib),
+        "PYTHONUNBUFFERED": "1",
+    }
     work = Path(tempfile.mkdtemp(prefix="ropeserve-overhead-"))
     # Same engine settings on both sides: ropeserve's defaults, spelled out for vllm serve.
-    ropeserve_env = {**env, "ROPESERVE_PORT": str(args.port), "ROPESERVE_KV_CACHE_GIB": str(args.kv_cache_gib),
-                     "ROPESERVE_MAX_NUM_SEQS": "64", "ROPESERVE_ENFORCE_EAGER": "true", "ROPESERVE_DTYPE": args.dtype}
+    ropeserve_env = {
+        **env,
+        "ROPESERVE_PORT": str(args.port),
+        "ROPESERVE_KV_CACHE_GIB": str(args.kv_cache_gib),
+        "ROPESERVE_MAX_NUM_SEQS": "64",
+        "ROPESERVE_ENFORCE_EAGER": "true",
+        "ROPESERVE_DTYPE": args.dtype,
+    }
     vllm_cmd = [
-        PY, "-m", "clients.vllm_cli", "serve", model, "--port", str(args.port + 1), "--host", "127.0.0.1",
-        "--served-model-name", DEFAULT_MODEL_NAME, "--max-model-len", "8192", "--max-num-seqs", "64",
-        "--enforce-eager", "--enable-prefix-caching", "--dtype", args.dtype,
+        PY,
+        "-m",
+        "clients.vllm_cli",
+        "serve",
+        model,
+        "--port",
+        str(args.port + 1),
+        "--host",
+        "127.0.0.1",
+        "--served-model-name",
+        DEFAULT_MODEL_NAME,
+        "--max-model-len",
+        "8192",
+        "--max-num-seqs",
+        "64",
+        "--enforce-eager",
+        "--enable-prefix-caching",
+        "--dtype",
+        args.dtype,
     ]
     targets = {
         "ropeserve": ([PY, "-m", "clients.cli", "serve"], ropeserve_env, args.port),
@@ -120,13 +177,13 @@ def main() -> int:
     rounds = []
     for r in range(args.rounds):
         order = list(targets) if r % 2 == 0 else list(reversed(targets))
-        rounds.append({
-            name: run_target(name, *targets[name], model, args, work / f"round{r}") for name in order
-        })
+        rounds.append({name: run_target(name, *targets[name], model, args, work / f"round{r}") for name in order})
 
     print(f"\nrandom dataset, {args.num_prompts} prompts, input {args.input_len} / output {args.output_len} tokens")
-    print("| round | concurrency | ropeserve req/s | vllm serve req/s | throughput ratio | ropeserve median TTFT ms "
-          "| vllm serve median TTFT ms | TTFT ratio |")
+    print(
+        "| round | concurrency | ropeserve req/s | vllm serve req/s | throughput ratio | ropeserve median TTFT ms "
+        "| vllm serve median TTFT ms | TTFT ratio |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     ratios: dict[int, list[tuple[float, float]]] = {c: [] for c in args.concurrency}
     for r, got in enumerate(rounds):
@@ -134,16 +191,22 @@ def main() -> int:
             a, b = got["ropeserve"]["by_concurrency"][c], got["vllm-serve"]["by_concurrency"][c]
             tput, ttft = a["request_throughput"] / b["request_throughput"], a["median_ttft_ms"] / b["median_ttft_ms"]
             ratios[c].append((tput, ttft))
-            print(f"| {r + 1} | {c} | {a['request_throughput']:.3f} | {b['request_throughput']:.3f} | {tput:.3f} | "
-                  f"{a['median_ttft_ms']:.1f} | {b['median_ttft_ms']:.1f} | {ttft:.3f} |")
+            print(
+                f"| {r + 1} | {c} | {a['request_throughput']:.3f} | {b['request_throughput']:.3f} | {tput:.3f} | "
+                f"{a['median_ttft_ms']:.1f} | {b['median_ttft_ms']:.1f} | {ttft:.3f} |"
+            )
     if args.rounds > 1:
         print("\n| concurrency | median throughput ratio | median TTFT ratio |\n|---:|---:|---:|")
         for c in args.concurrency:
-            print(f"| {c} | {statistics.median(t for t, _ in ratios[c]):.3f} | "
-                  f"{statistics.median(t for _, t in ratios[c]):.3f} |")
+            print(
+                f"| {c} | {statistics.median(t for t, _ in ratios[c]):.3f} | "
+                f"{statistics.median(t for _, t in ratios[c]):.3f} |"
+            )
     for r, got in enumerate(rounds):
-        print(f"round {r + 1} start-up to healthy: ropeserve {got['ropeserve']['startup_s']:.1f} s, "
-              f"vllm serve {got['vllm-serve']['startup_s']:.1f} s")
+        print(
+            f"round {r + 1} start-up to healthy: ropeserve {got['ropeserve']['startup_s']:.1f} s, "
+            f"vllm serve {got['vllm-serve']['startup_s']:.1f} s"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rounds, indent=2))
     return 0

@@ -29,6 +29,7 @@ def require_api_key(request: Request) -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in keys):
         raise HTTPException(
-            status_code=401, detail="authorization: a valid 'Bearer <key>' header is required",
+            status_code=401,
+            detail="authorization: a valid 'Bearer <key>' header is required",
             headers={"WWW-Authenticate": "Bearer"},
         )

@@ -24,9 +24,7 @@ def documents_of(context: str | list[str] | None) -> tuple[str, ...]:
 
 def check_limits(settings: Settings, max_new_tokens: int, field_name: str, texts: list[str]) -> None:
     if max_new_tokens > settings.max_new_tokens_limit:
-        raise validation_error(
-            f"{field_name}: must be <= {settings.max_new_tokens_limit} (got {max_new_tokens})"
-        )
+        raise validation_error(f"{field_name}: must be <= {settings.max_new_tokens_limit} (got {max_new_tokens})")
     chars = sum(len(t) for t in texts)
     if chars > settings.max_input_chars:
         raise validation_error(

@@ -15,7 +15,11 @@ from server.settings import Settings
 router = APIRouter()
 
 
-@router.get("/health", response_model=HealthResponse, responses={503: {"model": ErrorResponse, "description": "the engine is starting, down or restarting"}})
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    responses={503: {"model": ErrorResponse, "description": "the engine is starting, down or restarting"}},
+)
 async def health(request: Request) -> HealthResponse | Response:
     service: GenerationService | None = getattr(request.app.state, "service", None)
     if service is None:
@@ -24,7 +28,7 @@ async def health(request: Request) -> HealthResponse | Response:
         return error_response(503, "the engine is down and being restarted", "generation")
     try:
         await service.engine.check_health()
-    except Exception as exc:  # a dead engine core makes the server unhealthy, not the request invalid
+    except Exception as exc:  # noqa: BLE001 - a dead engine core makes the server unhealthy, not the request invalid
         return error_response(503, f"engine unhealthy: {exc}", "generation")
     return HealthResponse(status="ok")
 
@@ -64,7 +68,16 @@ async def strategies(service: GenerationService = Depends(get_service)) -> Strat
     )
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}, "description": "Prometheus text exposition"}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition",
+        }
+    },
+)
 async def metrics(service: GenerationService = Depends(get_service)) -> Response:
     service.refresh_gauges()
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

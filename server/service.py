@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,6 @@ from server.engines.base import (
     Engine,
     EngineBusy,
     EngineDown,
-    EngineStep,
     ModelFacts,
     RowRequest,
     SamplingOptions,
@@ -55,7 +54,9 @@ async def within_deadline(steps: StepStream, deadline_at: float | None) -> StepS
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                raise DeadlineExceeded("deadline_s: the request's deadline passed; its engine work was aborted") from None
+                raise DeadlineExceeded(
+                    "deadline_s: the request's deadline passed; its engine work was aborted"
+                ) from None
             yield step
     finally:
         await steps.aclose()
@@ -197,13 +198,15 @@ class GenerationService:
         if rows > limit:
             raise StrategyError(
                 f"context: this strategy needs {rows} rows (one per document or chunk, plus one), more than "
-                f"the {limit} rows the engine runs in one step; send fewer, longer documents", field="context",
+                f"the {limit} rows the engine runs in one step; send fewer, longer documents",
+                field="context",
             )
         needed, capacity = plan.prompt_tokens + rows * max_new_tokens, self.engine.kv_capacity_tokens
         if capacity is not None and needed > capacity:
             raise StrategyError(
                 f"context: the {rows} rows need {needed} tokens of KV cache at once (prompts + max_new_tokens "
-                f"each); the engine holds {capacity}", field="context",
+                f"each); the engine holds {capacity}",
+                field="context",
             )
 
     def _strategy_label(self, spec: StrategySpec | None) -> str:
@@ -247,7 +250,8 @@ class GenerationService:
         m.track_request(job.request_id, name)
         status = "error"
         generated = 0
-        first_at = last_at = None
+        first_at: float | None = None
+        last_at = 0.0
         finish_reason = None
         try:
             deadline_at = None if job.deadline_s is None else job.arrived + job.deadline_s
@@ -312,20 +316,22 @@ class GenerationService:
             tpot = round((duration - ttft) / (generated - 1), 6)
         log.info(
             "request",
-            extra={"access": {
-                "request_id": job.request_id,
-                "strategy": job.strategy_name,
-                "status": status,
-                "finish_reason": finish_reason,
-                "rows": len(job.plan.rows),
-                "prompt_tokens": job.plan.prompt_tokens,
-                "generated_tokens": generated,
-                "max_new_tokens": job.sampling.max_new_tokens,
-                "kv_tokens": kv_tokens,
-                "ttft_s": None if ttft is None else round(ttft, 6),
-                "time_per_output_token_s": tpot,
-                "duration_s": round(duration, 6),
-            }},
+            extra={
+                "access": {
+                    "request_id": job.request_id,
+                    "strategy": job.strategy_name,
+                    "status": status,
+                    "finish_reason": finish_reason,
+                    "rows": len(job.plan.rows),
+                    "prompt_tokens": job.plan.prompt_tokens,
+                    "generated_tokens": generated,
+                    "max_new_tokens": job.sampling.max_new_tokens,
+                    "kv_tokens": kv_tokens,
+                    "ttft_s": None if ttft is None else round(ttft, 6),
+                    "time_per_output_token_s": tpot,
+                    "duration_s": round(duration, 6),
+                }
+            },
         )
 
     def _steps(self, job: Job) -> StepStream:

@@ -27,11 +27,14 @@ class Settings(BaseSettings):
         default=None, description="skip torch.compile; default: True on CPU, where compiling costs minutes"
     )
     rope_slots: int = Field(
-        default=32, ge=2, le=1024,
+        default=32,
+        ge=2,
+        le=1024,
         description="slots of the engine's RoPE table: distinct RoPE configurations in use at once, plus the native one",
     )
     max_model_len: int | None = Field(
-        default=None, ge=16,
+        default=None,
+        ge=16,
         description="longest prompt + max_new_tokens of a request; default: 16 x the native window, capped by the KV cache",
     )
     max_num_seqs: int = Field(default=64, ge=1)

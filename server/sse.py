@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -51,8 +52,6 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         return task.result()
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError, Exception):  # the client is gone; so is its reply
         await task
-    except (asyncio.CancelledError, Exception):
-        pass
     raise ClientDisconnected()

@@ -43,14 +43,18 @@ DEFAULT_ROPE_FACTOR = 8.0
 
 class AutoParams(StrategyParams):
     max_rope_factor: float = Field(
-        default=DEFAULT_MAX_ROPE_FACTOR, ge=1.0, le=16.0,
+        default=DEFAULT_MAX_ROPE_FACTOR,
+        ge=1.0,
+        le=16.0,
         description="longest stretch (x native window) served by RoPE scaling; longer prompts use nbce",
     )
     rope: str | None = Field(
         default=None, description="RoPE strategy to use (default: the best measured, strategies.rope.SUGGESTION_ORDER)"
     )
     rope_factor: float = Field(
-        default=DEFAULT_ROPE_FACTOR, ge=1.0, le=16.0,
+        default=DEFAULT_ROPE_FACTOR,
+        ge=1.0,
+        le=16.0,
         description="factor of that RoPE scaling (dynamic_ntk: its cap); raised to the smallest sufficient one "
         "if a prompt needs more",
     )
@@ -84,7 +88,10 @@ class AutoStrategy(Strategy[AutoParams]):
         needed = prompt_tokens + request.max_new_tokens
         spec: StrategySpec
         if needed <= model.native_window:
-            spec, reason = "native", f"{needed} tokens (prompt + max_new_tokens) fit the native window of {model.native_window}"
+            spec, reason = (
+                "native",
+                f"{needed} tokens (prompt + max_new_tokens) fit the native window of {model.native_window}",
+            )
         else:
             suggestion = self._rope_suggestion(needed, model, p)
             has_context = any(d.strip() for d in request.documents)

@@ -30,8 +30,18 @@ from pydantic import BaseModel, ConfigDict
 from server.engines.base import ExecutionPlan, ModelFacts, RopeConfig
 
 __all__ = [
-    "DOCUMENT_SEPARATOR", "ExecutionPlan", "ModelFacts", "PlanContext", "RopeConfig", "Strategy",
-    "StrategyError", "StrategyParams", "StrategyRequest", "StrategySpec", "Tokenize", "check_fits",
+    "DOCUMENT_SEPARATOR",
+    "ExecutionPlan",
+    "ModelFacts",
+    "PlanContext",
+    "RopeConfig",
+    "Strategy",
+    "StrategyError",
+    "StrategyParams",
+    "StrategyRequest",
+    "StrategySpec",
+    "Tokenize",
+    "check_fits",
 ]
 
 DOCUMENT_SEPARATOR = "\n\n"

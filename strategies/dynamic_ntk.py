@@ -12,6 +12,7 @@ request's own length within 256 tokens. The response's `strategy` says which len
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import Field
@@ -23,7 +24,9 @@ from strategies.rope import RopeParams, RopeStrategy, factor_field
 class DynamicNtkParams(RopeParams):
     factor: float = factor_field(8.0)
     bucket_tokens: int = Field(
-        default=256, ge=1, le=131072,
+        default=256,
+        ge=1,
+        le=131072,
         description="request lengths are rounded up to a multiple of this before the base is computed "
         "(1: the exact length; larger: fewer distinct configurations)",
     )
@@ -43,7 +46,7 @@ def bucket_length(total_tokens: int, bucket_tokens: int, native_window: int, lim
 
 def dynamic_ntk_theta(theta: float, alpha: float, length: int, native_window: int, dim: int) -> float:
     length = max(length, native_window)
-    return float(theta) * (alpha * length / native_window - (alpha - 1)) ** (dim / (dim - 2))
+    return float(theta) * math.pow(alpha * length / native_window - (alpha - 1), dim / (dim - 2))
 
 
 class DynamicNtkStrategy(RopeStrategy[DynamicNtkParams]):

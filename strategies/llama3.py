@@ -12,8 +12,12 @@ from strategies.rope import RopeParams, RopeStrategy, factor_field
 
 class Llama3Params(RopeParams):
     factor: float = factor_field(4.0)
-    low_freq_factor: float = Field(default=1.0, gt=0, le=1024, description="wavelengths above original/low_freq_factor are divided by factor")
-    high_freq_factor: float = Field(default=4.0, gt=0, le=1024, description="wavelengths below original/high_freq_factor are kept")
+    low_freq_factor: float = Field(
+        default=1.0, gt=0, le=1024, description="wavelengths above original/low_freq_factor are divided by factor"
+    )
+    high_freq_factor: float = Field(
+        default=4.0, gt=0, le=1024, description="wavelengths below original/high_freq_factor are kept"
+    )
     original_max_position_embeddings: int | None = Field(
         default=None, ge=16, le=1_048_576, description="the pretraining window; default: the model's native window"
     )

@@ -77,9 +77,7 @@ class StrategyRegistry:
         try:
             return self._classes[name]
         except KeyError:
-            raise StrategyError(
-                f"strategy: unknown strategy '{name}'; known: {', '.join(self.names())}"
-            ) from None
+            raise StrategyError(f"strategy: unknown strategy '{name}'; known: {', '.join(self.names())}") from None
 
     def engine_logits_processors(self) -> tuple[str, ...]:
         """Every registered strategy's in-engine processors ("module:Class"), each once."""

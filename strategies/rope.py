@@ -72,7 +72,7 @@ def smallest_power_of_two_factor(needed_tokens: int, native_window: int) -> floa
 
 def ntk_theta(theta: float, factor: float, dim: int) -> float:
     """NTK-aware base change: theta' = theta * factor^(d / (d - 2))."""
-    return float(theta) * float(factor) ** (dim / (dim - 2))
+    return float(theta) * math.pow(factor, dim / (dim - 2))
 
 
 def suggest_rope_strategy(needed_tokens: int, model: ModelFacts, name: str | None = None) -> dict[str, Any] | None:
@@ -128,9 +128,7 @@ class RopeStrategy(Strategy[RP]):
     def base_parameters(self, model: ModelFacts) -> dict[str, Any]:
         """The model's own rope parameters minus any scaling keys (the start of every dict)."""
         keep = ("rope_theta", "partial_rotary_factor")
-        return {k: v for k, v in model.rope_parameters.items() if k in keep} | {
-            "rope_theta": float(model.rope_theta)
-        }
+        return {k: v for k, v in model.rope_parameters.items() if k in keep} | {"rope_theta": float(model.rope_theta)}
 
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
         model = context.model

@@ -12,8 +12,12 @@ from strategies.rope import RopeParams, RopeStrategy, factor_field
 
 class YarnParams(RopeParams):
     factor: float = factor_field(2.0)
-    beta_fast: float = Field(default=32.0, gt=0, le=1024, description="rotations above which a dimension is extrapolated")
-    beta_slow: float = Field(default=1.0, gt=0, le=1024, description="rotations below which a dimension is interpolated")
+    beta_fast: float = Field(
+        default=32.0, gt=0, le=1024, description="rotations above which a dimension is extrapolated"
+    )
+    beta_slow: float = Field(
+        default=1.0, gt=0, le=1024, description="rotations below which a dimension is interpolated"
+    )
     attention_factor: float | None = Field(
         default=None, gt=0, le=4, description="cos/sin magnitude (attention temperature); default 0.1 ln(factor) + 1"
     )

@@ -15,6 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+# Fixtures of their own module: a real Prometheus server scraping the session server.
+pytest_plugins = ["tests.support.prometheus_fixture"]
+
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 600
 
@@ -65,7 +68,11 @@ def start_server(tmp_dir: Path, extra_env: dict[str, str] | None = None, name: s
     # A new session, so the test can check that the whole process group is gone after shutdown.
     process = subprocess.Popen(
         [sys.executable, "-m", "clients.cli", "serve"],
-        cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = started + STARTUP_TIMEOUT_S

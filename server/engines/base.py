@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
@@ -191,6 +191,14 @@ class EngineIteration:
 
 
 class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the server uses."""
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    @property
+    def all_special_ids(self) -> list[int]: ...
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
@@ -221,7 +229,10 @@ class RowCombiner(Protocol):
     place of a single-row generation. Closing the stream must abort every row it started.
     """
 
-    name: str
+    @property
+    def name(self) -> str:
+        """What the combiner is (logs, tests)."""
+        ...
 
     def run(self, engine: Engine, job: RowJob) -> StepStream: ...
 
@@ -253,11 +264,17 @@ class Engine(Protocol):
     model: ModelFacts
     # Seconds the engine took to start (None until started).
     startup_seconds: float | None
-    # Rows one engine step can run together (vLLM's max_num_seqs): a row group larger than this
-    # could never decode in lockstep.
-    max_rows_per_step: int
-    # Tokens the KV cache holds (None: unknown); a row group must fit in it at once.
-    kv_capacity_tokens: int | None
+
+    @property
+    def max_rows_per_step(self) -> int:
+        """Rows one engine step can run together (vLLM's max_num_seqs): a row group larger than
+        this could never decode in lockstep."""
+        ...
+
+    @property
+    def kv_capacity_tokens(self) -> int | None:
+        """Tokens the KV cache holds (None: unknown); a row group must fit in it at once."""
+        ...
 
     @property
     def tokenizer(self) -> Tokenizer: ...

@@ -18,22 +18,22 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from server.engines.base import (
     EngineDown,
     EngineIteration,
-    FinishedRow,
-    StatsListener,
     EngineStats,
     EngineStep,
+    FinishedRow,
     FinishReason,
     ModelFacts,
     RopeConfig,
     RowRequest,
     SamplingOptions,
+    StatsListener,
     StepStream,
     TokenEvent,
 )
@@ -93,7 +93,7 @@ class VllmEngineConfig:
 def is_cpu_build() -> bool:
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+    return bool(current_platform.is_cpu())
 
 
 def read_model_facts(model: str) -> ModelFacts:
@@ -293,11 +293,13 @@ class VllmEngine:
             "worker_cls": WORKER_CLASSES["cpu" if cpu else "gpu"],
             # vLLM caps max_model_len by the config's positions; the slot table covers them all.
             "hf_overrides": {"max_position_embeddings": max(self.config.max_model_len, self.model.native_window)},
-            "additional_config": {CONFIG_KEY: {
-                "rope_slots": self.config.rope_slots,
-                "slot_rows": self.config.max_model_len,
-                "force_slot0": self.config.force_rope_slot0,
-            }},
+            "additional_config": {
+                CONFIG_KEY: {
+                    "rope_slots": self.config.rope_slots,
+                    "slot_rows": self.config.max_model_len,
+                    "force_slot0": self.config.force_rope_slot0,
+                }
+            },
         }
 
     @property
@@ -327,8 +329,9 @@ class VllmEngine:
             def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
                 pass
 
-            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
-                       engine_idx: int = 0) -> None:
+            def record(
+                self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+            ) -> None:
                 engine.record_iteration(iteration_from_vllm(scheduler_stats, iteration_stats))
 
             def log_engine_initialized(self) -> None:

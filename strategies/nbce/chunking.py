@@ -1,7 +1,7 @@
 """Splitting a long document into row-sized chunks, on paragraph or sentence boundaries.
 
-    >>> split_document("One. Two.\n\nThree.", budget=3, tokenize=lambda t: t.split())
-    ['One. Two.', 'Three.']
+>>> split_document("One. Two.\n\nThree.", budget=3, tokenize=lambda t: t.split())
+['One. Two.', 'Three.']
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def split_document(text: str, budget: int, tokenize: Tokenize) -> list[str]:
     chunks: list[str] = []
     current: list[tuple[str, int, bool]] = []
     used = 0
-    for piece in pieces:
-        if current and used + piece[1] > budget:
+    for sized in pieces:
+        if current and used + sized[1] > budget:
             cut = len(current)
             # Prefer the last paragraph end when it leaves the chunk well filled.
             acc = 0
@@ -74,8 +74,8 @@ def split_document(text: str, budget: int, tokenize: Tokenize) -> list[str]:
             chunks.append("".join(p for p, _, _ in current[:cut]))
             current = current[cut:]
             used = sum(n for _, n, _ in current)
-        current.append(piece)
-        used += piece[1]
+        current.append(sized)
+        used += sized[1]
     if current:
         chunks.append("".join(p for p, _, _ in current))
     chunks = [c.strip() for c in chunks]
@@ -84,5 +84,3 @@ def split_document(text: str, budget: int, tokenize: Tokenize) -> list[str]:
 
 def row_text(document: str, inputs: str) -> str:
     return document + DOCUMENT_SEPARATOR + inputs
-
-

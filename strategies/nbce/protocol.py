@@ -88,11 +88,18 @@ class RowTag:
             return None
         try:
             tag = cls(
-                job=str(raw["job"]), group=str(raw["group"]), row=int(raw["row"]), rows=int(raw["rows"]),
-                base=int(raw["base"]), combination=Combination(**raw["combination"]), draw=Draw(**raw["draw"]),
+                job=str(raw["job"]),
+                group=str(raw["group"]),
+                row=int(raw["row"]),
+                rows=int(raw["rows"]),
+                base=int(raw["base"]),
+                combination=Combination(**raw["combination"]),
+                draw=Draw(**raw["draw"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"extra_args.{EXTRA_KEY}: not an NBCE row tag ({exc})") from None
         if not 0 <= tag.row < tag.rows or tag.combination.pooling not in POOLINGS:
-            raise ValueError(f"extra_args.{EXTRA_KEY}: row {tag.row} of {tag.rows}, pooling {tag.combination.pooling!r}")
+            raise ValueError(
+                f"extra_args.{EXTRA_KEY}: row {tag.row} of {tag.rows}, pooling {tag.combination.pooling!r}"
+            )
         return tag

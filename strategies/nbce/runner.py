@@ -43,20 +43,20 @@ strings, EOS, ignore_eos, max_new_tokens and do_sample/temperature/top_k/top_p/s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from server.engines.base import (
     Engine,
     EngineStep,
+    FinishReason,
     RowJob,
     RowRequest,
     SamplingOptions,
     StepStream,
-    Tokenizer,
     TokenEvent,
+    Tokenizer,
 )
 from strategies.nbce.protocol import Combination, Draw, RowTag
 
@@ -85,7 +85,7 @@ class _Detokenizer:
         # Decoding the whole sequence again keeps spacing exact; the earlier text never changes
         # except for a held-back partial character.
         common = 0
-        for a, b in zip(self.emitted, text):
+        for a, b in zip(self.emitted, text, strict=False):
             if a != b:
                 break
             common += 1
@@ -140,10 +140,8 @@ async def _pump(k: int, stream: StepStream, queue: asyncio.Queue[Pumped]) -> Non
     except BaseException as exc:  # noqa: BLE001 - handed to the runner
         await queue.put((k, exc))
     finally:
-        try:
+        with contextlib.suppress(BaseException):  # the row is gone either way; a failure was reported
             await stream.aclose()
-        except BaseException:  # noqa: BLE001 - the row is gone either way; its failure was reported
-            pass
 
 
 async def run_nbce(engine: Engine, job: RowJob, combination: Combination) -> StepStream:
@@ -151,9 +149,9 @@ async def run_nbce(engine: Engine, job: RowJob, combination: Combination) -> Ste
     rows: list[list[int]] = plan.rows
     n = len(rows)
     tokenizer = engine.tokenizer
-    special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+    special = frozenset(tokenizer.all_special_ids or ())
     eos = set(engine.model.eos_token_ids)
-    if getattr(tokenizer, "eos_token_id", None) is not None:
+    if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     max_new = sampling.max_new_tokens
     stops = tuple(s for s in sampling.stop if s)
@@ -170,13 +168,13 @@ async def run_nbce(engine: Engine, job: RowJob, combination: Combination) -> Ste
             current_ids.clear()
             try:
                 await asyncio.shield(engine.abort(ids))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("abort of nbce rows failed", exc_info=True)
 
     try:
         await _prefill(engine, job)
         attempt = 0
-        finish: str | None = None
+        finish: FinishReason | None = None
         while finish is None:
             remaining = max_new - len(confirmed)
             group = f"{job.request_id}:{attempt}"
@@ -185,10 +183,17 @@ async def run_nbce(engine: Engine, job: RowJob, combination: Combination) -> Ste
                     f"{group}:{k}",
                     rows[k] + confirmed,
                     SamplingOptions(
-                        max_new_tokens=remaining, greedy=True, ignore_eos=sampling.ignore_eos,
+                        max_new_tokens=remaining,
+                        greedy=True,
+                        ignore_eos=sampling.ignore_eos,
                         extra_args=RowTag(
-                            job=job.request_id, group=group, row=k, rows=n, base=len(confirmed),
-                            combination=combination, draw=draw,
+                            job=job.request_id,
+                            group=group,
+                            row=k,
+                            rows=n,
+                            base=len(confirmed),
+                            combination=combination,
+                            draw=draw,
                         ).to_extra_args(),
                     ),
                     plan.rope,
@@ -223,8 +228,9 @@ async def run_nbce(engine: Engine, job: RowJob, combination: Combination) -> Ste
                         confirmed.append(token)
                         is_eos = token in eos and not sampling.ignore_eos
                         delta = "" if token in special else detok.add(token)
-                        event = TokenEvent(id=token, text=tokenizer.decode([token]), logprob=None,
-                                           special=token in special)
+                        event = TokenEvent(
+                            id=token, text=tokenizer.decode([token]), logprob=None, special=token in special
+                        )
                         if stops:
                             hit = _find_stop(detok.emitted, stops, len(detok.emitted) - len(delta))
                             if hit is not None:
@@ -236,8 +242,13 @@ async def run_nbce(engine: Engine, job: RowJob, combination: Combination) -> Ste
                         if finish is None and len(confirmed) >= max_new:
                             finish = "length"
                         job.stats["kv_tokens"] = prompt_total + n * len(confirmed)
-                        yield EngineStep(tokens=[event], text=delta, finished=finish is not None,
-                                         finish_reason=finish, prompt_tokens=prompt_total)
+                        yield EngineStep(
+                            tokens=[event],
+                            text=delta,
+                            finished=finish is not None,
+                            finish_reason=finish,
+                            prompt_tokens=prompt_total,
+                        )
                     if finish is None and not desynced and all(ended):
                         # Every row stopped without the group finishing: they disagreed on length.
                         desynced = True
@@ -249,8 +260,12 @@ async def run_nbce(engine: Engine, job: RowJob, combination: Combination) -> Ste
             if desynced:
                 attempt += 1
                 job.stats["nbce_resubmits"] = attempt
-                log.info("nbce %s: rows out of step at token %d; resubmitting (attempt %d)",
-                         job.request_id, len(confirmed), attempt)
+                log.info(
+                    "nbce %s: rows out of step at token %d; resubmitting (attempt %d)",
+                    job.request_id,
+                    len(confirmed),
+                    attempt,
+                )
                 if attempt > MAX_RESUBMITS:
                     raise NbceError(f"nbce rows fell out of step {attempt} times; giving up")
     finally:

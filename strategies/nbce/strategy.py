@@ -59,11 +59,15 @@ class NbceParams(StrategyParams):
     beta: float = Field(default=DEFAULT.beta, ge=0.0, le=10.0, description="weight of the unconditioned row")
     pooling: Pooling = Field(default=DEFAULT.pooling, description="how the context rows are pooled at each step")
     eta: float = Field(
-        default=DEFAULT.eta, ge=0.0, le=10.0,
+        default=DEFAULT.eta,
+        ge=0.0,
+        le=10.0,
         description="stickiness bonus (in nats) for the row chosen at the previous step",
     )
     top_p: float | None = Field(
-        default=DEFAULT.top_p, gt=0.0, le=1.0,
+        default=DEFAULT.top_p,
+        gt=0.0,
+        le=1.0,
         description="per-row nucleus truncation before pooling (the reference uses 0.95); none: full vocabulary",
     )
     rope: StrategySpec = Field(
@@ -132,8 +136,9 @@ class NbceStrategy(Strategy[NbceParams]):
             # A RoPE strategy may size itself by prompt length: plan for the longest row, so that
             # every row runs under one configuration that fits all of them.
             longest = max(range(len(texts)), key=lambda i: len(rows[i + 1]))
-            final = rope_plan_for(rope_strategy, row_text(texts[longest], request.inputs),
-                                  request.max_new_tokens, context)
+            final = rope_plan_for(
+                rope_strategy, row_text(texts[longest], request.inputs), request.max_new_tokens, context
+            )
             if final.max_total_tokens >= row_limit:
                 rope, max_total = final.rope, final.max_total_tokens
 
@@ -159,7 +164,11 @@ class NbceStrategy(Strategy[NbceParams]):
 
     @staticmethod
     def _rows(
-        request: StrategyRequest, uncond: list[int], chunk_tokens: int, row_limit: int, rope_name: str,
+        request: StrategyRequest,
+        uncond: list[int],
+        chunk_tokens: int,
+        row_limit: int,
+        rope_name: str,
         tokenize: Tokenize,
     ) -> tuple[list[list[int]], list[str]]:
         """[uncond, row_1, ...] and the documents of rows 1..n."""

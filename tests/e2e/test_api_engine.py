@@ -89,7 +89,9 @@ def test_openai_completions_plain_and_streamed(http):
     events = stream_events(http, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
     assert events[-1] == "[DONE]"
     usage_event = events[-2]
-    assert usage_event["choices"] == [] and usage_event["usage"]["completion_tokens"] == data["usage"]["completion_tokens"]
+    assert (
+        usage_event["choices"] == [] and usage_event["usage"]["completion_tokens"] == data["usage"]["completion_tokens"]
+    )
     text = "".join(e["choices"][0]["text"] for e in events[:-2])
     assert text == data["choices"][0]["text"]
 

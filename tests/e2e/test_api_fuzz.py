@@ -26,11 +26,15 @@ EXAMPLES_PER_OPERATION = 25
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server(tmp_path_factory.mktemp("fuzz"), {
-        "ROPESERVE_MAX_NEW_TOKENS_LIMIT": "4",
-        "ROPESERVE_MAX_INPUT_CHARS": "2000",
-        "ROPESERVE_MAX_BODY_BYTES": "65536",
-    }, name="fuzz")
+    server = start_server(
+        tmp_path_factory.mktemp("fuzz"),
+        {
+            "ROPESERVE_MAX_NEW_TOKENS_LIMIT": "4",
+            "ROPESERVE_MAX_INPUT_CHARS": "2000",
+            "ROPESERVE_MAX_BODY_BYTES": "65536",
+        },
+        name="fuzz",
+    )
     yield server
     stop_server(server)
 
@@ -42,15 +46,24 @@ def test_the_api_conforms_and_never_answers_5xx(fuzz_server: RunningServer) -> N
     schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
-        "POST /generate", "POST /generate_stream", "POST /", "POST /v1/completions", "GET /health", "GET /metrics",
+        "POST /generate",
+        "POST /generate_stream",
+        "POST /",
+        "POST /v1/completions",
+        "GET /health",
+        "GET /metrics",
     }
     calls = 0
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
-        def conforms(case) -> None:  # noqa: ANN001 - schemathesis.Case
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
+        def conforms(case) -> None:
             # Every default check runs (not_a_server_error, status/content-type/schema/header
             # conformance, negative_data_rejection, ...) but the one documented above.
             nonlocal calls

@@ -43,10 +43,15 @@ def _assert_422(reply, *words):
         ('{"inputs": "x", "parameters": {"top_k": 1180591620717411303424}}', ["parameters.top_k"]),
         ('{"inputs": "x", "parameters": {"stop": ["\\udfff"]}}', ["parameters.stop.0", "surrogate"]),
         ('{"inputs": "x", "strategy": "\\ud800"}', ["strategy", "surrogate"]),
-        ('{"inputs": "x", "strategy": {"name": "yarn", "factor": 2, "beta_fast": Infinity}}', ["strategy.beta_fast", "finite"]),
+        (
+            '{"inputs": "x", "strategy": {"name": "yarn", "factor": 2, "beta_fast": Infinity}}',
+            ["strategy.beta_fast", "finite"],
+        ),
         ('{"inputs": "x", "strategy": {"name": "yarn", "beta_fast": 1e9}}', ["strategy.beta_fast", "1024"]),
-        ('{"inputs": "x", "strategy": {"name": "llama3", "original_max_position_embeddings": 1e18}}',
-         ["strategy.original_max_position_embeddings"]),
+        (
+            '{"inputs": "x", "strategy": {"name": "llama3", "original_max_position_embeddings": 1e18}}',
+            ["strategy.original_max_position_embeddings"],
+        ),
         ('{"inputs": "x", "parameters": {"details": 0}}', ["parameters.details", "boolean"]),
     ],
 )
@@ -121,8 +126,9 @@ def test_seeded_sampling_never_takes_the_engine_down(http, path, body):
         again = http.post(path, json=body).json()
         text = (lambda b: b["generated_text"]) if path == "/generate" else (lambda b: b["choices"][0]["text"])
         assert text(again) == text(first.json())
-    greedy = {**body, "parameters": {"seed": 7, "max_new_tokens": 2}} if path == "/generate" else {
-        **body, "temperature": 0}
+    greedy = (
+        {**body, "parameters": {"seed": 7, "max_new_tokens": 2}} if path == "/generate" else {**body, "temperature": 0}
+    )
     assert http.post(path, json=greedy).status_code == 200, "a seed with greedy decoding is harmless"
     assert http.get("/health").status_code == 200
 
@@ -131,8 +137,12 @@ def test_an_nbce_request_with_more_rows_than_one_engine_step_is_refused_at_once(
     """It was accepted and hung for 271 s (its rows could never run in step), then answered 424."""
     import time
 
-    body = {"inputs": "Say hi.", "parameters": {"max_new_tokens": 4}, "strategy": "nbce",
-            "context": [f"doc {i}" for i in range(100)]}
+    body = {
+        "inputs": "Say hi.",
+        "parameters": {"max_new_tokens": 4},
+        "strategy": "nbce",
+        "context": [f"doc {i}" for i in range(100)],
+    }
     started = time.monotonic()
     _assert_422(http.post("/generate", json=body), "context", "101 rows", "64")
     assert time.monotonic() - started < 10
@@ -149,8 +159,10 @@ def test_a_deadline_aborts_the_engine_work(http):
     started = time.monotonic()
     reply = http.post("/generate", json={"inputs": text, "parameters": {"max_new_tokens": 50}, "deadline_s": 1.0})
     assert reply.status_code == 408, reply.text
-    assert reply.json() == {"error": "deadline_s: the request's deadline passed; its engine work was aborted",
-                            "error_type": "generation"}
+    assert reply.json() == {
+        "error": "deadline_s: the request's deadline passed; its engine work was aborted",
+        "error_type": "generation",
+    }
     assert time.monotonic() - started < 10
     # A short request after it: when it is done, the scheduler runs nothing, so the long row is gone.
     assert http.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200

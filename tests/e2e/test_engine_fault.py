@@ -29,7 +29,9 @@ def test_a_killed_engine_gives_503s_and_is_restarted(tmp_path) -> None:
         with httpx.Client(base_url=server.url, timeout=300) as http:
             body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 2000, "do_sample": False}}
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                in_flight = pool.submit(http.post, "/generate", json={**body, "strategy": {"name": "yarn", "factor": 2}})
+                in_flight = pool.submit(
+                    http.post, "/generate", json={**body, "strategy": {"name": "yarn", "factor": 2}}
+                )
                 time.sleep(3)
                 first_core = engine_core(server.process.pid)
                 first_core.send_signal(signal.SIGKILL)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -60,12 +61,14 @@ def test_concurrent_requests_are_in_flight_together(base_url, http):
 
 def test_streaming_client_disconnect_aborts_engine_request(base_url, http):
     cancelled_before = scrape(http, "ropeserve_requests_total", status="cancelled")
-    with httpx.Client(base_url=base_url, timeout=60) as client:
-        with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as reply:
-            assert reply.status_code == 200
-            lines = reply.iter_lines()
-            got = [next(lines) for _ in range(3)]
-            assert any(line.startswith("data: ") for line in got)
+    with (
+        httpx.Client(base_url=base_url, timeout=60) as client,
+        client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as reply,
+    ):
+        assert reply.status_code == 200
+        lines = reply.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert any(line.startswith("data: ") for line in got)
     # 3000 forced tokens would take minutes here; an aborted request ends at once.
     assert _wait_for(lambda: scrape(http, "ropeserve_requests_in_flight") == 0, timeout=30)
     assert scrape(http, "ropeserve_requests_total", status="cancelled") == cancelled_before + 1
@@ -86,10 +89,12 @@ def test_a_client_leaving_mid_prefill_frees_the_row_within_a_step(base_url, http
 
     text = uuid.uuid4().hex + " " + "The quick brown fox jumps over the lazy dog. " * 1300  # ~12k tokens
     body = {"inputs": text, "strategy": "dynamic_ntk", "parameters": {"max_new_tokens": 8}}
-    with httpx.Client(base_url=base_url, timeout=60) as client:
-        with client.stream("POST", "/generate_stream", json=body) as reply:
-            assert reply.status_code == 200
-            time.sleep(2)  # mid-prefill: ~12k tokens take tens of seconds here
+    with (
+        httpx.Client(base_url=base_url, timeout=60) as client,
+        client.stream("POST", "/generate_stream", json=body) as reply,
+    ):
+        assert reply.status_code == 200
+        time.sleep(2)  # mid-prefill: ~12k tokens take tens of seconds here
     assert _wait_for(lambda: scrape(http, "ropeserve_requests_in_flight") == 0, timeout=30)
     # When a short request after it is done, vLLM's scheduler runs nothing: the long row is gone
     # (its prefill alone would have taken longer than this).
@@ -104,7 +109,9 @@ def test_shutdown_leaves_no_engine_processes(tmp_path, sig):
     pgid = os.getpgid(server.process.pid)
     children = _children(server.process.pid)
     assert children, "vLLM runs its engine core in child processes"
-    reply = httpx.post(f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=120)
+    reply = httpx.post(
+        f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=120
+    )
     assert reply.status_code == 200
     code = stop_server(server, sig=sig, timeout=60)
     assert code == 0, server.log()[-3000:]
@@ -115,7 +122,7 @@ def test_shutdown_leaves_no_engine_processes(tmp_path, sig):
 def _alive(pid: int) -> bool:
     """Running, not a zombie: a container's PID 1 may never reap the orphans' exit status."""
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
 
@@ -126,7 +133,7 @@ def _children(pid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                stat = open(f"/proc/{entry}/stat").read()
+                stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
             parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])

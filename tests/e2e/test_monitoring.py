@@ -19,13 +19,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningServer
-from tests.support.prometheus_fixture import (  # noqa: F401 - `prometheus` is a fixture
-    DEPLOY_PROMETHEUS,
-    PrometheusServer,
-    find_tool,
-    is_number,
-    prometheus,
-)
+
+# The `prometheus` fixture comes from tests/support/prometheus_fixture.py (conftest's pytest_plugins).
+from tests.support.prometheus_fixture import DEPLOY_PROMETHEUS, PrometheusServer, find_tool, is_number
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -223,11 +219,19 @@ def test_metrics_after_real_traffic_are_promtool_clean_and_add_up(server: Runnin
     names = family_names(text)
     assert not [n for n in names if ":" in n], "metric names with colons (vLLM's own logger?)"
     for required in (
-        "ropeserve_time_to_first_token_seconds_bucket", "ropeserve_inter_token_latency_seconds_bucket",
-        "ropeserve_request_duration_seconds_bucket", "ropeserve_requests_total", "ropeserve_prompt_tokens_total",
-        "ropeserve_generated_tokens_total", "ropeserve_kv_cache_usage_ratio", "ropeserve_request_kv_tokens_bucket",
-        "ropeserve_requests_in_flight", "ropeserve_requests_queued", "ropeserve_engines",
-        "ropeserve_engine_startup_seconds", "process_resident_memory_bytes",
+        "ropeserve_time_to_first_token_seconds_bucket",
+        "ropeserve_inter_token_latency_seconds_bucket",
+        "ropeserve_request_duration_seconds_bucket",
+        "ropeserve_requests_total",
+        "ropeserve_prompt_tokens_total",
+        "ropeserve_generated_tokens_total",
+        "ropeserve_kv_cache_usage_ratio",
+        "ropeserve_request_kv_tokens_bucket",
+        "ropeserve_requests_in_flight",
+        "ropeserve_requests_queued",
+        "ropeserve_engines",
+        "ropeserve_engine_startup_seconds",
+        "process_resident_memory_bytes",
     ):
         assert required in names, required
     gpu = False
@@ -256,8 +260,10 @@ def test_metrics_after_real_traffic_are_promtool_clean_and_add_up(server: Runnin
     assert delta("ropeserve_requests_total", strategy="unknown", status="invalid") == 1
     assert "no-such-strategy-zz9" not in text  # client input never becomes a label
     # Durations are real: each request's TTFT is within its duration.
-    assert 0 < delta("ropeserve_time_to_first_token_seconds_sum", strategy="native") <= delta(
-        "ropeserve_request_duration_seconds_sum", strategy="native"
+    assert (
+        0
+        < delta("ropeserve_time_to_first_token_seconds_sum", strategy="native")
+        <= delta("ropeserve_request_duration_seconds_sum", strategy="native")
     )
     assert value(after, "ropeserve_engines") >= 1
     assert value(after, "ropeserve_engine_startup_seconds", engine="vllm") > 0
@@ -318,15 +324,19 @@ def test_prometheus_scrapes_ttft_per_strategy(server: RunningServer, prometheus:
         counts[strategy] = value(exposition(url), "ropeserve_time_to_first_token_seconds_count", strategy=strategy)
         prometheus.wait_for(
             f'ropeserve_time_to_first_token_seconds_count{{strategy="{strategy}"}} >= {counts[strategy]}',
-            lambda r: len(r) == 1, what=f"Prometheus to scrape {strategy}'s first request",
+            lambda r: len(r) == 1,
+            what=f"Prometheus to scrape {strategy}'s first request",
         )
     for i in range(3):
         for strategy in strategies:
-            generate(url, f"Tell me about the number {i}. ({uuid.uuid4().hex[:6]})", strategy=strategy, max_new_tokens=4)
+            generate(
+                url, f"Tell me about the number {i}. ({uuid.uuid4().hex[:6]})", strategy=strategy, max_new_tokens=4
+            )
     for strategy in strategies:
         prometheus.wait_for(
             f'ropeserve_time_to_first_token_seconds_count{{strategy="{strategy}"}} >= {counts[strategy] + 3}',
-            lambda r: len(r) == 1, what=f"Prometheus to scrape {strategy}'s measured requests",
+            lambda r: len(r) == 1,
+            what=f"Prometheus to scrape {strategy}'s measured requests",
         )
 
     medians = prometheus.values(TTFT_MEDIAN, by="strategy")
@@ -358,7 +368,8 @@ def test_prometheus_scrapes_ttft_per_strategy(server: RunningServer, prometheus:
 def test_every_dashboard_query_evaluates_on_real_data(server: RunningServer, prometheus: PrometheusServer) -> None:
     generate(server.url, "One more, for the dashboard.", max_new_tokens=4)
     prometheus.wait_for(
-        'ropeserve_requests_total{strategy="native", status="success"} > 0', lambda r: len(r) == 1,
+        'ropeserve_requests_total{strategy="native", status="success"} > 0',
+        lambda r: len(r) == 1,
         what="a scraped request",
     )
     time.sleep(2)  # two more scrapes, so rate() has two samples after the request
@@ -371,7 +382,14 @@ def test_every_dashboard_query_evaluates_on_real_data(server: RunningServer, pro
         if not result and not any(metric in expr for metric in GPU_ONLY):
             empty.append((title, expr))
     # The key panels have data after real traffic.
-    must_have_data = ("Time to first token", "End-to-end latency", "Requests / s by strategy", "KV cache use", "Engines", "Process memory")
+    must_have_data = (
+        "Time to first token",
+        "End-to-end latency",
+        "Requests / s by strategy",
+        "KV cache use",
+        "Engines",
+        "Process memory",
+    )
     missing = [(t, e) for t, e in empty if t.startswith(must_have_data)]
     assert not missing, missing
     # Grafana's template variables query labels that exist.

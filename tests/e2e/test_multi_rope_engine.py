@@ -60,8 +60,12 @@ STRATEGIES: dict[str, Any] = {
 
 def run_engines(spec: dict[str, Any], timeout: int = 1800) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "tests.support.engine_tokens"], input=json.dumps(spec), capture_output=True, text=True,
-        cwd=ROOT, timeout=timeout,
+        [sys.executable, "-m", "tests.support.engine_tokens"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -83,12 +87,14 @@ def rope_spec(rope: RopeConfig) -> dict[str, Any] | None:
     return None if rope.is_native else {"parameters": rope.as_dict(), "max_model_len": rope.max_model_len}
 
 
-def llama_rows(engine_len: int, names: tuple[str, ...] = tuple(STRATEGIES), tokens: int = SHORT,
-               new_tokens: int = NEW_TOKENS) -> list[dict[str, Any]]:
+def llama_rows(
+    engine_len: int, names: tuple[str, ...] = tuple(STRATEGIES), tokens: int = SHORT, new_tokens: int = NEW_TOKENS
+) -> list[dict[str, Any]]:
     """One row per strategy, each with the RoPE configuration its strategy plans on a server whose
     engine holds `engine_len` tokens."""
-    from server.engines.vllm_engine import read_model_facts
     from transformers import AutoTokenizer
+
+    from server.engines.vllm_engine import read_model_facts
 
     path = model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -101,7 +107,7 @@ def llama_rows(engine_len: int, names: tuple[str, ...] = tuple(STRATEGIES), toke
             continue
         length = LONG if name == "dynamic_ntk" else tokens
         ids = prompt_ids(tokenizer, length, f"{41234 + 97 * i + tokens}")
-        plan = plan_for(spec, StrategyRequest("", max_new_tokens=new_tokens), model, lambda _t: ids, registry)
+        plan = plan_for(spec, StrategyRequest("", max_new_tokens=new_tokens), model, lambda _t, ids=ids: ids, registry)
         assert name == "native" or not plan.rope.is_native, name
         rows.append({"id": name, "prompt": ids, "rope": rope_spec(plan.rope), "max_new_tokens": new_tokens})
     return rows
@@ -119,21 +125,28 @@ def llama() -> dict[str, Any]:
     base = {"max_num_batched_tokens": CHUNK, "max_model_len": ENGINE_LEN}
     engines = [
         {"name": "multi", **base, "runs": [{"rows": rows}, {"concurrent": True, "rows": rows}]},
-        {"name": "preempt", **base, "max_model_len": PREEMPT_LEN, "num_kv_blocks": PREEMPT_KV_TOKENS // block,
-         "runs": [{"concurrent": True, "rows": growing}]},
+        {
+            "name": "preempt",
+            **base,
+            "max_model_len": PREEMPT_LEN,
+            "num_kv_blocks": PREEMPT_KV_TOKENS // block,
+            "runs": [{"concurrent": True, "rows": growing}],
+        },
         {"name": "slot0", **base, "force_rope_slot0": True, "runs": [{"rows": rows}]},
     ]
     by_name = {r["id"]: r for r in growing}
     for row in rows:
         # The preemption run's row too, under this engine's configuration (the same parameters).
-        runs = [{"rows": [row]}] + ([{"rows": [{**by_name[row["id"]], "rope": row["rope"]}]}] if row["id"] in by_name else [])
+        runs = [{"rows": [row]}] + (
+            [{"rows": [{**by_name[row["id"]], "rope": row["rope"]}]}] if row["id"] in by_name else []
+        )
         engines.append({"name": f"fixed-{row['id']}", **base, "fixed_rope": row["rope"] or "native", "runs": runs})
     return {"rows": rows, "out": run_engines({"model": model_path(), "engines": engines})}
 
 
 def assert_agree(got: dict[str, Any], want: dict[str, Any], tolerance: float, what: str) -> None:
     assert got["tokens"] == want["tokens"], f"{what}: {got['tokens']} != {want['tokens']}"
-    worst = max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"]))
+    worst = max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"], strict=False))
     assert worst <= tolerance, f"{what}: logprobs differ by {worst:.2e} > {tolerance:g}"
 
 
@@ -184,10 +197,19 @@ def tiny_checkpoint(kind: str, directory: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     common = dict(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096, rope_theta=10000.0,
-        initializer_range=0.3, tie_word_embeddings=False, torch_dtype="float32",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     if kind == "qwen2":
@@ -207,16 +229,31 @@ def test_other_architectures_match_their_own_engine(kind: str, tmp_path: Path) -
     path = tiny_checkpoint(kind, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = prompt_ids(tokenizer, 700, "27182")
-    yarn = {"parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.7,
-                           "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0},
-            "max_model_len": 2048}
-    rows = [{"id": "native", "prompt": ids, "rope": None, "max_new_tokens": NEW_TOKENS},
-            {"id": "yarn", "prompt": ids, "rope": yarn, "max_new_tokens": NEW_TOKENS}]
+    yarn = {
+        "parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 2.7,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+        },
+        "max_model_len": 2048,
+    }
+    rows = [
+        {"id": "native", "prompt": ids, "rope": None, "max_new_tokens": NEW_TOKENS},
+        {"id": "yarn", "prompt": ids, "rope": yarn, "max_new_tokens": NEW_TOKENS},
+    ]
     base = {"max_num_batched_tokens": CHUNK, "max_model_len": 2048}
-    out = run_engines({"model": str(path), "engines": [
-        {"name": "multi", **base, "runs": [{"rows": rows}, {"concurrent": True, "rows": rows}]},
-        {"name": "fixed-yarn", **base, "fixed_rope": yarn, "runs": [{"rows": [rows[1]]}]},
-    ]})
+    out = run_engines(
+        {
+            "model": str(path),
+            "engines": [
+                {"name": "multi", **base, "runs": [{"rows": rows}, {"concurrent": True, "rows": rows}]},
+                {"name": "fixed-yarn", **base, "fixed_rope": yarn, "runs": [{"rows": [rows[1]]}]},
+            ],
+        }
+    )
     want = out["fixed-yarn"]["runs"][0]["yarn"]
     assert_agree(out["multi"]["runs"][0]["yarn"], want, LOGPROB_EXACT, f"{kind} yarn alone")
     assert_agree(out["multi"]["runs"][1]["yarn"], want, LOGPROB_MIXED, f"{kind} yarn in a mixed batch")

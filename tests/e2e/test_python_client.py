@@ -13,11 +13,15 @@ def test_generate_stream_and_discovery(base_url):
     with RopeserveClient(base_url) as client:
         assert client.info().native_context_window == 8192
         assert "native" in [s.name for s in client.strategies().strategies]
-        reply = client.generate("The capital of France is", context="Paris is in France.", strategy="native",
-                                max_new_tokens=6, details=True)
+        reply = client.generate(
+            "The capital of France is", context="Paris is in France.", strategy="native", max_new_tokens=6, details=True
+        )
         assert reply.strategy["name"] == "native" and reply.details.generated_tokens == 6
-        events = list(client.generate_stream("The capital of France is", context="Paris is in France.",
-                                             strategy="native", max_new_tokens=6))
+        events = list(
+            client.generate_stream(
+                "The capital of France is", context="Paris is in France.", strategy="native", max_new_tokens=6
+            )
+        )
         assert len(events) == 6 and events[-1].generated_text == reply.generated_text  # greedy: same text
         assert "".join(e.token.text for e in events) == reply.generated_text
 

@@ -35,14 +35,21 @@ def test_huggingface_inference_client(base_url):
 def test_openai_client(base_url):
     client = OpenAI(base_url=f"{base_url}/v1", api_key="unused")
     completion = client.completions.create(
-        model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=12, temperature=0,
+        model="SmolLM2-135M-Instruct",
+        prompt=PROMPT,
+        max_tokens=12,
+        temperature=0,
         extra_body={"strategy": "native"},
     )
     assert "Paris" in completion.choices[0].text
     assert completion.usage.completion_tokens > 0
     chunks = list(
         client.completions.create(
-            model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+            model="SmolLM2-135M-Instruct",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -54,12 +61,37 @@ def test_openai_client(base_url):
 @pytest.mark.slow
 def test_vllm_bench_serve_runs_against_ropeserve(base_url, tmp_path):
     cmd = [
-        sys.executable, "-m", "clients.vllm_cli", "bench", "serve",
-        "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
-        "--model", str(default_checkpoint_dir()), "--served-model-name", "SmolLM2-135M-Instruct",
-        "--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "8",
-        "--num-prompts", "8", "--max-concurrency", "4", "--ignore-eos",
-        "--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json",
+        sys.executable,
+        "-m",
+        "clients.vllm_cli",
+        "bench",
+        "serve",
+        "--backend",
+        "openai",
+        "--base-url",
+        base_url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        str(default_checkpoint_dir()),
+        "--served-model-name",
+        "SmolLM2-135M-Instruct",
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "64",
+        "--random-output-len",
+        "8",
+        "--num-prompts",
+        "8",
+        "--max-concurrency",
+        "4",
+        "--ignore-eos",
+        "--save-result",
+        "--result-dir",
+        str(tmp_path),
+        "--result-filename",
+        "bench.json",
     ]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -56,15 +56,27 @@ def test_every_strategy_at_once_runs_on_the_one_engine(server, http: httpx.Clien
     from tests.conftest import engine_core_processes
     from tests.support.metrics_text import sample_value
 
-    specs = ["native", "linear", "ntk", "yarn", "llama3", "dynamic_ntk", {"name": "yarn", "factor": 2.7},
-             {"name": "ntk", "factor": 3.3}, {"name": "llama3", "factor": 5.5},
-             {"name": "nbce", "rope": {"name": "yarn", "factor": 1.9}}]
-    body = {"inputs": "Which city is the capital of France? Answer in one word.", "context": ["Paris is in France."],
-            "parameters": {"max_new_tokens": 6}}
+    specs = [
+        "native",
+        "linear",
+        "ntk",
+        "yarn",
+        "llama3",
+        "dynamic_ntk",
+        {"name": "yarn", "factor": 2.7},
+        {"name": "ntk", "factor": 3.3},
+        {"name": "llama3", "factor": 5.5},
+        {"name": "nbce", "rope": {"name": "yarn", "factor": 1.9}},
+    ]
+    body = {
+        "inputs": "Which city is the capital of France? Answer in one word.",
+        "context": ["Paris is in France."],
+        "parameters": {"max_new_tokens": 6},
+    }
     before = http.get("/metrics").text
     with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
         replies = list(pool.map(lambda s: http.post("/generate", json={**body, "strategy": s}), specs))
-    for spec, reply in zip(specs, replies):
+    for spec, reply in zip(specs, replies, strict=False):
         assert reply.status_code == 200, (spec, reply.text)
         name = spec if isinstance(spec, str) else spec["name"]
         assert reply.json()["strategy"]["name"] == name
@@ -72,7 +84,8 @@ def test_every_strategy_at_once_runs_on_the_one_engine(server, http: httpx.Clien
     assert sample_value(after, "ropeserve_engine_starts_total", engine="vllm") == 1
     assert sample_value(after, "ropeserve_engines") == 1
     loads = sample_value(after, "ropeserve_rope_slot_loads_total", engine="vllm") - sample_value(
-        before, "ropeserve_rope_slot_loads_total", engine="vllm")
+        before, "ropeserve_rope_slot_loads_total", engine="vllm"
+    )
     assert loads >= 3  # at least the three factors no other test uses
     cores = engine_core_processes(server.process.pid)
     assert len(cores) == 1, cores

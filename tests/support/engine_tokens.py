@@ -52,7 +52,7 @@ async def _run(engine: VllmEngine, run: dict[str, Any]) -> dict[str, Any]:
         results = await asyncio.gather(*(_row(engine, r) for r in rows))
     else:
         results = [await _row(engine, r) for r in rows]
-    return {r["id"]: out for r, out in zip(rows, results)}
+    return {r["id"]: out for r, out in zip(rows, results, strict=False)}
 
 
 async def run_engine(model_path: str, model: ModelFacts, dtype: str, spec: dict[str, Any]) -> dict[str, Any]:

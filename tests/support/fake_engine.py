@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 from server.engines.base import EngineStats, EngineStep, ModelFacts, RopeConfig, RowRequest, StepStream, TokenEvent
 from server.metrics import Metrics
@@ -12,12 +11,18 @@ from server.settings import Settings
 from strategies.registry import default_registry
 
 FAKE_MODEL = ModelFacts(
-    model_id="fake", native_window=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    head_dim=8, vocab_size=256,
+    model_id="fake",
+    native_window=64,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    head_dim=8,
+    vocab_size=256,
 )
 
 
 class ByteTokenizer:
+    eos_token_id = None
+    all_special_ids: list[int] = []
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode())
 
@@ -65,8 +70,11 @@ class FakeEngine:
             token = row.prompt_token_ids[i % len(row.prompt_token_ids)]
             done = i == n - 1
             yield EngineStep(
-                tokens=[TokenEvent(token, chr(token), -0.5, False)], text=chr(token),
-                finished=done, finish_reason="length" if done else None, prompt_tokens=len(row.prompt_token_ids),
+                tokens=[TokenEvent(token, chr(token), -0.5, False)],
+                text=chr(token),
+                finished=done,
+                finish_reason="length" if done else None,
+                prompt_tokens=len(row.prompt_token_ids),
             )
 
     async def abort(self, request_ids: list[str]) -> None:
@@ -85,8 +93,12 @@ class FakeEngine:
 def fake_service_factory(delay: float = 0.0, engine: FakeEngine | None = None):
     async def build(settings: Settings) -> GenerationService:
         return GenerationService(
-            engine=engine or FakeEngine(delay), registry=default_registry(), tokenizer=ByteTokenizer(), metrics=Metrics(),
-            default_strategy=settings.default_strategy, max_concurrent_requests=settings.max_concurrent_requests,
+            engine=engine or FakeEngine(delay),
+            registry=default_registry(),
+            tokenizer=ByteTokenizer(),
+            metrics=Metrics(),
+            default_strategy=settings.default_strategy,
+            max_concurrent_requests=settings.max_concurrent_requests,
             request_timeout_s=settings.request_timeout_s,
         )
 

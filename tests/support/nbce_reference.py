@@ -46,7 +46,7 @@ def generate(
     model: Any,
     rows: list[list[int]],
     max_new_tokens: int,
-    combination: Combination = Combination(),
+    combination: Combination | None = None,
     eos_token_ids: tuple[int, ...] = (),
     prefill_chunk: int = 2048,
 ) -> ReferenceResult:
@@ -55,7 +55,7 @@ def generate(
 
     caches = [DynamicCache() for _ in rows]
     last_logits = []
-    for row, cache in zip(rows, caches):
+    for row, cache in zip(rows, caches, strict=False):
         ids = torch.tensor([row])
         out = None
         for start in range(0, len(row), prefill_chunk):
@@ -64,7 +64,7 @@ def generate(
     result = ReferenceResult(token_ids=[])
     prev_k = None
     for _ in range(max_new_tokens):
-        merged, k = combine(torch.stack(last_logits), combination, prev_k)
+        merged, k = combine(torch.stack(last_logits), combination or Combination(), prev_k)
         top2 = merged.topk(2).values
         token = int(merged.argmax())
         result.token_ids.append(token)
@@ -74,9 +74,7 @@ def generate(
         if token in eos_token_ids:
             break
         step = torch.tensor([[token]])
-        last_logits = [
-            model(input_ids=step, past_key_values=cache, use_cache=True).logits[0, -1] for cache in caches
-        ]
+        last_logits = [model(input_ids=step, past_key_values=cache, use_cache=True).logits[0, -1] for cache in caches]
     return result
 
 

@@ -13,7 +13,10 @@ def plan_context(model: ModelFacts, tokenize: Tokenize, registry: StrategyRegist
 
 
 def plan_for(
-    spec: StrategySpec, request: StrategyRequest, model: ModelFacts, tokenize: Tokenize,
+    spec: StrategySpec,
+    request: StrategyRequest,
+    model: ModelFacts,
+    tokenize: Tokenize,
     registry: StrategyRegistry | None = None,
 ) -> ExecutionPlan:
     context = plan_context(model, tokenize, registry)

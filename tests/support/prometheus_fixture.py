@@ -34,7 +34,9 @@ PORT_RANGE = range(8100, 8200)
 
 def find_tool(name: str) -> str:
     """promtool / prometheus: on PATH or where Debian's `prometheus` package puts them."""
-    path = shutil.which(name) or next((p for p in (f"/usr/bin/{name}", f"/usr/local/bin/{name}") if os.access(p, os.X_OK)), None)
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/bin/{name}", f"/usr/local/bin/{name}") if os.access(p, os.X_OK)), None
+    )
     if path is None:
         pytest.fail(
             f"{name} not found: install the Debian package `prometheus` "
@@ -130,7 +132,10 @@ def start_prometheus(tmp_dir: Path, target: str, timeout: float = 60) -> Prometh
             "--storage.tsdb.retention.time=1h",
             "--log.level=warn",
         ],
-        cwd=tmp_dir, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=tmp_dir,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     server = PrometheusServer(f"http://127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + timeout

@@ -12,7 +12,7 @@ def parse_sse(text: str) -> list[Any]:
     events = []
     for line in text.splitlines():
         if line.startswith("data:"):
-            data = line[len("data:"):].strip()
+            data = line[len("data:") :].strip()
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 

@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.settings import Settings
 from server.engines.base import RopeConfig
+from server.settings import Settings
 from tests.support.fake_engine import FakeEngine, fake_service_factory
 
 
@@ -84,7 +84,16 @@ def test_input_character_limit():
 def test_openapi_documents_every_route():
     with _client() as client:
         paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/generate", "/generate_stream", "/", "/v1/completions", "/strategies", "/info", "/health", "/metrics"):
+    for path in (
+        "/generate",
+        "/generate_stream",
+        "/",
+        "/v1/completions",
+        "/strategies",
+        "/info",
+        "/health",
+        "/metrics",
+    ):
         assert path in paths
 
 
@@ -131,7 +140,9 @@ def test_bodies_over_the_limit_are_refused_with_413_unread_or_while_read():
 def test_unencodable_text_in_an_error_message_does_not_break_the_reply():
     with _client() as client:
         reply = client.post(
-            "/generate", content=b'{"inputs": "hi", "strategy": "\\ud800"}', headers={"content-type": "application/json"}
+            "/generate",
+            content=b'{"inputs": "hi", "strategy": "\\ud800"}',
+            headers={"content-type": "application/json"},
         )
         assert reply.status_code == 422, reply.text
         assert reply.json()["error_type"] == "validation" and "strategy" in reply.json()["error"]
@@ -140,8 +151,12 @@ def test_unencodable_text_in_an_error_message_does_not_break_the_reply():
 def test_an_nbce_row_group_larger_than_one_engine_step_is_refused_at_once():
     # The fake engine runs 8 rows per step; 20 documents make 21 rows (vLLM: max_num_seqs).
     with _client() as client:
-        body = {"inputs": "Say hi.", "parameters": {"max_new_tokens": 2}, "strategy": "nbce",
-                "context": [f"doc {i}" for i in range(20)]}
+        body = {
+            "inputs": "Say hi.",
+            "parameters": {"max_new_tokens": 2},
+            "strategy": "nbce",
+            "context": [f"doc {i}" for i in range(20)],
+        }
         started = time.monotonic()
         reply = client.post("/generate", json=body)
         assert reply.status_code == 422, reply.text
@@ -153,7 +168,9 @@ def test_a_request_past_its_deadline_gets_408_and_its_engine_row_is_aborted():
     engine = FakeEngine(delay=0.05)
     with TestClient(create_app(Settings(), fake_service_factory(engine=engine))) as client:
         started = time.monotonic()
-        reply = client.post("/generate", json={"inputs": "abcdef", "parameters": {"max_new_tokens": 50}, "deadline_s": 0.3})
+        reply = client.post(
+            "/generate", json={"inputs": "abcdef", "parameters": {"max_new_tokens": 50}, "deadline_s": 0.3}
+        )
         assert reply.status_code == 408, reply.text
         assert reply.json()["error"].startswith("deadline_s: ") and time.monotonic() - started < 3
         assert engine.cancelled == 1  # the row's stream was cancelled, which aborts it in vLLM

@@ -40,8 +40,6 @@ def value(metrics: Metrics, name: str, **labels: str) -> float | None:
     return samples(metrics).get((name, tuple(sorted(labels.items()))))
 
 
-
-
 def test_vllm_stats_reach_engine_gauges_and_strategy_histograms() -> None:
     m = Metrics(gpu=False)
     engine = FakeEngine()
@@ -50,7 +48,10 @@ def test_vllm_stats_reach_engine_gauges_and_strategy_histograms() -> None:
     m.track_request(job_a, "native")
     m.track_request(job_b, "nbce")
     iteration = EngineIteration(
-        kv_cache_usage=0.4, running_requests=3, waiting_requests=2, preempted_rows=2,
+        kv_cache_usage=0.4,
+        running_requests=3,
+        waiting_requests=2,
+        preempted_rows=2,
         finished=(
             FinishedRow(job_a, 0.5, 0.25),
             FinishedRow(f"{job_b}-row1", 1.0, 0.1),  # NBCE rows extend their request's id
@@ -155,6 +156,8 @@ def test_promtool_accepts_the_exposition_with_every_series() -> None:
     m.engine_listener(engine, EngineIteration(0.1, 1, 0, 1, (FinishedRow("d" * 32, 0.1, 0.2),)))
     m.time_to_first_token.labels("native").observe(0.3)
     text = generate_latest(m.registry).decode()
-    assert ":" not in "".join(line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#"))
+    assert ":" not in "".join(
+        line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")
+    )
     result = subprocess.run([find_tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")

@@ -44,8 +44,12 @@ def nbce_plan(context: PlanContext, request: StrategyRequest, **params: Any):
 
 
 def essay(paragraphs: int) -> str:
-    sentences = ["The river bends twice before the mill.", "Nobody remembers who built the bridge.",
-                 "In spring the fields flood and the herons come back.", "The old road is closed to carts."]
+    sentences = [
+        "The river bends twice before the mill.",
+        "Nobody remembers who built the bridge.",
+        "In spring the fields flood and the herons come back.",
+        "The old road is closed to carts.",
+    ]
     return "\n\n".join(" ".join(sentences[(p + i) % 4] for i in range(6)) for p in range(paragraphs))
 
 
@@ -65,7 +69,7 @@ def test_string_context_is_chunked_on_boundaries(tokenizer, context):
     plan = nbce_plan(context, StrategyRequest(q, (text,), 16), chunk_tokens=400)
     chunks = split_document(text, 400, tokenizer.encode)
     assert len(plan.rows) == len(chunks) + 1 > 3
-    for row, chunk in zip(plan.rows[1:], chunks):
+    for row, chunk in zip(plan.rows[1:], chunks, strict=False):
         assert row == tokenizer.encode(chunk + "\n\n" + q)
         assert len(tokenizer.encode(chunk)) <= 400 + 8
         assert chunk.endswith(".")  # sentence (here: paragraph) boundaries, never mid-word
@@ -90,8 +94,14 @@ def test_rope_composes_through_the_registry(context, facts):
 
 @pytest.mark.parametrize(
     "spec",
-    [{"name": "nbce", "pooling": "median"}, {"name": "nbce", "beta": -1}, {"name": "nbce", "chunk_tokens": 4},
-     {"name": "nbce", "rope": "nbce"}, {"name": "nbce", "rope": {"name": "nope"}}, {"name": "nbce", "bogus": 1}],
+    [
+        {"name": "nbce", "pooling": "median"},
+        {"name": "nbce", "beta": -1},
+        {"name": "nbce", "chunk_tokens": 4},
+        {"name": "nbce", "rope": "nbce"},
+        {"name": "nbce", "rope": {"name": "nope"}},
+        {"name": "nbce", "bogus": 1},
+    ],
 )
 def test_bad_parameters_are_strategy_errors(spec, context):
     with pytest.raises(StrategyError):
@@ -142,7 +152,9 @@ def test_strategies_registered_at_run_time_are_resolved_by_nbce_and_auto(tokeniz
     context = plan_context(facts, tokenizer.encode, registry)
     plan = nbce_plan(context, StrategyRequest("Q?", (essay(60),), 8), rope={"name": "half_theta", "factor": 2})
     assert plan.rope.as_dict()["rope_theta"] == facts.rope_theta / 2
-    chosen = context.resolve({"name": "auto", "rope": "half_theta"}).plan(StrategyRequest("Q?", (essay(200),), 8), context)
+    chosen = context.resolve({"name": "auto", "rope": "half_theta"}).plan(
+        StrategyRequest("Q?", (essay(200),), 8), context
+    )
     assert chosen.resolved["chosen"]["name"] == "half_theta"
     assert chosen.rope.as_dict()["rope_theta"] == facts.rope_theta / 2
     # The process-wide default registry does not know it: nothing leaks between registries.
@@ -154,14 +166,23 @@ def test_strategies_registered_at_run_time_are_resolved_by_nbce_and_auto(tokeniz
 
 
 def test_row_tag_round_trips_and_malformed_tags_are_refused():
-    tag = RowTag(job="j", group="j:2", row=2, rows=3, base=5,
-                 combination=Combination(beta=0.5, pooling="max_prob", eta=0.1, top_p=0.9),
-                 draw=Draw(greedy=False, temperature=0.7, top_k=40, top_p=0.95, seed=3))
+    tag = RowTag(
+        job="j",
+        group="j:2",
+        row=2,
+        rows=3,
+        base=5,
+        combination=Combination(beta=0.5, pooling="max_prob", eta=0.1, top_p=0.9),
+        draw=Draw(greedy=False, temperature=0.7, top_k=40, top_p=0.95, seed=3),
+    )
     extra = tag.to_extra_args()
     assert RowTag.from_extra_args(extra) == tag
     assert RowTag.from_extra_args({"other": 1}) is None and RowTag.from_extra_args(None) is None
-    for broken in ({"nbce": {"job": "j"}}, {"nbce": {**extra["nbce"], "row": 3}},
-                   {"nbce": {**extra["nbce"], "combination": {"pooling": "median"}}}):
+    for broken in (
+        {"nbce": {"job": "j"}},
+        {"nbce": {**extra["nbce"], "row": 3}},
+        {"nbce": {**extra["nbce"], "combination": {"pooling": "median"}}},
+    ):
         with pytest.raises(ValueError, match="extra_args.nbce"):
             RowTag.from_extra_args(broken)
     # The strategy's defaults are the protocol's.
@@ -172,8 +193,9 @@ def test_row_tag_round_trips_and_malformed_tags_are_refused():
 # --- the combination against the formulas, written out -------------------------------------------
 
 
-def published_step(logits: torch.Tensor, beta: float, pooling: str, eta: float, prev: int | None,
-                   top_p: float | None) -> tuple[torch.Tensor, int | None]:
+def published_step(
+    logits: torch.Tensor, beta: float, pooling: str, eta: float, prev: int | None, top_p: float | None
+) -> tuple[torch.Tensor, int | None]:
     """bojone/NBCE test.py step by step, row by row, in plain loops (row 0 unconditioned)."""
     rows = []
     for row in logits:
@@ -198,8 +220,9 @@ def published_step(logits: torch.Tensor, beta: float, pooling: str, eta: float, 
         k = scores.index(max(scores)) + 1
         pooled = rows[k]
     else:
-        entropies = [float(-(r.exp() * r.clip(-100, 0)).sum()) - (eta if prev == i + 1 else 0.0)
-                     for i, r in enumerate(rows[1:])]
+        entropies = [
+            float(-(r.exp() * r.clip(-100, 0)).sum()) - (eta if prev == i + 1 else 0.0) for i, r in enumerate(rows[1:])
+        ]
         k = entropies.index(min(entropies)) + 1
         pooled = rows[k]
     merged = torch.where(rows[0] > -100, (1 + beta) * pooled - beta * rows[0], pooled)

@@ -64,8 +64,12 @@ def hf_rope(rope_parameters: dict, max_position: int):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     config = LlamaConfig(
-        hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=HEAD_DIM,
-        max_position_embeddings=max_position, rope_parameters=dict(rope_parameters),
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=max_position,
+        rope_parameters=dict(rope_parameters),
     )
     return LlamaRotaryEmbedding(config)
 
@@ -164,7 +168,9 @@ def test_dynamic_ntk_base_follows_the_request_length() -> None:
     assert configs[12_000].resolved["rope_theta"] == configs[12_000].rope.as_dict()["rope_theta"]
     assert configs[100].resolved["rope_theta"] == 100000.0
 
-    coarse = {t: plan_for("dynamic_ntk", {"factor": 4, "bucket_tokens": 8192}, t)[1].rope for t in (8193, 12_000, 16_384)}
+    coarse = {
+        t: plan_for("dynamic_ntk", {"factor": 4, "bucket_tokens": 8192}, t)[1].rope for t in (8193, 12_000, 16_384)
+    }
     assert len(set(coarse.values())) == 1 and coarse[8193].max_model_len == 16_384
 
 

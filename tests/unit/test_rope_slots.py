@@ -15,8 +15,9 @@ from tests.support.planning import plan_for
 
 HEAD_DIM = 64
 NATIVE = 8192
-MODEL = ModelFacts("m", NATIVE, {"rope_type": "default", "rope_theta": 100000.0}, HEAD_DIM, 49152,
-                   max_context_tokens=40_000)
+MODEL = ModelFacts(
+    "m", NATIVE, {"rope_type": "default", "rope_theta": 100000.0}, HEAD_DIM, 49152, max_context_tokens=40_000
+)
 
 
 def rope(theta: float, length: int = 16384) -> RopeConfig:
@@ -44,7 +45,9 @@ def test_full_table_refuses_until_a_slot_is_released_then_reuses_the_least_recen
     b = slots.acquire(rope(4e5))
     with pytest.raises(RopeSlotsFull, match="RoPE slots"):
         slots.acquire(rope(8e5))
-    epoch_b = slots.slot_spec(rope(4e5), b)["epoch"]  # type: ignore[index]
+    spec_b = slots.slot_spec(rope(4e5), b)
+    assert spec_b is not None
+    epoch_b = spec_b["epoch"]
     slots.release(b)
     # Released but cached: the same configuration comes back to its slot without a rebuild.
     assert slots.acquire(rope(4e5)) == b and slots.loads == 2
@@ -52,7 +55,8 @@ def test_full_table_refuses_until_a_slot_is_released_then_reuses_the_least_recen
     slots.release(a)
     c = slots.acquire(rope(8e5))
     assert c == b  # b was released first
-    assert slots.slot_spec(rope(8e5), c)["epoch"] != epoch_b  # type: ignore[index]  # the worker rebuilds
+    spec_c = slots.slot_spec(rope(8e5), c)
+    assert spec_c is not None and spec_c["epoch"] != epoch_b  # the worker rebuilds
     assert slots.acquire(rope(2e5)) == a and slots.in_use() == 2 and slots.loads == 3
 
 
@@ -82,8 +86,17 @@ def test_the_engine_refuses_a_row_when_every_slot_is_held_and_frees_it_after() -
     assert "holds 16384" in (engine.refuse_rope(rope(4e5, length=32768)) or "")
     assert engine.refuse_rope(RopeConfig.native()) is None and engine.refuse_rope(rope(4e5)) is None
     # Parameters vLLM cannot build a table from are refused here, never sent to the engine core.
-    broken = RopeConfig.from_dict({"rope_type": "yarn", "rope_theta": 1e5, "factor": 2.0, "beta_fast": float("inf"),
-                                   "beta_slow": 1.0, "original_max_position_embeddings": 8192}, 16384)
+    broken = RopeConfig.from_dict(
+        {
+            "rope_type": "yarn",
+            "rope_theta": 1e5,
+            "factor": 2.0,
+            "beta_fast": float("inf"),
+            "beta_slow": 1.0,
+            "original_max_position_embeddings": 8192,
+        },
+        16384,
+    )
     assert "table" in (engine.refuse_rope(broken) or "")
     half = RopeConfig.from_dict({"rope_type": "default", "rope_theta": 1e5, "partial_rotary_factor": 0.5}, 16384)
     assert "rotate 32 dimensions" in (engine.refuse_rope(half) or "")
@@ -136,7 +149,7 @@ def test_slot_rows_equal_vllm_tables_bitwise_and_a_mixed_batch_rotates_as_each_c
     configs = [plan_rope(name, params) for name, params in CASES]
     native, table = slot_table(configs)
     references = [native] + [per_config_rotary(c) for c in configs]
-    for slot, (config, reference) in enumerate(zip([RopeConfig.native(), *configs], references)):
+    for slot, (config, reference) in enumerate(zip([RopeConfig.native(), *configs], references, strict=False)):
         rows = min(config.max_model_len or NATIVE, ROWS)
         mine = table.cos_sin_cache[slot * ROWS : slot * ROWS + rows]
         assert torch.equal(mine, reference.cos_sin_cache[:rows]), (slot, config.label())

@@ -8,8 +8,8 @@ import pytest
 
 from strategies.base import ModelFacts, StrategyError, StrategyRequest
 from strategies.registry import default_registry
-from tests.support.planning import plan_for
 from strategies.rope import suggest_rope_strategy
+from tests.support.planning import plan_for
 
 MODEL = ModelFacts("m", 8192, {"rope_type": "default", "rope_theta": 100000.0}, 64, 49152)
 ROPE = ("linear", "ntk", "dynamic_ntk", "yarn", "llama3")
@@ -38,8 +38,11 @@ def test_allowed_length_is_factor_times_native(name: str) -> None:
 
 
 def test_unknown_parameter_and_knob_checks() -> None:
-    for spec in ({"name": "yarn", "beta_fast": 1, "beta_slow": 2}, {"name": "llama3", "low_freq_factor": 4},
-                 {"name": "ntk", "alpha": 3}):
+    for spec in (
+        {"name": "yarn", "beta_fast": 1, "beta_slow": 2},
+        {"name": "llama3", "low_freq_factor": 4},
+        {"name": "ntk", "alpha": 3},
+    ):
         with pytest.raises(StrategyError):
             default_registry().resolve(spec, "native")
 

@@ -9,7 +9,6 @@ installed distribution and its entry point exactly as it would in site-packages.
 from __future__ import annotations
 
 import importlib
-import subprocess
 import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
@@ -21,19 +20,9 @@ from strategies.base import ModelFacts, StrategyRequest
 from strategies.registry import BUILTIN_STRATEGIES, ENTRY_POINT_GROUP, StrategyRegistry, default_registry
 from strategies.yarn import YarnStrategy
 from tests.support.planning import plan_for
+from tests.support.plugins import ROOT, install_plugin
 
-ROOT = Path(__file__).resolve().parents[2]
-PLUGIN = ROOT / "tests" / "plugins" / "ropeserve_testplugin"
 MODEL = ModelFacts("m", 8192, {"rope_type": "default", "rope_theta": 100000.0}, 64, 49152)
-
-
-def install_plugin(target: Path) -> None:
-    """pip-install the test plugin into `target` (not the shared environment)."""
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-         "--no-build-isolation", "--target", str(target), str(PLUGIN)],
-        check=True, cwd=ROOT,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -66,15 +55,25 @@ def test_pip_installed_plugins_are_discovered(installed_plugin: Path) -> None:
     assert {"shifted_theta", "per_document"} <= names
     registry = default_registry()
     assert set(registry.names()) == set(BUILTINS) | {"shifted_theta", "per_document"}
-    plan = plan_for({"name": "shifted_theta", "factor": 2, "theta_multiplier": 8},
-                    StrategyRequest("q", max_new_tokens=16), MODEL, lambda text: [1] * 12000, registry)
+    plan = plan_for(
+        {"name": "shifted_theta", "factor": 2, "theta_multiplier": 8},
+        StrategyRequest("q", max_new_tokens=16),
+        MODEL,
+        lambda text: [1] * 12000,
+        registry,
+    )
     assert plan.rope.as_dict() == {"rope_type": "default", "rope_theta": 800000.0}
     assert plan.max_total_tokens == 16384
     assert "theta_multiplier" in registry.get("shifted_theta").parameters_schema()["properties"]
     # The multi-row plugin plans one row per document and brings its own combiner; its rows are
     # planned through the registry it was given, so they may use another plugin's strategy.
-    rows = plan_for({"name": "per_document", "rope": "shifted_theta"}, StrategyRequest("q", ("a", "b", "c"), 16),
-                    MODEL, lambda text: [len(text)] * 9000, registry)
+    rows = plan_for(
+        {"name": "per_document", "rope": "shifted_theta"},
+        StrategyRequest("q", ("a", "b", "c"), 16),
+        MODEL,
+        lambda text: [len(text)] * 9000,
+        registry,
+    )
     assert len(rows.rows) == 3 and rows.combiner is not None and rows.combiner.name == "one_after_another"
     assert rows.rope.as_dict()["rope_theta"] == 800000.0
 

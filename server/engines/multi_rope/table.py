@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding, get_rope
 from vllm.model_executor.layers.rotary_embedding import _ROPE_DICT as VLLM_ROPE_CACHE
+from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding, get_rope
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +57,13 @@ class SlotTableRotaryEmbedding(RotaryEmbedding):
 
     def __init__(self, template: RotaryEmbedding, slots: int, slot_rows: int) -> None:
         super().__init__(
-            template.head_size, template.rotary_dim, slots * slot_rows, template.base,
-            template.is_neox_style, template.dtype, init_cache=False,
+            template.head_size,
+            template.rotary_dim,
+            slots * slot_rows,
+            template.base,
+            template.is_neox_style,
+            template.dtype,
+            init_cache=False,
         )
         native = template.cos_sin_cache
         table = torch.empty((slots * slot_rows, native.shape[1]), dtype=native.dtype, device=native.device)
@@ -96,7 +100,9 @@ def _plain_rotary(module: Any) -> bool:
     if not isinstance(module, RotaryEmbedding):
         return False
     kind = type(module)
-    return all(getattr(kind, f) is getattr(RotaryEmbedding, f) for f in ("forward_native", "forward_cpu", "forward_cuda"))
+    return all(
+        getattr(kind, f) is getattr(RotaryEmbedding, f) for f in ("forward_native", "forward_cpu", "forward_cuda")
+    )
 
 
 def install_slot_table(model: nn.Module, slots: int, slot_rows: int) -> SlotTableRotaryEmbedding:
@@ -117,8 +123,13 @@ def install_slot_table(model: nn.Module, slots: int, slot_rows: int) -> SlotTabl
     table = SlotTableRotaryEmbedding(template, slots, slot_rows)
     for owner, _ in owners:
         owner.rotary_emb = table
-    log.info("multi-RoPE: %d slots x %d rows in one %s table (%d layers)",
-             slots, slot_rows, str(table.cos_sin_cache.dtype), len(owners))
+    log.info(
+        "multi-RoPE: %d slots x %d rows in one %s table (%d layers)",
+        slots,
+        slot_rows,
+        str(table.cos_sin_cache.dtype),
+        len(owners),
+    )
     return table
 
 
@@ -147,7 +158,7 @@ def check_rope_parameters(head_size: int, rotary_dim: int, parameters: dict[str,
     try:
         with set_current_vllm_config(_check_config()), torch.device("cpu"):
             table = vllm_rope_table(head_size, True, torch.float32, parameters, CHECK_ROWS)
-    except Exception as exc:  # any failure of vLLM's constructors is a refusal, with its reason
+    except Exception as exc:  # noqa: BLE001 - any failure of vLLM's constructors is a refusal, with its reason
         return f"vLLM builds no RoPE table from these parameters ({type(exc).__name__}: {exc})"
     if table.shape[1] != rotary_dim:
         return f"these RoPE parameters rotate {table.shape[1]} dimensions of each head; the model rotates {rotary_dim}"

@@ -14,7 +14,15 @@ from typing import Any
 from pydantic import Field
 
 from server.engines.base import Engine, EngineStep, RowJob, RowRequest, StepStream
-from strategies.base import ExecutionPlan, ModelFacts, PlanContext, Strategy, StrategyError, StrategyParams, StrategyRequest
+from strategies.base import (
+    ExecutionPlan,
+    ModelFacts,
+    PlanContext,
+    Strategy,
+    StrategyError,
+    StrategyParams,
+    StrategyRequest,
+)
 from strategies.rope import RopeParams, RopeStrategy
 
 
@@ -45,8 +53,13 @@ class OneAfterAnother:
             try:
                 async for step in stream:
                     last = k == len(job.plan.rows) - 1
-                    yield EngineStep(step.tokens, step.text, step.finished and last,
-                                     step.finish_reason if last else None, prompt_tokens)
+                    yield EngineStep(
+                        step.tokens,
+                        step.text,
+                        step.finished and last,
+                        step.finish_reason if last else None,
+                        prompt_tokens,
+                    )
             finally:
                 await stream.aclose()
 
@@ -64,7 +77,9 @@ class PerDocumentStrategy(Strategy[PerDocumentParams]):
         if not request.documents:
             raise StrategyError("context: per_document needs a list of documents", field="context")
         plans = [
-            context.resolve(self.params.rope).plan(StrategyRequest(request.inputs, (doc,), request.max_new_tokens), context)
+            context.resolve(self.params.rope).plan(
+                StrategyRequest(request.inputs, (doc,), request.max_new_tokens), context
+            )
             for doc in request.documents
         ]
         return ExecutionPlan(
