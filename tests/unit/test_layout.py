@@ -1,0 +1,69 @@
+"""The rooms of README "Layout" and what each may import, checked on the source (every import,
+including those inside functions)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = ("server", "strategies", "clients", "tests")
+
+
+def imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def files(room: str) -> list[Path]:
+    return sorted((ROOT / room).rglob("*.py"))
+
+
+def under(module: str, *prefixes: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def offending(room: str, allowed: tuple[str, ...], banned: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """Imports of project modules outside `allowed`, and of anything under `banned`."""
+    out: dict[str, list[str]] = {}
+    for path in files(room):
+        bad = [
+            m
+            for m in imports(path)
+            if (under(m, *PROJECT) and not under(m, *allowed)) or under(m, *banned)
+        ]
+        if bad:
+            out[str(path.relative_to(ROOT))] = sorted(bad)
+    return out
+
+
+def test_engines_know_nothing_of_strategies_or_http() -> None:
+    assert offending("server/engines", allowed=("server.engines",), banned=("fastapi", "starlette")) == {}
+
+
+def test_engine_api_depends_on_nothing_of_the_project() -> None:
+    assert not [m for m in imports(ROOT / "server/engines/base.py") if under(m, *PROJECT)]
+
+
+def test_strategies_see_only_the_engine_api_and_vllm_only_inside_the_engine() -> None:
+    assert offending("strategies", allowed=("strategies", "server.engines.base"), banned=("fastapi",)) == {}
+    with_vllm = {str(p.relative_to(ROOT)) for p in files("strategies") if any(under(m, "vllm") for m in imports(p))}
+    # The NBCE logits processor runs in vLLM's engine core; no other strategy code touches vLLM.
+    assert with_vllm == {"strategies/nbce/processor.py"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "server").glob("http_*.py")), ids=lambda p: p.name)
+def test_http_layer_knows_no_strategy_or_vllm(path: Path) -> None:
+    bad = [m for m in imports(path) if under(m, "strategies", "vllm", "torch") or under(m, "server.engines.vllm_engine")]
+    assert bad == []
+
+
+def test_clients_speak_http_and_the_contract_schemas() -> None:
+    assert offending("clients", allowed=("clients", "server"), banned=("strategies", "server.engines")) == {}
