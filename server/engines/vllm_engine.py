@@ -241,7 +241,6 @@ class VllmEngine:
         self._last_iteration = EngineIteration()
         self._group_lock: Any = None  # asyncio.Lock, made on first use (NBCE row groups)
         self._checked_ropes: dict[str, str | None] = {}
-        self.started_at: float | None = None
         self.startup_seconds: float | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -277,7 +276,6 @@ class VllmEngine:
         self._tokenizer = self._llm.get_tokenizer()
         self._special_ids = frozenset(getattr(self._tokenizer, "all_special_ids", ()) or ())
         self.startup_seconds = time.monotonic() - started
-        self.started_at = time.time()
         log.info("engine started in %.1f s (%s)", self.startup_seconds, self.describe_rope())
 
     def _rope_args(self, cpu: bool) -> dict[str, Any]:
