@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from server import __version__
 from server.body_limit import BodyLimitMiddleware
 from server.errors import install_error_handlers
+from server.http_chat import router as chat_router
 from server.http_meta import router as meta_router
 from server.http_openai import router as openai_router
 from server.http_tgi import router as tgi_router
@@ -50,4 +51,5 @@ def create_app(settings: Settings, service_factory: ServiceFactory | None = None
     app.include_router(meta_router)
     app.include_router(tgi_router)
     app.include_router(openai_router)
+    app.include_router(chat_router)
     return app

@@ -61,6 +61,11 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
         loc = [p for p in loc if p not in _UNION_TAGS and not p.startswith(("list[", "dict[", "function-"))]
         where = ".".join(loc) or "body"
         msg = err.get("msg", "invalid")
+        if err.get("type") == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            # A whole-body check names its own field ("max_tokens: ..."): no "body: " before it.
+            if where == "body" and ": " in msg and msg.split(": ", 1)[0].replace("_", "").isalnum():
+                where, msg = msg.split(": ", 1)
         if err.get("type") == "json_invalid":
             where, msg = "body", f"malformed JSON ({err.get('ctx', {}).get('error', 'parse error')})"
         parts.append(f"{where}: {msg}")

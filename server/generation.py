@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 
 from server.engines.base import EngineStep, FinishReason, SamplingOptions, TokenEvent
 from server.errors import validation_error
-from server.schemas import CompletionRequest, GenerateParameters, GenerateRequest
+from server.schemas import ChatCompletionRequest, CompletionRequest, GenerateParameters, GenerateRequest
 from server.settings import Settings
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
+# Chat without max_tokens: a fixed cap (not "the rest of the window", which depends on the
+# strategy), so that the strategy's length check stays predictable.
+CHAT_DEFAULT_MAX_TOKENS = 1024
 
 
 def documents_of(context: str | list[str] | None) -> tuple[str, ...]:
@@ -52,6 +55,8 @@ def tgi_sampling(params: GenerateParameters, settings: Settings) -> SamplingOpti
         repetition_penalty=params.repetition_penalty or 1.0,
         frequency_penalty=params.frequency_penalty or 0.0,
         top_logprobs=params.top_n_tokens or 0,
+        # TGI's `details.prefill`: the prompt's tokens with their logprobs.
+        prompt_logprobs=0 if params.decoder_input_details and params.details else None,
     )
 
 
@@ -62,9 +67,26 @@ def tgi_request_values(body: GenerateRequest, settings: Settings) -> tuple[tuple
     return documents, sampling
 
 
-def openai_sampling(body: CompletionRequest, settings: Settings) -> SamplingOptions:
-    max_new = body.max_tokens or 16
-    check_limits(settings, max_new, "max_tokens", [body.prompt_text(), *documents_of(body.context)])
+def openai_sampling(
+    body: CompletionRequest | ChatCompletionRequest, settings: Settings, prompt: str
+) -> SamplingOptions:
+    """OpenAI's sampling fields (completions and chat) as engine sampling options.
+
+    `max_tokens: 0` (completions with `echo`) still runs one engine step, as vLLM does; the route
+    returns the prompt alone."""
+    if isinstance(body, ChatCompletionRequest):
+        max_new = (
+            body.max_completion_tokens or body.max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, settings.max_new_tokens_limit)
+        )
+        top_logprobs = (body.top_logprobs or 0) if body.logprobs else 0
+        prompt_logprobs = None
+        field_name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    else:
+        max_new = 16 if body.max_tokens is None else max(body.max_tokens, 1)
+        top_logprobs = body.logprobs or 0
+        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        field_name = "max_tokens"
+    check_limits(settings, max_new, field_name, [prompt, *documents_of(body.context)])
     temperature = 1.0 if body.temperature is None else body.temperature
     return SamplingOptions(
         max_new_tokens=max_new,
@@ -78,7 +100,8 @@ def openai_sampling(body: CompletionRequest, settings: Settings) -> SamplingOpti
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         ignore_eos=body.ignore_eos,
-        top_logprobs=body.logprobs or 0,
+        top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -88,8 +111,11 @@ class GenerationResult:
     tokens: list[TokenEvent] = field(default_factory=list)
     finish_reason: FinishReason = "length"
     prompt_tokens: int = 0
+    prompt_logprobs: list[TokenEvent] | None = None
 
     def add(self, step: EngineStep) -> None:
+        if step.prompt_logprobs is not None:
+            self.prompt_logprobs = step.prompt_logprobs
         self.text += step.text
         self.tokens.extend(step.tokens)
         self.prompt_tokens = max(self.prompt_tokens, step.prompt_tokens)

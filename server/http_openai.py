@@ -1,4 +1,9 @@
-"""OpenAI-compatible /v1/completions and /v1/models; `strategy` and `context` are extra body fields."""
+"""OpenAI-compatible /v1/completions and /v1/models; `strategy` and `context` are extra body fields.
+
+Echo and prompt logprobs follow vLLM's OpenAI server: with `echo`, the prompt's text comes before
+the completion's, and with `logprobs: N` its tokens too (the first one's logprob null), each with
+its `top_logprobs` (the token itself and the N likeliest); `max_tokens: 0` returns the prompt alone.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from server.deps import get_service, get_settings_dep, require_api_key
 from server.engines.base import FinishReason, TokenEvent
-from server.errors import as_api_error, error_body
+from server.errors import as_api_error, error_body, validation_error
 from server.generation import GenerationResult, collect, documents_of, openai_sampling
 from server.schemas import (
     GENERATION_ERRORS,
@@ -30,15 +35,21 @@ from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 ERRORS = GENERATION_ERRORS
+# JSON has no -inf: the floor OpenAI and vLLM report instead.
+LOGPROB_FLOOR = -9999.0
 
 
-def _finish(reason: FinishReason | None) -> Literal["length", "stop"] | None:
+def finish(reason: FinishReason | None) -> Literal["length", "stop"] | None:
     if reason is None:
         return None
     return "length" if reason == "length" else "stop"
 
 
-def _usage(job: Job, generated: int) -> Usage:
+def logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+def usage(job: Job, generated: int) -> Usage:
     return Usage(
         prompt_tokens=job.plan.prompt_tokens,
         completion_tokens=generated,
@@ -46,22 +57,54 @@ def _usage(job: Job, generated: int) -> Usage:
     )
 
 
-def _logprobs(job: Job, tokens: list[TokenEvent]) -> CompletionLogprobs | None:
-    if not job.sampling.top_logprobs:
-        return None
-    return CompletionLogprobs(tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens])
-
-
-def _model_name(service: GenerationService, settings: Settings) -> str:
+def model_name(service: GenerationService, settings: Settings) -> str:
     return settings.served_model_name or service.model.model_id
+
+
+def refuse_combined_logprobs(job: Job, wanted: bool) -> None:
+    """A multi-row plan's tokens come from its combiner, not from one distribution of the model:
+    there are no logprobs to report, and nulls where OpenAI promises numbers would mislead."""
+    if wanted and len(job.plan.rows) > 1:
+        raise validation_error(
+            f"logprobs: '{job.strategy_name}' chooses each token from {len(job.plan.rows)} rows combined; "
+            "it has no per-token logprobs (leave out logprobs, or use a single-row strategy)"
+        )
+
+
+def completion_logprobs(tokens: list[TokenEvent], first_offset: int = 0) -> CompletionLogprobs:
+    """OpenAI's completion logprobs: token texts, their logprobs, the likeliest per position,
+    and each token's character offset in the returned text."""
+    offsets, at = [], first_offset
+    for token in tokens:
+        offsets.append(at)
+        at += len(token.text)
+    return CompletionLogprobs(
+        tokens=[t.text for t in tokens],
+        token_logprobs=[None if t.logprob is None else logprob(t.logprob) for t in tokens],
+        top_logprobs=[None if t.logprob is None else {top.text: logprob(top.logprob) for top in t.top} for t in tokens],
+        text_offset=offsets,
+    )
 
 
 @router.get("/models", response_model=ModelList)
 async def models(
     service: GenerationService = Depends(get_service), settings: Settings = Depends(get_settings_dep)
 ) -> ModelList:
-    card = ModelCard(id=_model_name(service, settings), created=0, max_model_len=service.model.native_window)
+    card = ModelCard(id=model_name(service, settings), created=0, max_model_len=service.model.native_window)
     return ModelList(data=[card])
+
+
+async def _prepare(body: CompletionRequest, service: GenerationService, settings: Settings) -> tuple[Job, str]:
+    """The planned job and the prompt's text as echoed (documents, blank line, prompt)."""
+    prompt = body.prompt_value()
+    documents = documents_of(body.context)
+    ids = prompt if isinstance(prompt, list) else None
+    inputs = service.tokenizer.decode(prompt) if isinstance(prompt, list) else prompt
+    sampling = openai_sampling(body, settings, inputs)
+    job = await service.prepare(inputs, documents, sampling, body.strategy, body.deadline_s, prompt_token_ids=ids)
+    refuse_combined_logprobs(job, body.logprobs is not None)
+    service.check_capacity(job)
+    return job, "\n\n".join((*documents, inputs))
 
 
 @router.post("/completions", response_model=CompletionResponse, responses={**ERRORS, **STREAM_TOO})
@@ -71,33 +114,41 @@ async def completions(
     service: GenerationService = Depends(get_service),
     settings: Settings = Depends(get_settings_dep),
 ) -> CompletionResponse | StreamingResponse:
-    sampling = openai_sampling(body, settings)
-    job = await service.prepare(
-        body.prompt_text(), documents_of(body.context), sampling, body.strategy, body.deadline_s
-    )
-    service.check_capacity(job)
-    model = body.model or _model_name(service, settings)
+    job, prompt_text = await _prepare(body, service, settings)
+    model = body.model or model_name(service, settings)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(service, job, model, include_usage)
+        events = _stream(service, job, body, prompt_text, model, include_usage)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
     result = await until_disconnect(request, collect(service.run(job)))
+    generated = [] if body.max_tokens == 0 else result.tokens
+    text = "" if body.max_tokens == 0 else result.text
+    tokens = generated
+    if body.echo:
+        text = prompt_text + text
+        tokens = [*(result.prompt_logprobs or []), *generated]
     choice = CompletionChoice(
-        text=result.text, finish_reason=_finish(result.finish_reason), logprobs=_logprobs(job, result.tokens)
+        text=text,
+        finish_reason="length" if body.max_tokens == 0 else finish(result.finish_reason),
+        logprobs=completion_logprobs(tokens) if body.logprobs is not None else None,
     )
     return CompletionResponse(
         id=f"cmpl-{job.request_id}",
         created=int(time.time()),
         model=model,
         choices=[choice],
-        usage=_usage(job, len(result.tokens)),
+        usage=usage(job, len(generated)),
         strategy=job.describe(),
     )
 
 
-async def _stream(service: GenerationService, job: Job, model: str, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    service: GenerationService, job: Job, body: CompletionRequest, prompt_text: str, model: str, include_usage: bool
+) -> AsyncIterator[str]:
     created = int(time.time())
     result = GenerationResult()
+    offset = 0
+    echo_pending = body.echo
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         body = CompletionResponse(
@@ -109,12 +160,19 @@ async def _stream(service: GenerationService, job: Job, model: str, include_usag
     try:
         async for step in service.run(job):
             result.add(step)
-            finish = _finish(step.finish_reason) if step.finished else None
-            if step.tokens or step.text or finish:
-                choice = CompletionChoice(text=step.text, finish_reason=finish, logprobs=_logprobs(job, step.tokens))
-                yield chunk([choice])
+            text, tokens = ("", []) if body.max_tokens == 0 else (step.text, step.tokens)
+            if echo_pending:
+                echo_pending = False
+                text, tokens = prompt_text + text, [*(step.prompt_logprobs or []), *tokens]
+            reason = None
+            if step.finished:
+                reason = "length" if body.max_tokens == 0 else finish(step.finish_reason)
+            if tokens or text or reason:
+                logprobs = completion_logprobs(tokens, offset) if body.logprobs is not None else None
+                offset += sum(len(t.text) for t in tokens)
+                yield chunk([CompletionChoice(text=text, finish_reason=reason, logprobs=logprobs)])
         if include_usage:
-            yield chunk([], _usage(job, len(result.tokens)))
+            yield chunk([], usage(job, 0 if body.max_tokens == 0 else len(result.tokens)))
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band, as vLLM does
         err = as_api_error(exc)
         yield sse_event(error_body(err.message, err.error_type))

@@ -17,6 +17,7 @@ from server.schemas import (
     Details,
     GenerateRequest,
     GenerateResponse,
+    PrefillToken,
     StreamDetails,
     StreamResponse,
     Token,
@@ -49,6 +50,7 @@ def _response(job: Job, result: GenerationResult, with_details: bool) -> Generat
             generated_tokens=len(result.tokens),
             seed=job.sampling.seed if not job.sampling.greedy else None,
             input_length=job.plan.prompt_tokens,
+            prefill=[PrefillToken(id=t.id, text=t.text, logprob=t.logprob) for t in result.prompt_logprobs or []],
             tokens=[_token(t) for t in result.tokens],
         )
     return GenerateResponse(generated_text=result.text, details=details, strategy=job.describe())

@@ -18,6 +18,8 @@ MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 2**31 - 1
 MAX_DEADLINE_S = 86_400.0
+# vLLM's default max_logprobs.
+MAX_LOGPROBS = 20
 
 
 def _unencodable(value: Any, path: str) -> str | None:
@@ -240,11 +242,15 @@ class StreamOptions(RequestBody):
 
 
 class CompletionRequest(RequestBody):
-    """Body of POST /v1/completions; `strategy` and `context` are ropeserve's extra fields."""
+    """Body of POST /v1/completions; `strategy` and `context` are ropeserve's extra fields.
+
+    `prompt`: a string or token ids, alone or as a one-element list (one prompt per request).
+    `echo` with `logprobs: N` returns the prompt's tokens and logprobs before the completion's, as
+    vLLM does; `max_tokens: 0` (only with `echo`) returns the prompt alone."""
 
     model: str | None = None
-    prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int | None = Field(default=16, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    max_tokens: int | None = Field(default=16, ge=0)
     temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
@@ -253,7 +259,7 @@ class CompletionRequest(RequestBody):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -274,12 +280,22 @@ class CompletionRequest(RequestBody):
 
     @field_validator("prompt")
     @classmethod
-    def _single_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and (len(prompt) != 1 or not prompt[0]):
-            raise ValueError("exactly one non-empty prompt string is supported")
+    def _single_prompt(
+        cls, prompt: str | list[str] | list[int] | list[list[int]]
+    ) -> str | list[str] | list[int] | list[list[int]]:
+        if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+            return prompt
+        if len(prompt) != 1 or not prompt[0]:
+            raise ValueError("exactly one non-empty prompt (a string or a list of token ids) is supported")
         return prompt
 
-    @field_validator("echo", "suffix", "logit_bias")
+    @model_validator(mode="after")
+    def _echo_for_zero_tokens(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo (the prompt alone is returned)")
+        return self
+
+    @field_validator("suffix", "logit_bias")
     @classmethod
     def _unsupported(cls, value: Any, info: Any) -> Any:
         if value not in (None, False, {}):
@@ -293,8 +309,17 @@ class CompletionRequest(RequestBody):
             raise ValueError("stop sequences must be non-empty strings")
         return stop
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompt_value(self) -> str | list[int]:
+        """The one prompt: its text, or its token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return prompt
+        if all(isinstance(t, int) for t in prompt):
+            return [t for t in prompt if isinstance(t, int)]
+        first = prompt[0]
+        if isinstance(first, str):
+            return first
+        return [t for t in first] if isinstance(first, list) else [first]
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -343,3 +368,150 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- OpenAI-compatible chat completions --------------------------------------------------------
+
+
+class TextPart(RequestBody):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(RequestBody):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(RequestBody):
+    """Body of POST /v1/chat/completions; `strategy` and `context` are ropeserve's extra fields.
+
+    The messages go through the model's chat template (with the assistant's turn opened); the
+    `context` documents come before that text as for every route (CONTRACT.md's join)."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    ignore_eos: StrictBool = False
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    strategy: StrategySpec | None = None
+    context: str | list[str] | None = None
+    deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_DEADLINE_S,
+        description="ropeserve's extra field: seconds after arrival when the server aborts the request (408)",
+    )
+
+    @field_validator("logit_bias", "tools")
+    @classmethod
+    def _unsupported(cls, value: Any, info: Any) -> Any:
+        if value not in (None, {}, []):
+            raise ValueError(f"{info.field_name} is not supported by ropeserve")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") != "text":
+            raise ValueError("response_format: only {'type': 'text'} is supported by ropeserve")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if stop is not None and any(not s for s in ([stop] if isinstance(stop, str) else stop)):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stop
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["length", "stop"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    strategy: dict[str, Any] | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["length", "stop"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None

@@ -130,14 +130,23 @@ class GenerationService:
         sampling: SamplingOptions,
         strategy_spec: StrategySpec | None,
         deadline_s: float | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> Job:
         """Validate and plan a request; raises StrategyError (422) before any engine work.
 
-        `deadline_s`: the client's deadline; the server's `request_timeout_s` caps it."""
+        `deadline_s`: the client's deadline; the server's `request_timeout_s` caps it.
+        `prompt_token_ids`: the prompt as token ids (then `inputs` is their text, no documents)."""
         arrived = time.perf_counter()
         try:
             strategy = self.resolve_strategy(strategy_spec)
-            request = StrategyRequest(inputs=inputs, documents=documents, max_new_tokens=sampling.max_new_tokens)
+            if prompt_token_ids is not None:
+                self._check_token_ids(prompt_token_ids, documents)
+            request = StrategyRequest(
+                inputs=inputs,
+                documents=documents,
+                max_new_tokens=sampling.max_new_tokens,
+                token_ids=None if prompt_token_ids is None else tuple(prompt_token_ids),
+            )
             context = self.plan_context()
             if len(inputs) + sum(map(len, documents)) >= TOKENIZE_IN_THREAD_CHARS:
                 plan = await asyncio.to_thread(strategy.plan, request, context)
@@ -147,6 +156,12 @@ class GenerationService:
                 raise StrategyError(f"strategy: {refusal}")
             if len(plan.rows) > 1:
                 self._check_row_group(plan, sampling.max_new_tokens)
+            if sampling.prompt_logprobs is not None and len(plan.rows) > 1:
+                raise StrategyError(
+                    f"echo: prompt logprobs (echo, decoder_input_details) need one prompt; '{strategy.name}' runs "
+                    f"{len(plan.rows)} rows; use a single-row strategy",
+                    field="echo",
+                )
             if len(plan.rows) > 1 and plan.combiner is None:
                 raise StrategyError(f"strategy: '{strategy.name}' planned {len(plan.rows)} rows and no combiner")
             if plan.combiner is None and sampling.seed is not None and not sampling.greedy and not self.engine_seeds:
@@ -191,6 +206,17 @@ class GenerationService:
             self.metrics.refresh_engine(self.engine)
             self.restarting = False
             log.info("engine restarted")
+
+    def _check_token_ids(self, ids: list[int], documents: tuple[str, ...]) -> None:
+        vocab = self.model.vocab_size
+        if not ids:
+            raise StrategyError("prompt: a token-id prompt must hold at least one token", field="prompt")
+        if (bad := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
+            raise StrategyError(f"prompt: token id {bad} is outside the vocabulary (0..{vocab - 1})", field="prompt")
+        if documents:
+            raise StrategyError(
+                "context: a token-id prompt cannot be combined with `context`; send text", field="context"
+            )
 
     def _check_row_group(self, plan: ExecutionPlan, max_new_tokens: int) -> None:
         """Rows decoded in lockstep must all be in the batch at once, and in the KV cache at once."""

@@ -84,7 +84,7 @@ class AutoStrategy(Strategy[AutoParams]):
         # The chosen strategy tokenizes the same prompt again: once is enough.
         context = context.with_tokenize(_memo(context.tokenize))
         model, tokenize, p = context.model, context.tokenize, self.params
-        prompt_tokens = len(tokenize(request.plain_prompt()))
+        prompt_tokens = len(request.plain_prompt_ids(tokenize))
         needed = prompt_tokens + request.max_new_tokens
         spec: StrategySpec
         if needed <= model.native_window:

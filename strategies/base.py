@@ -46,6 +46,8 @@ __all__ = [
 
 DOCUMENT_SEPARATOR = "\n\n"
 
+Tokenize = Callable[[str], list[int]]
+
 
 class StrategyError(ValueError):
     """A request the strategy cannot serve; `field` names the request field at fault."""
@@ -58,16 +60,23 @@ class StrategyError(ValueError):
 
 @dataclass(frozen=True)
 class StrategyRequest:
+    """One request as strategies see it. `token_ids`: the prompt as token ids (OpenAI's
+    `prompt: [ids]`), then without documents; `inputs` is their decoded text."""
+
     inputs: str
     documents: tuple[str, ...] = ()
     max_new_tokens: int = 64
+    token_ids: tuple[int, ...] | None = None
 
     def plain_prompt(self) -> str:
         """The text the plain strategies read (CONTRACT.md): documents, blank line, inputs."""
         return DOCUMENT_SEPARATOR.join((*self.documents, self.inputs))
 
+    def plain_prompt_ids(self, tokenize: Tokenize) -> list[int]:
+        """The one row the plain strategies run: the given token ids, else the plain prompt tokenized."""
+        return list(self.token_ids) if self.token_ids is not None else tokenize(self.plain_prompt())
 
-Tokenize = Callable[[str], list[int]]
+
 # A request's `strategy` field: a registered name, or {"name": ..., **parameters}.
 StrategySpec = str | dict[str, Any]
 

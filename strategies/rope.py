@@ -132,7 +132,7 @@ class RopeStrategy(Strategy[RP]):
 
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
         model = context.model
-        row = context.tokenize(request.plain_prompt())
+        row = request.plain_prompt_ids(context.tokenize)
         needed = len(row) + request.max_new_tokens
         limit = self.max_total_tokens(model)
         hint = "" if needed <= limit else self._hint(needed, model)

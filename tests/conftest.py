@@ -126,8 +126,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="session")
-def base_url(server: RunningServer) -> str:
-    return server.url
+def base_url(request: pytest.FixtureRequest) -> str:
+    """The session server, or an already running one named by ROPESERVE_TEST_URL (float32!), for
+    quick loops while developing."""
+    url = os.environ.get("ROPESERVE_TEST_URL")
+    return url if url else request.getfixturevalue("server").url
 
 
 @pytest.fixture

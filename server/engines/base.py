@@ -116,16 +116,33 @@ class SamplingOptions:
     presence_penalty: float = 0.0
     ignore_eos: bool = False
     top_logprobs: int = 0
+    # Log-probabilities of the prompt's tokens, with this many alternatives each (None: not asked).
+    prompt_logprobs: int | None = None
     # Opaque per-request data for engine-side processors (e.g. NBCE's row group).
     extra_args: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
+class TopToken:
+    """One of the likeliest tokens at a position, with its log-probability."""
+
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
 class TokenEvent:
+    """A generated (or, in `EngineStep.prompt_logprobs`, a prompt) token.
+
+    `logprob` is None where there is none (logprobs not asked for; the first prompt token);
+    `top` holds the token itself and the `top_logprobs` likeliest ones, as the engine ranks them."""
+
     id: int
     text: str
     logprob: float | None
     special: bool
+    top: tuple[TopToken, ...] = ()
 
 
 @dataclass
@@ -137,6 +154,8 @@ class EngineStep:
     finished: bool = False
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
+    # The prompt's tokens with their log-probabilities, once, when `prompt_logprobs` was asked for.
+    prompt_logprobs: list[TokenEvent] | None = None
 
 
 # A row's (or a combined request's) new tokens as they come; closing it aborts the engine rows.
@@ -202,6 +221,10 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+    def apply_chat_template(
+        self, conversation: list[dict[str, str]], *, tokenize: bool, add_generation_prompt: bool
+    ) -> str: ...
 
 
 class EngineDown(RuntimeError):

@@ -36,6 +36,7 @@ from server.engines.base import (
     StatsListener,
     StepStream,
     TokenEvent,
+    TopToken,
 )
 from server.engines.multi_rope import CONFIG_KEY, WORKER_CLASSES
 from server.engines.rope_slots import ROPE_EXTRA_KEY, RopeSlots
@@ -158,6 +159,7 @@ def _to_vllm_sampling(options: SamplingOptions, extra_args: dict[str, Any] | Non
         presence_penalty=options.presence_penalty,
         ignore_eos=options.ignore_eos,
         logprobs=options.top_logprobs,
+        prompt_logprobs=options.prompt_logprobs,
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra_args,
         skip_special_tokens=True,
@@ -436,11 +438,15 @@ class VllmEngine:
     def _step(self, output: Any, row: RowRequest) -> EngineStep:
         completion = output.outputs[0]
         return EngineStep(
-            tokens=self._token_events(completion),
+            tokens=self._token_events(completion.token_ids, completion.logprobs),
             text=completion.text,
             finished=output.finished,
             finish_reason=_finish_reason(completion) if output.finished else None,
             prompt_tokens=len(row.prompt_token_ids),
+            # vLLM hands them over once, at the end of the prefill (later outputs carry an empty list).
+            prompt_logprobs=(
+                self._token_events(row.prompt_token_ids, output.prompt_logprobs) if output.prompt_logprobs else None
+            ),
         )
 
     async def generate_group(self, rows: list[RowRequest]) -> list[StepStream]:
@@ -502,23 +508,30 @@ class VllmEngine:
             queue.close()
             self._release(slot)
 
-    def _token_events(self, completion: Any) -> list[TokenEvent]:
+    def _token_events(self, token_ids: Any, logprobs: Any) -> list[TokenEvent]:
+        """vLLM's token ids and their per-position {token id: Logprob} dicts (None where there is
+        none) as TokenEvents; each dict holds the token itself and the likeliest alternatives."""
         events = []
-        logprobs = completion.logprobs or []
-        for i, token_id in enumerate(completion.token_ids):
-            entry = logprobs[i].get(token_id) if i < len(logprobs) else None
-            text = entry.decoded_token if entry is not None and entry.decoded_token is not None else None
-            if text is None:
-                text = self._tokenizer.decode([token_id])
+        logprobs = logprobs or []
+        for i, token_id in enumerate(token_ids):
+            ranked = logprobs[i] if i < len(logprobs) else None
+            entry = ranked.get(token_id) if ranked else None
             events.append(
                 TokenEvent(
                     id=int(token_id),
-                    text=text,
+                    text=self._decoded(token_id, entry),
                     logprob=float(entry.logprob) if entry is not None else None,
                     special=token_id in self._special_ids,
+                    top=tuple(
+                        TopToken(int(t), self._decoded(t, lp), float(lp.logprob)) for t, lp in (ranked or {}).items()
+                    ),
                 )
             )
         return events
+
+    def _decoded(self, token_id: int, entry: Any) -> str:
+        text = entry.decoded_token if entry is not None else None
+        return str(text) if text is not None else str(self._tokenizer.decode([token_id]))
 
     async def abort(self, request_ids: list[str]) -> None:
         if self._llm is not None and request_ids:

@@ -19,7 +19,7 @@ gives the RoPE configuration and the longest row. The plan's rows are `[uncond, 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -70,6 +70,12 @@ class NbceParams(StrategyParams):
         le=1.0,
         description="per-row nucleus truncation before pooling (the reference uses 0.95); none: full vocabulary",
     )
+    split: Literal["context", "last_paragraph", "last_line"] = Field(
+        default="context",
+        description="where the document comes from: the request's `context`; or, for clients that cannot "
+        "send one (lm-eval, plain OpenAI clients), the prompt itself, split into document (before) and "
+        "question (after) at its last blank line (`last_paragraph`) or its last line break (`last_line`)",
+    )
     rope: StrategySpec = Field(
         default="native", description="RoPE strategy spec the rows run under (a name or {'name': ..., ...})"
     )
@@ -97,6 +103,18 @@ def rope_plan_for(rope_strategy: Strategy[Any], text: str, max_new_tokens: int, 
     return plan
 
 
+def split_prompt(request: StrategyRequest, separator: str) -> StrategyRequest:
+    """The prompt as document (before the last `separator`) and question (after it)."""
+    cut = request.inputs.rstrip().rfind(separator)
+    if cut <= 0:
+        raise StrategyError(
+            f"inputs: nbce with split needs a prompt with {separator!r} between the document and the question",
+            field="inputs",
+        )
+    document, question = request.inputs[:cut], request.inputs[cut + len(separator) :]
+    return StrategyRequest(inputs=question, documents=(document,), max_new_tokens=request.max_new_tokens)
+
+
 class NbceStrategy(Strategy[NbceParams]):
     name = "nbce"
     description = (
@@ -110,6 +128,8 @@ class NbceStrategy(Strategy[NbceParams]):
 
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
         p, model, tokenize = self.params, context.model, context.tokenize
+        if p.split != "context" and not request.documents:
+            request = split_prompt(request, "\n\n" if p.split == "last_paragraph" else "\n")
         if not request.documents or not any(d.strip() for d in request.documents):
             raise StrategyError("context: nbce needs a context (a document or a list of documents)", field="context")
         rope_strategy = resolve_rope_strategy(p.rope, context)
@@ -150,6 +170,7 @@ class NbceStrategy(Strategy[NbceParams]):
             "pooling": p.pooling,
             "eta": p.eta,
             "top_p": p.top_p,
+            "split": p.split,
             "rope": probe.resolved,
             "rows": len(rows),
             "row_tokens": [len(r) for r in rows],

@@ -29,6 +29,12 @@ class ByteTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return bytes(ids).decode(errors="replace")
 
+    def apply_chat_template(
+        self, conversation: list[dict[str, str]], *, tokenize: bool, add_generation_prompt: bool
+    ) -> str:
+        turns = "".join(f"<{m['role']}>{m['content']}\n" for m in conversation)
+        return turns + ("<assistant>" if add_generation_prompt else "")
+
 
 class FakeEngine:
     """Echoes the prompt's bytes back, one token per `delay` seconds."""

@@ -34,11 +34,7 @@ def offending(room: str, allowed: tuple[str, ...], banned: tuple[str, ...] = ())
     """Imports of project modules outside `allowed`, and of anything under `banned`."""
     out: dict[str, list[str]] = {}
     for path in files(room):
-        bad = [
-            m
-            for m in imports(path)
-            if (under(m, *PROJECT) and not under(m, *allowed)) or under(m, *banned)
-        ]
+        bad = [m for m in imports(path) if (under(m, *PROJECT) and not under(m, *allowed)) or under(m, *banned)]
         if bad:
             out[str(path.relative_to(ROOT))] = sorted(bad)
     return out
@@ -61,7 +57,9 @@ def test_strategies_see_only_the_engine_api_and_vllm_only_inside_the_engine() ->
 
 @pytest.mark.parametrize("path", sorted((ROOT / "server").glob("http_*.py")), ids=lambda p: p.name)
 def test_http_layer_knows_no_strategy_or_vllm(path: Path) -> None:
-    bad = [m for m in imports(path) if under(m, "strategies", "vllm", "torch") or under(m, "server.engines.vllm_engine")]
+    bad = [
+        m for m in imports(path) if under(m, "strategies", "vllm", "torch") or under(m, "server.engines.vllm_engine")
+    ]
     assert bad == []
 
 
