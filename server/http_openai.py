@@ -99,7 +99,9 @@ async def _prepare(body: CompletionRequest, service: GenerationService, settings
     prompt = body.prompt_value()
     documents = documents_of(body.context)
     ids = prompt if isinstance(prompt, list) else None
-    inputs = service.tokenizer.decode(prompt) if isinstance(prompt, list) else prompt
+    if ids is not None:
+        service.check_token_ids(ids, documents)  # before decoding: ids outside the vocabulary are a 422
+    inputs = service.tokenizer.decode(ids) if ids is not None else str(prompt)
     sampling = openai_sampling(body, settings, inputs)
     job = await service.prepare(inputs, documents, sampling, body.strategy, body.deadline_s, prompt_token_ids=ids)
     refuse_combined_logprobs(job, body.logprobs is not None)

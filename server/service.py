@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,8 +93,11 @@ class GenerationService:
         engine_seeds: bool = True,
         request_timeout_s: float | None = None,
         engine_factory: Callable[[], Awaitable[Engine]] | None = None,
+        strategy_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.engine = engine
+        # Server-side configuration strategies read while planning (PlanContext.options).
+        self.strategy_options = dict(strategy_options or {})
         self.registry = registry
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -118,7 +121,9 @@ class GenerationService:
         return list(self.tokenizer.encode(text))
 
     def plan_context(self) -> PlanContext:
-        return PlanContext(model=self.model, tokenize=self.tokenize, resolve=self.resolve_strategy)
+        return PlanContext(
+            model=self.model, tokenize=self.tokenize, resolve=self.resolve_strategy, options=self.strategy_options
+        )
 
     def resolve_strategy(self, spec: StrategySpec | None) -> Strategy[Any]:
         return self.registry.resolve(spec, self.default_strategy)
@@ -140,7 +145,7 @@ class GenerationService:
         try:
             strategy = self.resolve_strategy(strategy_spec)
             if prompt_token_ids is not None:
-                self._check_token_ids(prompt_token_ids, documents)
+                self.check_token_ids(prompt_token_ids, documents)
             request = StrategyRequest(
                 inputs=inputs,
                 documents=documents,
@@ -207,7 +212,8 @@ class GenerationService:
             self.restarting = False
             log.info("engine restarted")
 
-    def _check_token_ids(self, ids: list[int], documents: tuple[str, ...]) -> None:
+    def check_token_ids(self, ids: list[int], documents: tuple[str, ...]) -> None:
+        """A token-id prompt: non-empty, every id in the vocabulary, no documents (StrategyError)."""
         vocab = self.model.vocab_size
         if not ids:
             raise StrategyError("prompt: a token-id prompt must hold at least one token", field="prompt")

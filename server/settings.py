@@ -19,6 +19,11 @@ class Settings(BaseSettings):
     )
     model_cache: str | None = Field(default=None, description="where the bundled GGUF is converted to")
     served_model_name: str | None = None
+    auto_policy: str | None = Field(
+        default=None,
+        description="measured policy file for `auto` (ropeserve eval --write-policy); default: the shipped "
+        "strategies/auto_policy.json when it was measured on the served model; 'none': thresholds only",
+    )
     default_strategy: str = "native"
     dtype: str = "auto"
     kv_cache_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU engines")

@@ -1,5 +1,10 @@
 """`auto`: pick the strategy by length.
 
+With a measured policy (strategies/auto_policy.py; the server loads the shipped one for the
+bundled model), the request's length (prompt + max_new_tokens) selects a band and the band's best
+measured strategy that applies is used (its factor raised if the request needs more); the
+response says which band and which scores chose it. Without a policy, or past its last band:
+
 * the plain prompt (documents, blank line, question) plus max_new_tokens fits the native window
   → `native`;
 * else, up to `max_rope_factor` × the window (and within what the KV cache holds) → the RoPE
@@ -18,6 +23,7 @@ from typing import Any
 
 from pydantic import Field
 
+from strategies.auto_policy import AutoPolicy
 from strategies.base import (
     ExecutionPlan,
     ModelFacts,
@@ -29,7 +35,7 @@ from strategies.base import (
     StrategySpec,
     Tokenize,
 )
-from strategies.rope import suggest_rope_strategy
+from strategies.rope import smallest_power_of_two_factor, suggest_rope_strategy
 
 # Passkey measurements on the bundled model (README "Strategies", 5 keys per cell at 12k/16k/24k):
 # dynamic_ntk 13/15, llama3 12/15, ntk at the smallest factor 9/15 (it retrieves only well inside
@@ -57,6 +63,9 @@ class AutoParams(StrategyParams):
         le=16.0,
         description="factor of that RoPE scaling (dynamic_ntk: its cap); raised to the smallest sufficient one "
         "if a prompt needs more",
+    )
+    use_policy: bool = Field(
+        default=True, description="follow the server's measured policy where it has one for this length"
     )
 
 
@@ -86,6 +95,11 @@ class AutoStrategy(Strategy[AutoParams]):
         model, tokenize, p = context.model, context.tokenize, self.params
         prompt_tokens = len(request.plain_prompt_ids(tokenize))
         needed = prompt_tokens + request.max_new_tokens
+        policy = context.options.get("auto_policy")
+        if p.use_policy and isinstance(policy, AutoPolicy):
+            planned = self._follow_policy(policy, request, context, needed)
+            if planned is not None:
+                return planned
         spec: StrategySpec
         if needed <= model.native_window:
             spec, reason = (
@@ -121,6 +135,38 @@ class AutoStrategy(Strategy[AutoParams]):
         plan = context.resolve(spec).plan(request, context)
         plan.resolved = {"name": self.name, "chosen": plan.resolved, "reason": reason}
         return plan
+
+    def _follow_policy(
+        self, policy: AutoPolicy, request: StrategyRequest, context: PlanContext, needed: int
+    ) -> ExecutionPlan | None:
+        """The band's best measured strategy that applies and fits; None: no band, or none fits."""
+        band = policy.band_for(needed)
+        if band is None:
+            return None
+        has_context = any(d.strip() for d in request.documents)
+        for rank, choice in enumerate(band.ranked, start=1):
+            spec = dict(choice.strategy)
+            if spec.get("name") == "nbce" and not has_context:
+                continue
+            if isinstance(spec.get("factor"), (int, float)):
+                spec["factor"] = max(
+                    float(spec["factor"]), smallest_power_of_two_factor(needed, context.model.native_window)
+                )
+            try:
+                plan = context.resolve(spec).plan(request, context)
+            except StrategyError:
+                continue
+            measured = ", ".join(f"{task} {score}" for task, score in choice.tasks.items())
+            plan.resolved = {
+                "name": self.name,
+                "chosen": plan.resolved,
+                "reason": f"{needed} tokens fall in the measured band up to {band.up_to_tokens}; "
+                f"'{choice.label}' ranks {rank} there (score {choice.score:g}: {measured})",
+                "policy": {"band_up_to_tokens": band.up_to_tokens, "rank": rank, "score": choice.score,
+                           "tasks": choice.tasks, "source": policy.path},
+            }  # fmt: skip
+            return plan
+        return None
 
     @staticmethod
     def _rope_suggestion(needed: int, model: ModelFacts, p: AutoParams) -> dict[str, Any] | None:

@@ -19,8 +19,8 @@ them. The engine runs plans; it never sees strategies.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -97,6 +97,9 @@ class PlanContext:
     model: ModelFacts
     tokenize: Tokenize
     resolve: Callable[[StrategySpec], Strategy[Any]]
+    # Server-side configuration strategies may read, keyed by what it is (e.g. "auto_policy": the
+    # measured policy `auto` follows); set by the server, never by a request.
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def with_tokenize(self, tokenize: Tokenize) -> PlanContext:
         return replace(self, tokenize=tokenize)

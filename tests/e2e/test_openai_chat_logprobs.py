@@ -107,6 +107,9 @@ def test_prompt_logprobs_refusals(http):
     cases = [
         ({"prompt": "Which animal?", "echo": True, "logprobs": 1, "strategy": "nbce", "context": DOCUMENTS}, "echo"),
         ({"prompt": [10**7], "max_tokens": 1}, "prompt"),
+        ({"prompt": [-1, 5], "max_tokens": 1}, "prompt"),
+        ({"prompt": [[1, 2], [3]], "max_tokens": 1}, "prompt"),
+        ({"prompt": [], "max_tokens": 1}, "prompt"),
         ({"prompt": [1, 2, 3], "context": "a document", "max_tokens": 1}, "context"),
         ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "Hi", "logprobs": 21}, "logprobs"),

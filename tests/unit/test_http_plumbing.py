@@ -180,3 +180,27 @@ def test_a_request_past_its_deadline_gets_408_and_its_engine_row_is_aborted():
     with TestClient(create_app(Settings(request_timeout_s=0.2), fake_service_factory(delay=0.05))) as client:
         reply = client.post("/v1/completions", json={"prompt": "abcdef", "max_tokens": 50, "deadline_s": 60})
         assert reply.status_code == 408, reply.text
+
+
+def test_token_id_prompts_are_checked_before_anything_decodes_them():
+    with _client() as client:
+        for prompt in ([-1], [2**40], [], [[1, 2], [3]]):
+            reply = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1})
+            assert reply.status_code == 422 and reply.json()["error"].startswith("prompt"), (prompt, reply.text)
+        ok = client.post("/v1/completions", json={"prompt": [104, 105], "max_tokens": 2, "temperature": 0})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "hi"
+
+
+def test_chat_routes_through_the_tokenizers_template_and_streams():
+    with _client() as client:
+        body = {"messages": [{"role": "user", "content": "hey"}], "max_tokens": 3, "temperature": 0}
+        reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        data = reply.json()
+        # The fake engine echoes the prompt: the templated conversation's first characters.
+        assert data["object"] == "chat.completion" and data["choices"][0]["message"]["content"] == "<us"
+        assert data["usage"]["completion_tokens"] == 3
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+            lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and '"role": "assistant"' in lines[0]
+        assert '"finish_reason": "length"' in lines[-2]

@@ -1,0 +1,48 @@
+"""The measured policy `auto` follows: per length band, the strategies ranked by their mean
+accuracy over the evaluated tasks (ties: the order they were evaluated in, e.g. native first —
+request times on a shared machine are too noisy to break ties).
+
+Format (read by strategies/auto_policy.py):
+
+    {"model": "...", "native_window": 8192, "source": "...",
+     "bands": [{"up_to_tokens": 16000,
+                "ranked": [{"strategy": {"name": "dynamic_ntk", "factor": 2.0}, "score": 0.9,
+                            "tasks": {"passkey": "5/5", "niah_single_1": "4/5"}}, ...]}, ...]}
+
+A request of `n` tokens (prompt + max_new_tokens) uses the first band with `up_to_tokens >= n`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clients.bench_passkey import spec_for_length
+from clients.eval.results import EvalResults
+
+
+def measured_policy(results: EvalResults, source: str) -> dict[str, Any]:
+    bands = []
+    for length in sorted(results.lengths):
+        ranked = []
+        for order, (label, spec) in enumerate(zip(results.strategies, results.specs, strict=True)):
+            scores = {task: by.get(label, {}).get(str(length)) for task, by in results.tasks.items()}
+            if not scores or any(s is None or s.accuracy is None for s in scores.values()):
+                continue  # refused, or not measured at this length: not a candidate
+            measured = {task: s for task, s in scores.items() if s is not None}
+            accuracy = sum(s.accuracy or 0.0 for s in measured.values()) / len(measured)
+            seconds = sum(s.seconds for s in measured.values()) / len(measured)
+            ranked.append(
+                (
+                    (-accuracy, order),
+                    {
+                        "strategy": spec_for_length(spec, length, results.native_window),
+                        "label": label,
+                        "score": round(accuracy, 4),
+                        "seconds": round(seconds, 2),
+                        "tasks": {task: f"{s.correct:g}/{s.trials}" for task, s in measured.items()},
+                    },
+                )
+            )
+        if ranked:
+            bands.append({"up_to_tokens": length, "ranked": [entry for _, entry in sorted(ranked, key=lambda r: r[0])]})
+    return {"model": results.model, "native_window": results.native_window, "source": source, "bands": bands}

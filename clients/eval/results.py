@@ -1,0 +1,66 @@
+"""What `ropeserve eval` measures, as plain data: written to results.json, read by the plots, the
+Markdown table and the policy writer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Score:
+    """One cell: `correct` of `trials` (RULER: summed scores), mean seconds per request, or why not."""
+
+    correct: float = 0.0
+    trials: int = 0
+    seconds: float = 0.0
+    refused: str | None = None  # the server's 422 message: the strategy cannot serve this length
+    strategy: dict[str, Any] = field(default_factory=dict)  # the spec actually sent
+
+    @property
+    def accuracy(self) -> float | None:
+        return None if self.refused or not self.trials else self.correct / self.trials
+
+
+@dataclass
+class Curve:
+    """Perplexity by position: the mean negative log-likelihood of each `bucket`-token window."""
+
+    bucket: int
+    ppl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    refused: str | None = None
+    strategy: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResults:
+    model: str
+    native_window: int
+    strategies: list[str]  # labels, in the order asked for
+    specs: list[dict[str, Any]]
+    lengths: list[int]
+    # task -> strategy label -> str(length) -> Score
+    tasks: dict[str, dict[str, dict[str, Score]]] = field(default_factory=dict)
+    # strategy label -> Curve
+    perplexity: dict[str, Curve] = field(default_factory=dict)
+    perplexity_text: str = ""
+
+    def score(self, task: str, strategy: str, length: int) -> Score:
+        return self.tasks.setdefault(task, {}).setdefault(strategy, {}).setdefault(str(length), Score())
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> EvalResults:
+        raw = json.loads(path.read_text())
+        tasks = {
+            task: {s: {n: Score(**v) for n, v in by_len.items()} for s, by_len in by_strategy.items()}
+            for task, by_strategy in raw.pop("tasks").items()
+        }
+        curves = {s: Curve(**c) for s, c in raw.pop("perplexity").items()}
+        return cls(**raw, tasks=tasks, perplexity=curves)

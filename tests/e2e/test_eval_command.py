@@ -1,0 +1,76 @@
+"""`ropeserve eval` end to end on the real server (a small grid), and `auto` following the
+shipped measured policy."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from clients.eval.results import EvalResults
+from clients.eval.texts import austen_books
+from server.model_store import default_checkpoint_dir
+from strategies.auto_policy import SHIPPED_POLICY, load_policy
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+
+def test_ropeserve_eval_writes_results_plots_and_a_policy(base_url, tmp_path):
+    out = tmp_path / "eval"
+    command = [
+        sys.executable, "-m", "clients.cli", "eval", "--url", base_url,
+        "--strategies", "native,nbce", "--lengths", "1500", "--tasks", "passkey,niah_single_1",
+        "--keys", "2", "--samples", "1", "--perplexity", "3000", "--bucket", "512",
+        "--out", str(out), "--write-policy", str(out / "policy.json"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    results = EvalResults.load(out / "results.json")
+    for task, trials in (("passkey", 2), ("niah_single_1", 1)):
+        for name in ("native", "nbce"):
+            score = results.tasks[task][name]["1500"]
+            assert score.refused is None and score.trials == trials, (task, name, score)
+    assert results.tasks["passkey"]["native"]["1500"].correct == 2  # the bundled model finds a key at 1.5k
+    assert results.perplexity["nbce"].refused and "echo" in results.perplexity["nbce"].refused
+    curve = results.perplexity["native"]
+    assert len(curve.ppl) == 5  # 2999 scored tokens in windows of 512
+    # The first window's perplexity, from a plain transformers forward pass of the same tokens.
+    tokenizer = AutoTokenizer.from_pretrained(str(default_checkpoint_dir()))
+    ids = tokenizer.encode(austen_books()["prideprejudice"])[:513]
+    model = AutoModelForCausalLM.from_pretrained(str(default_checkpoint_dir()), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    expected = math.exp(-sum(float(logp[i - 1, ids[i]]) for i in range(1, 513)) / 512)
+    assert abs(curve.ppl[0] - expected) / expected < 0.01, (curve.ppl[0], expected)
+    for name in ("passkey.png", "niah_single_1.png", "perplexity.png", "results.md"):
+        assert (out / name).stat().st_size > 0, name
+    policy = load_policy(out / "policy.json")
+    assert policy.model == results.model and [b.up_to_tokens for b in policy.bands] == [1500]
+    assert {c.label for c in policy.bands[0].ranked} <= {"native", "nbce"}
+
+
+def test_auto_follows_the_shipped_policy(http):
+    policy = load_policy(SHIPPED_POLICY)
+    info = http.get("/info").json()
+    assert policy.model == info["model_id"]  # the shipped policy applies to the bundled model
+    document = " ".join(f"Line {i}: the river runs past the mill and the bridge." for i in range(600))
+    body = {"inputs": "Where does the river run?", "context": document, "strategy": "auto",
+            "parameters": {"max_new_tokens": 8}}  # fmt: skip
+    reply = http.post("/generate", json=body)
+    assert reply.status_code == 200, reply.text
+    strategy = reply.json()["strategy"]
+    tokens = len(
+        AutoTokenizer.from_pretrained(str(default_checkpoint_dir())).encode(document + "\n\n" + body["inputs"])
+    )
+    band = policy.band_for(tokens + 8)
+    assert band is not None and strategy["policy"]["band_up_to_tokens"] == band.up_to_tokens
+    first = band.ranked[0]
+    assert strategy["chosen"]["name"] == first.strategy["name"] and strategy["policy"]["rank"] == 1
+    assert strategy["policy"]["score"] == first.score

@@ -1,0 +1,137 @@
+"""`ropeserve eval`'s pieces without a server (results, plots, the policy it writes, the texts) and
+`auto` following a measured policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clients.eval import plots
+from clients.eval.policy import measured_policy
+from clients.eval.results import Curve, EvalResults
+from server.engines.base import ModelFacts
+from strategies.auto_policy import SHIPPED_POLICY, AutoPolicy, load_policy
+from strategies.base import StrategyRequest
+from strategies.registry import default_registry
+from tests.support.planning import plan_context
+
+MODEL = ModelFacts("m", 8192, {"rope_type": "default", "rope_theta": 100000.0}, 64, 49152, max_context_tokens=40_000)
+
+
+def synthetic_results() -> EvalResults:
+    specs = [{"name": "native"}, {"name": "dynamic_ntk"}, {"name": "nbce"}]
+    results = EvalResults("m", 8192, ["native", "dynamic_ntk", "nbce"], specs, [4000, 16000])
+    table = {  # (task, strategy, length): (correct, trials) or None for refused
+        ("passkey", "native", 4000): (3, 3), ("passkey", "native", 16000): None,
+        ("passkey", "dynamic_ntk", 4000): (3, 3), ("passkey", "dynamic_ntk", 16000): (2, 3),
+        ("passkey", "nbce", 4000): (2, 3), ("passkey", "nbce", 16000): (3, 3),
+        ("niah", "native", 4000): (3, 3), ("niah", "native", 16000): None,
+        ("niah", "dynamic_ntk", 4000): (3, 3), ("niah", "dynamic_ntk", 16000): (1, 3),
+        ("niah", "nbce", 4000): (3, 3), ("niah", "nbce", 16000): (3, 3),
+    }  # fmt: skip
+    for (task, name, length), cell in table.items():
+        score = results.score(task, name, length)
+        if cell is None:
+            score.refused = "422: too long"
+        else:
+            score.correct, score.trials, score.seconds = cell[0], cell[1], 2.0
+    results.perplexity = {
+        "native": Curve(bucket=1024, ppl=[20.0, 19.0], tokens=2048),
+        "nbce": Curve(bucket=1024, refused="echo: no single prompt"),
+    }
+    results.perplexity_text = "prideprejudice"
+    return results
+
+
+def test_results_round_trip_and_the_policy_ranks_by_accuracy(tmp_path: Path) -> None:
+    results = synthetic_results()
+    results.save(tmp_path / "results.json")
+    again = EvalResults.load(tmp_path / "results.json")
+    assert again == results
+    policy = AutoPolicy.model_validate(measured_policy(again, source="test"))
+    short, long = policy.bands
+    assert short.up_to_tokens == 4000 and [c.label for c in short.ranked] == ["native", "dynamic_ntk", "nbce"]
+    assert long.up_to_tokens == 16000 and [c.label for c in long.ranked] == ["nbce", "dynamic_ntk"]  # native refused
+    assert long.ranked[0].score == 1.0 and long.ranked[1].tasks == {"passkey": "2/3", "niah": "1/3"}
+    assert long.ranked[1].strategy == {"name": "dynamic_ntk", "factor": 2.0}  # the factor that fits 16k
+    assert policy.band_for(3000) is short and policy.band_for(9000) is long and policy.band_for(20000) is None
+
+
+def test_plots_and_table_are_written(tmp_path: Path) -> None:
+    written = plots.write_all(synthetic_results(), tmp_path)
+    names = sorted(p.name for p in written)
+    assert names == ["niah.png", "passkey.png", "perplexity.png", "results.md"]
+    for png in tmp_path.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    table = (tmp_path / "results.md").read_text()
+    assert "| native | 3/3 (2 s) | n/a |" in table and "| nbce | n/a | n/a |" in table
+
+
+def test_the_austen_texts_load_when_installed() -> None:
+    from clients.eval.texts import TextsMissing, austen_books
+
+    try:
+        books = austen_books()
+    except TextsMissing:
+        pytest.skip("r-cran-janeaustenr is not unpacked here (scripts/setup.sh with tests fetches it)")
+    assert set(books) >= {"prideprejudice", "emma"}
+    assert books["prideprejudice"].lstrip().startswith("PRIDE AND PREJUDICE") and len(books["prideprejudice"]) > 600_000
+
+
+def policy_with(*bands: tuple[int, list[dict]]) -> AutoPolicy:
+    return AutoPolicy.model_validate(
+        {
+            "model": "m",
+            "native_window": 8192,
+            "bands": [
+                {"up_to_tokens": n, "ranked": [{"label": c["name"], "score": 0.9, "strategy": c} for c in choices]}
+                for n, choices in bands
+            ],
+        }
+    )
+
+
+def auto_plan(policy: AutoPolicy | None, request: StrategyRequest, **params: object):
+    """auto's plan with one token per character (so lengths are the texts' lengths)."""
+    registry = default_registry()
+    context = plan_context(MODEL, lambda text: [1] * len(text), registry)
+    context = type(context)(context.model, context.tokenize, context.resolve, {"auto_policy": policy})
+    return registry.resolve({"name": "auto", **params}).plan(request, context)
+
+
+def document(tokens: int) -> str:
+    return ("Words. " * (tokens // 7 + 1))[:tokens]
+
+
+def test_auto_follows_the_policy_band_and_says_why() -> None:
+    policy = policy_with((8192, [{"name": "native"}]), (20000, [{"name": "nbce"}, {"name": "yarn", "factor": 2.0}]))
+    with_context = StrategyRequest("Q?", (document(12_000),), 8)
+    plan = auto_plan(policy, with_context)
+    assert plan.resolved["chosen"]["name"] == "nbce"
+    assert plan.resolved["policy"]["band_up_to_tokens"] == 20000 and plan.resolved["policy"]["rank"] == 1
+    assert "measured band up to 20000" in plan.resolved["reason"]
+    # No context: NBCE does not apply; the next measured choice, its factor raised to fit.
+    plain = auto_plan(policy, StrategyRequest(document(12_000), (), 8))
+    assert plain.resolved["chosen"]["name"] == "yarn" and plain.resolved["chosen"]["factor"] == 2.0
+    assert plain.resolved["policy"]["rank"] == 2
+    raised = auto_plan(policy, StrategyRequest(document(19_000), (), 8))
+    assert raised.resolved["chosen"]["factor"] == 4.0
+    # Past the last band, or with use_policy false: the thresholds, without a policy entry.
+    beyond = auto_plan(policy, StrategyRequest("Q?", (document(30_000),), 8))
+    assert "policy" not in beyond.resolved and beyond.resolved["chosen"]["name"] == "nbce"
+    off = auto_plan(policy, with_context, use_policy=False)
+    assert "policy" not in off.resolved and off.resolved["chosen"]["name"] == "dynamic_ntk"
+    assert "policy" not in auto_plan(None, with_context).resolved
+
+
+def test_the_shipped_policy_is_valid_and_for_the_bundled_model() -> None:
+    policy = load_policy(SHIPPED_POLICY)
+    assert policy.model == "SmolLM2-135M-Instruct" and policy.native_window == 8192
+    assert policy.bands and all(band.ranked for band in policy.bands)
+    registry = default_registry()
+    for band in policy.bands:
+        for choice in band.ranked:
+            registry.resolve(choice.strategy)  # every choice is a valid strategy spec
+    assert json.loads(SHIPPED_POLICY.read_text())["source"].startswith("ropeserve eval")
