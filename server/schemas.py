@@ -241,16 +241,11 @@ class StreamOptions(RequestBody):
     continuous_usage_stats: StrictBool = False
 
 
-class CompletionRequest(RequestBody):
-    """Body of POST /v1/completions; `strategy` and `context` are ropeserve's extra fields.
-
-    `prompt`: a string or token ids, alone or as a one-element list (one prompt per request).
-    `echo` with `logprobs: N` returns the prompt's tokens and logprobs before the completion's, as
-    vLLM does; `max_tokens: 0` (only with `echo`) returns the prompt alone."""
+class OpenAIRequest(RequestBody):
+    """The fields /v1/completions and /v1/chat/completions share; `strategy`, `context` and
+    `deadline_s` are ropeserve's extra fields."""
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
-    max_tokens: int | None = Field(default=16, ge=0)
     temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
@@ -259,16 +254,12 @@ class CompletionRequest(RequestBody):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: StrictBool = False
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     ignore_eos: StrictBool = False
     user: str | None = None
-    best_of: int | None = Field(default=None, ge=1, le=1)
     logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
     strategy: StrategySpec | None = None
     context: str | list[str] | None = None
     deadline_s: float | None = Field(
@@ -277,6 +268,40 @@ class CompletionRequest(RequestBody):
         le=MAX_DEADLINE_S,
         description="ropeserve's extra field: seconds after arrival when the server aborts the request (408)",
     )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not supported by ropeserve")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if stop is not None and any(not s for s in ([stop] if isinstance(stop, str) else stop)):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stop
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(OpenAIRequest):
+    """Body of POST /v1/completions.
+
+    `prompt`: a string or token ids, alone or as a one-element list (one prompt per request).
+    `echo` with `logprobs: N` returns the prompt's tokens and logprobs before the completion's, as
+    vLLM does; `max_tokens: 0` (only with `echo`) returns the prompt alone."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    max_tokens: int | None = Field(default=16, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = False
+    best_of: int | None = Field(default=None, ge=1, le=1)
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -295,19 +320,12 @@ class CompletionRequest(RequestBody):
             raise ValueError("max_tokens: 0 is only allowed with echo (the prompt alone is returned)")
         return self
 
-    @field_validator("suffix", "logit_bias")
+    @field_validator("suffix")
     @classmethod
-    def _unsupported(cls, value: Any, info: Any) -> Any:
-        if value not in (None, False, {}):
-            raise ValueError(f"{info.field_name} is not supported by ropeserve")
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix is not supported by ropeserve")
         return value
-
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if stop is not None and any(not s for s in ([stop] if isinstance(stop, str) else stop)):
-            raise ValueError("stop sequences must be non-empty strings")
-        return stop
 
     def prompt_value(self) -> str | list[int]:
         """The one prompt: its text, or its token ids."""
@@ -320,11 +338,6 @@ class CompletionRequest(RequestBody):
         if isinstance(first, str):
             return first
         return [t for t in first] if isinstance(first, list) else [first]
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
 class CompletionLogprobs(BaseModel):
@@ -390,48 +403,25 @@ class ChatMessage(RequestBody):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(RequestBody):
-    """Body of POST /v1/chat/completions; `strategy` and `context` are ropeserve's extra fields.
+class ChatCompletionRequest(OpenAIRequest):
+    """Body of POST /v1/chat/completions.
 
     The messages go through the model's chat template (with the assistant's turn opened); the
     `context` documents come before that text as for every route (CONTRACT.md's join)."""
 
-    model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
-    n: int = Field(default=1, ge=1, le=1)
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
-    ignore_eos: StrictBool = False
-    user: str | None = None
-    logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
-    strategy: StrategySpec | None = None
-    context: str | list[str] | None = None
-    deadline_s: float | None = Field(
-        default=None,
-        gt=0,
-        le=MAX_DEADLINE_S,
-        description="ropeserve's extra field: seconds after arrival when the server aborts the request (408)",
-    )
 
-    @field_validator("logit_bias", "tools")
+    @field_validator("tools")
     @classmethod
-    def _unsupported(cls, value: Any, info: Any) -> Any:
-        if value not in (None, {}, []):
-            raise ValueError(f"{info.field_name} is not supported by ropeserve")
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("tools is not supported by ropeserve")
         return value
 
     @field_validator("response_format")
@@ -441,23 +431,11 @@ class ChatCompletionRequest(RequestBody):
             raise ValueError("response_format: only {'type': 'text'} is supported by ropeserve")
         return value
 
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if stop is not None and any(not s for s in ([stop] if isinstance(stop, str) else stop)):
-            raise ValueError("stop sequences must be non-empty strings")
-        return stop
-
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs: true")
         return self
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
 class ChatTopLogprob(BaseModel):
