@@ -61,7 +61,7 @@ def perplexity_curves(results: EvalResults, path: Path) -> None:
         ax.plot(xs, curve.ppl, marker="o", markersize=3, label=name)
     ax.axvline(results.native_window, color="grey", linestyle="--", linewidth=1)
     ax.text(results.native_window, ax.get_ylim()[1], " native window", va="top", fontsize=8, color="grey")
-    ax.set_yscale("log")
+
     ax.set_xlabel("position in the text (tokens)")
     ax.set_ylabel("perplexity of the window")
     ax.set_title(f"Perplexity by position: {results.perplexity_text} ({results.model})", fontsize=10)
@@ -93,9 +93,7 @@ def markdown(results: EvalResults) -> str:
         out += [f"**perplexity by position** ({results.perplexity_text}; per window of tokens)", ""]
         buckets = max((len(c.ppl) for c in results.perplexity.values()), default=0)
         bucket = next(iter(results.perplexity.values())).bucket
-        out.append(
-            "| strategy | " + " | ".join(f"{_k(i * bucket)}–{_k((i + 1) * bucket)}" for i in range(buckets)) + " |"
-        )
+        out.append("| strategy | " + " | ".join(f"{i * bucket:,}–{(i + 1) * bucket:,}" for i in range(buckets)) + " |")
         out.append("|---|" + "---|" * buckets)
         for name, curve in results.perplexity.items():
             if curve.refused:

@@ -38,7 +38,7 @@ def test_ropeserve_eval_writes_results_plots_and_a_policy(base_url, tmp_path):
             score = results.tasks[task][name]["1500"]
             assert score.refused is None and score.trials == trials, (task, name, score)
     assert results.tasks["passkey"]["native"]["1500"].correct == 2  # the bundled model finds a key at 1.5k
-    assert results.perplexity["nbce"].refused and "echo" in results.perplexity["nbce"].refused
+    assert results.perplexity["nbce"].refused  # no single prompt (nor a context) to score
     curve = results.perplexity["native"]
     assert len(curve.ppl) == 5  # 2999 scored tokens in windows of 512
     # The first window's perplexity, from a plain transformers forward pass of the same tokens.
