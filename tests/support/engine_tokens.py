@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from server.engines.base import ModelFacts, RopeConfig, RowRequest, SamplingOptions
+from server.engines.base import EngineIteration, ModelFacts, RopeConfig, RowRequest, SamplingOptions
 from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, read_model_facts
 
 
@@ -58,9 +58,9 @@ async def _run(engine: VllmEngine, run: dict[str, Any]) -> dict[str, Any]:
 async def run_engine(model_path: str, model: ModelFacts, dtype: str, spec: dict[str, Any]) -> dict[str, Any]:
     preemptions = 0
 
-    def listen(_engine: Any, _scheduler: Any, iteration: Any) -> None:
+    def listen(_engine: Any, iteration: EngineIteration) -> None:
         nonlocal preemptions
-        preemptions += int(getattr(iteration, "num_preempted_reqs", 0) or 0)
+        preemptions += iteration.preempted_rows
 
     fixed = spec.get("fixed_rope")
     config = VllmEngineConfig(
