@@ -94,8 +94,7 @@ async def models(
     return ModelList(data=[card])
 
 
-async def _prepare(body: CompletionRequest, service: GenerationService, settings: Settings) -> tuple[Job, str]:
-    """The planned job and the prompt's text as echoed (documents, blank line, prompt)."""
+async def _prepare(body: CompletionRequest, service: GenerationService, settings: Settings) -> Job:
     prompt = body.prompt_value()
     documents = documents_of(body.context)
     ids = prompt if isinstance(prompt, list) else None
@@ -106,7 +105,7 @@ async def _prepare(body: CompletionRequest, service: GenerationService, settings
     job = await service.prepare(inputs, documents, sampling, body.strategy, body.deadline_s, prompt_token_ids=ids)
     refuse_combined_logprobs(job, body.logprobs is not None)
     service.check_capacity(job)
-    return job, "\n\n".join((*documents, inputs))
+    return job
 
 
 @router.post("/completions", response_model=CompletionResponse, responses={**ERRORS, **STREAM_TOO})
@@ -116,7 +115,9 @@ async def completions(
     service: GenerationService = Depends(get_service),
     settings: Settings = Depends(get_settings_dep),
 ) -> CompletionResponse | StreamingResponse:
-    job, prompt_text = await _prepare(body, service, settings)
+    job = await _prepare(body, service, settings)
+    # The echoed prompt: the text the model reads (documents, blank line, prompt).
+    prompt_text = job.request.plain_prompt()
     model = body.model or model_name(service, settings)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -69,6 +69,8 @@ class Job:
     plan: ExecutionPlan
     sampling: SamplingOptions
     arrived: float
+    # What the strategy planned from (its `plain_prompt()` is the text the model reads).
+    request: StrategyRequest
     stats: dict[str, Any] = field(default_factory=dict)
     # Seconds from arrival after which the request is aborted (None: no deadline).
     deadline_s: float | None = None
@@ -180,7 +182,9 @@ class GenerationService:
             self.metrics.requests.labels(self._strategy_label(strategy_spec), "invalid").inc()
             raise
         limits = [s for s in (deadline_s, self.request_timeout_s) if s is not None]
-        return Job(uuid.uuid4().hex, strategy, plan, sampling, arrived, deadline_s=min(limits) if limits else None)
+        return Job(
+            uuid.uuid4().hex, strategy, plan, sampling, arrived, request, deadline_s=min(limits) if limits else None
+        )
 
     async def watch_engine(self, interval_s: float = 1.0, max_backoff_s: float = 60.0) -> None:
         """Replace a dead engine (its process killed or crashed), retrying with backoff.
