@@ -13,6 +13,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.drain import DrainingServer
     from server.logging_setup import configure_logging
     from server.settings import Settings
 
@@ -23,7 +24,16 @@ def _serve(args: argparse.Namespace) -> int:
     # uvicorn shuts down gracefully on SIGTERM and then re-raises it, so the process would die of the
     # signal (exit -15) after a clean shutdown; supervisors read that as a crash.
     signal.signal(signal.SIGTERM, _exit_after_shutdown)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        # What a drain that timed out leaves: cut after this (server/drain.py waits first).
+        timeout_graceful_shutdown=5,
+    )
+    DrainingServer(config, app.state, settings.drain_timeout_s).run()
     return 0
 
 
@@ -71,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--rope-slots", dest="rope_slots", type=int, help="RoPE configurations in use at once (+ native)"
     )
     serve.add_argument("--max-model-len", dest="max_model_len", type=int, help="longest prompt + max_new_tokens")
+    # vLLM's parallel settings, under vLLM's flag names.
+    serve.add_argument("--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=int)
+    serve.add_argument("--pipeline-parallel-size", "-pp", dest="pipeline_parallel_size", type=int)
+    serve.add_argument("--data-parallel-size", "-dp", dest="data_parallel_size", type=int)
+    serve.add_argument("--distributed-executor-backend", dest="distributed_executor_backend", choices=["mp", "ray"])
+    serve.add_argument(
+        "--drain-timeout-s", dest="drain_timeout_s", type=float, help="after SIGTERM, seconds to finish requests"
+    )
     serve.set_defaults(func=_serve)
 
     convert = sub.add_parser("convert", help="convert the bundled GGUF to a HF checkpoint (once)")

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import logging
+from pathlib import Path
 
+from server.engines.base import Parallelism
 from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, is_cpu_build, read_model_facts
+from server.head_padding import needs_padding, pad_checkpoint
 from server.metrics import Metrics
-from server.model_store import DEFAULT_MODEL_NAME, resolve_model
+from server.model_store import DEFAULT_MODEL_NAME, model_cache_dir, resolve_model
 from server.service import GenerationService
 from server.settings import Settings
 from strategies.auto_policy import SHIPPED_POLICY, AutoPolicy, load_policy
 from strategies.base import ModelFacts
 from strategies.registry import default_registry
 from strategies.rope import MAX_FACTOR
+
+log = logging.getLogger(__name__)
 
 # CPU flags (Linux /proc/cpuinfo) that give bfloat16 matmuls in hardware.
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -51,9 +58,36 @@ def engine_config(
         kv_cache_gib=settings.kv_cache_gib,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         served_model_name=settings.served_model_name,
+        parallelism=parallelism(settings),
         # What the registered strategies run inside the engine (NBCE combines its rows there).
         logits_processors=logits_processors,
     )
+
+
+def parallelism(settings: Settings) -> Parallelism:
+    return Parallelism(
+        tensor=settings.tensor_parallel_size,
+        pipeline=settings.pipeline_parallel_size,
+        data=settings.data_parallel_size,
+        backend=settings.distributed_executor_backend,
+    )
+
+
+def checkpoint_for_tensor_parallel(settings: Settings, model_path: str) -> str:
+    """`model_path`, or a copy padded with zero attention heads (server/head_padding.py) when the
+    tensor-parallel size does not divide the model's head counts (SmolLM2-135M's 9 and 3 by 2)."""
+    tp = settings.tensor_parallel_size
+    config_file = Path(model_path) / "config.json"
+    if tp == 1 or not config_file.is_file() or not needs_padding(json.loads(config_file.read_text()), tp):
+        return model_path
+    target = model_cache_dir(settings.model_cache) / f"{Path(model_path).name}-heads-for-tp{tp}"
+    log.warning(
+        "tensor parallel %d does not divide %s's attention heads: serving it padded with zero heads from %s",
+        tp,
+        model_path,
+        target,
+    )
+    return str(pad_checkpoint(Path(model_path), target, tp))
 
 
 def estimate_kv_capacity(settings: Settings, model_path: str) -> int | None:
@@ -97,6 +131,7 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
     from transformers import AutoTokenizer
 
     model_path = await asyncio.to_thread(resolve_model, settings.model, settings.model_cache)
+    model_path = await asyncio.to_thread(checkpoint_for_tensor_parallel, settings, model_path)
     model = read_model_facts(model_path)
     name = settings.served_model_name or (DEFAULT_MODEL_NAME if settings.model is None else settings.model)
     max_model_len = engine_max_model_len(settings, model, estimate_kv_capacity(settings, model_path))

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engines.base import EngineBusy, EngineDown
 from server.schemas import ErrorResponse, ErrorType
-from server.service import DeadlineExceeded, Overloaded
+from server.service import DeadlineExceeded, Draining, Overloaded
 from server.sse import ClientDisconnected
 from strategies.base import StrategyError
 
@@ -82,7 +82,7 @@ def as_api_error(exc: BaseException) -> ApiError:
         return ApiError(499, "the client closed the connection", "generation")
     if isinstance(exc, (Overloaded, EngineBusy)):
         return ApiError(429, str(exc), "overloaded")
-    if isinstance(exc, EngineDown):
+    if isinstance(exc, (EngineDown, Draining)):
         return ApiError(503, str(exc), "generation")
     if isinstance(exc, DeadlineExceeded):
         return ApiError(408, str(exc), "generation")
@@ -112,6 +112,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Expected errors get their own handlers: Starlette's catch-all for Exception also re-raises
     # into the server log as a crash, which these are not.
-    for expected in (ApiError, StrategyError, Overloaded, EngineBusy, EngineDown, DeadlineExceeded, ClientDisconnected):
+    for expected in (
+        ApiError,
+        StrategyError,
+        Overloaded,
+        EngineBusy,
+        EngineDown,
+        Draining,
+        DeadlineExceeded,
+        ClientDisconnected,
+    ):
         app.add_exception_handler(expected, _domain)
     app.add_exception_handler(Exception, _domain)

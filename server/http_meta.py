@@ -8,7 +8,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.deps import get_service, get_settings_dep
 from server.errors import error_response
-from server.schemas import ErrorResponse, HealthResponse, InfoResponse, StrategiesResponse, StrategyInfo
+from server.schemas import (
+    ErrorResponse,
+    HealthResponse,
+    InfoResponse,
+    ParallelismInfo,
+    StrategiesResponse,
+    StrategyInfo,
+)
 from server.service import GenerationService
 from server.settings import Settings
 
@@ -18,12 +25,19 @@ router = APIRouter()
 @router.get(
     "/health",
     response_model=HealthResponse,
-    responses={503: {"model": ErrorResponse, "description": "the engine is starting, down or restarting"}},
+    responses={
+        503: {
+            "model": ErrorResponse,
+            "description": "the engine is starting, down or restarting, or the server is draining",
+        }
+    },
 )
 async def health(request: Request) -> HealthResponse | Response:
     service: GenerationService | None = getattr(request.app.state, "service", None)
     if service is None:
         return error_response(503, "the engine is still starting", "generation")
+    if service.draining:
+        return error_response(503, "the server is shutting down (draining requests in flight)", "generation")
     if service.restarting or not service.engine.alive:
         return error_response(503, "the engine is down and being restarted", "generation")
     try:
@@ -37,6 +51,7 @@ async def health(request: Request) -> HealthResponse | Response:
 async def info(
     service: GenerationService = Depends(get_service), settings: Settings = Depends(get_settings_dep)
 ) -> InfoResponse:
+    parallel = service.engine.parallelism
     return InfoResponse(
         model_id=settings.served_model_name or service.model.model_id,
         model_dtype=service.engine.dtype,
@@ -48,6 +63,13 @@ async def info(
         max_context_tokens=service.model.max_context_tokens,
         rope_slots=service.engine.stats().rope_slots,
         head_dim=service.model.head_dim,
+        parallelism=ParallelismInfo(
+            tensor_parallel_size=parallel.tensor,
+            pipeline_parallel_size=parallel.pipeline,
+            data_parallel_size=parallel.data,
+            distributed_executor_backend=parallel.backend,
+            ranks=parallel.ranks,
+        ),
         version=__version__,
     )
 

@@ -243,6 +243,18 @@ class Metrics:
             ["engine"],
             registry=r,
         )
+        self.engine_ranks = Gauge(
+            "ropeserve_engine_ranks",
+            "Worker processes of the running engine (tensor x pipeline x data parallel), labelled with its parallel settings.",
+            [
+                "engine",
+                "tensor_parallel_size",
+                "pipeline_parallel_size",
+                "data_parallel_size",
+                "distributed_executor_backend",
+            ],
+            registry=r,
+        )
         self.rope_slots = Gauge(
             "ropeserve_rope_slots",
             "RoPE slots of the engine's cos/sin table (besides the native one).",
@@ -333,6 +345,8 @@ class Metrics:
             self._seen_engines.add(engine)
             self.engine_starts.labels(label).inc()
             self._slot_loads_seen = 0
+            self.engine_ranks.clear()
+            self.engine_ranks.labels(engine=label, **engine.parallelism.labels()).set(engine.parallelism.ranks)
         if engine.startup_seconds is not None:
             self.engine_startup.labels(label).set(engine.startup_seconds)
         stats = engine.stats()

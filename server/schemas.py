@@ -215,6 +215,18 @@ class InfoResponse(BaseModel):
     max_context_tokens: int | None = None
     rope_slots: int = 0
     head_dim: int = 0
+    parallelism: ParallelismInfo | None = None
+
+
+class ParallelismInfo(BaseModel):
+    """The engine's vLLM parallel settings (Settings / `ropeserve serve` flags of the same names)."""
+
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    data_parallel_size: int
+    distributed_executor_backend: str
+    # Worker processes: tensor x pipeline x data parallel.
+    ranks: int
 
 
 class HealthResponse(BaseModel):

@@ -37,6 +37,10 @@ class Overloaded(RuntimeError):
     """The server is at its configured concurrency limit (HTTP 429)."""
 
 
+class Draining(RuntimeError):
+    """The server is shutting down and takes no new requests (HTTP 503; retry another replica)."""
+
+
 class DeadlineExceeded(RuntimeError):
     """The request's deadline passed; its engine work was aborted (HTTP 408)."""
 
@@ -112,8 +116,15 @@ class GenerationService:
         # Builds and starts a new engine: the watchdog replaces a dead engine with one.
         self.engine_factory = engine_factory
         self.restarting = False
+        # Set on SIGTERM (server/drain.py): requests in flight finish, new ones are refused.
+        self.draining = False
         self._active = 0
         metrics.init_strategies(registry.names())
+
+    @property
+    def active_requests(self) -> int:
+        """Requests running now (their responses not finished)."""
+        return self._active
 
     @property
     def model(self) -> ModelFacts:
@@ -262,7 +273,9 @@ class GenerationService:
 
         Called before a response starts (so a stream gets a real 429) and again when it runs."""
         refusal: Exception | None = None
-        if self.restarting or not self.engine.alive:
+        if self.draining:
+            refusal = Draining("the server is shutting down; retry on another replica")
+        elif self.restarting or not self.engine.alive:
             refusal = EngineDown("the engine is down and being restarted; retry later")
         elif self._active >= self.max_concurrent_requests:
             refusal = Overloaded(f"the server is serving {self._active} requests, its limit; retry later")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,17 @@ class Settings(BaseSettings):
         default=None,
         ge=16,
         description="longest prompt + max_new_tokens of a request; default: 16 x the native window, capped by the KV cache",
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="ranks that split every layer (vLLM)")
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="stages that split the layers (vLLM)")
+    data_parallel_size: int = Field(default=1, ge=1, description="engine replicas inside this server (vLLM)")
+    distributed_executor_backend: Literal["mp", "ray"] = Field(
+        default="mp", description="how vLLM starts its ranks: local processes, or a Ray cluster (several nodes)"
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="after SIGTERM: seconds in-flight requests may take to finish while new ones get 503",
     )
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int | None = None

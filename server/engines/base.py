@@ -176,6 +176,38 @@ class RowRequest:
     rope: RopeConfig = RopeConfig()
 
 
+ExecutorBackend = Literal["mp", "ray"]
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How one engine spreads the model over devices (vLLM's parallel settings).
+
+    `tensor` ranks split every layer, `pipeline` stages split the layers, `data` replicas each
+    hold the whole model and take their own rows; `backend` starts the ranks (`mp`: processes on
+    this host, `ray`: a Ray cluster, needed for several nodes).
+    """
+
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+    backend: ExecutorBackend = "mp"
+
+    @property
+    def ranks(self) -> int:
+        """Worker processes the engine runs: one per device (or CPU core group)."""
+        return self.tensor * self.pipeline * self.data
+
+    def labels(self) -> dict[str, str]:
+        """The settings as metric labels (the names vLLM's CLI uses)."""
+        return {
+            "tensor_parallel_size": str(self.tensor),
+            "pipeline_parallel_size": str(self.pipeline),
+            "data_parallel_size": str(self.data),
+            "distributed_executor_backend": self.backend,
+        }
+
+
 @dataclass(frozen=True)
 class EngineStats:
     kv_cache_usage: float = 0.0
@@ -287,6 +319,11 @@ class Engine(Protocol):
     model: ModelFacts
     # Seconds the engine took to start (None until started).
     startup_seconds: float | None
+
+    @property
+    def parallelism(self) -> Parallelism:
+        """How the engine's ranks split the model (tensor/pipeline/data parallel sizes)."""
+        ...
 
     @property
     def max_rows_per_step(self) -> int:

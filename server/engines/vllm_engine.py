@@ -30,6 +30,7 @@ from server.engines.base import (
     FinishedRow,
     FinishReason,
     ModelFacts,
+    Parallelism,
     RopeConfig,
     RowRequest,
     SamplingOptions,
@@ -83,6 +84,7 @@ class VllmEngineConfig:
     logits_processors: tuple[str, ...] = ()
     served_model_name: str | None = None
     rope_slots: int = DEFAULT_ROPE_SLOTS
+    parallelism: Parallelism = Parallelism()
     # A plain engine under this one configuration instead of the slot table (see module doc).
     fixed_rope: RopeConfig | None = None
     # Tests: a KV cache of this many blocks (forces preemption); None: what the memory gives.
@@ -95,6 +97,21 @@ def is_cpu_build() -> bool:
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cpu())
+
+
+def cpu_rank_binding(ranks: int, cpus: list[int] | None = None) -> str | None:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `ranks` CPU workers: the usable cores split into equal groups,
+    one per rank ("0|1" for two ranks on two cores), so ranks do not fight over a core; None for one
+    rank (vLLM's own binding). vLLM's automatic binding gives rank N the N-th NUMA node, which a
+    one-node host does not have for N > 0."""
+    if ranks <= 1:
+        return None
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
+    if len(cpus) < ranks:
+        raise ValueError(f"{ranks} CPU ranks need at least {ranks} cores; this process may use {len(cpus)}")
+    per_rank = len(cpus) // ranks
+    groups = [cpus[i * per_rank : (i + 1) * per_rank] for i in range(ranks)]
+    return "|".join(",".join(map(str, group)) for group in groups)
 
 
 def read_model_facts(model: str) -> ModelFacts:
@@ -256,6 +273,9 @@ class VllmEngine:
         cpu = is_cpu_build()
         if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_gib))
+            if (bind := cpu_rank_binding(self.config.parallelism.ranks)) is not None:
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+        parallel = self.config.parallelism
         args = AsyncEngineArgs(
             model=self.config.model,
             served_model_name=self.config.served_model_name,
@@ -269,6 +289,10 @@ class VllmEngine:
             num_gpu_blocks_override=self.config.num_kv_blocks,
             logits_processors=list(self.config.logits_processors) or None,
             disable_log_stats=True,
+            tensor_parallel_size=parallel.tensor,
+            pipeline_parallel_size=parallel.pipeline,
+            data_parallel_size=parallel.data,
+            distributed_executor_backend=parallel.backend,
             **self._rope_args(cpu),
         )
         # Our collector feeds the stats listener. vLLM adds its own Prometheus logger (metric names
@@ -365,6 +389,10 @@ class VllmEngine:
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
+
+    @property
+    def parallelism(self) -> Parallelism:
+        return self.config.parallelism
 
     @property
     def max_rows_per_step(self) -> int:

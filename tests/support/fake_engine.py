@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-from server.engines.base import EngineStats, EngineStep, ModelFacts, RopeConfig, RowRequest, StepStream, TokenEvent
+from server.engines.base import (
+    EngineStats,
+    EngineStep,
+    ModelFacts,
+    Parallelism,
+    RopeConfig,
+    RowRequest,
+    StepStream,
+    TokenEvent,
+)
 from server.metrics import Metrics
 from server.service import GenerationService
 from server.settings import Settings
@@ -45,6 +54,7 @@ class FakeEngine:
     max_rows_per_step = 8
     kv_capacity_tokens = 4096
     alive = True
+    parallelism = Parallelism()
 
     def __init__(self, delay: float = 0.0) -> None:
         self.model = FAKE_MODEL

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.engines.base import EngineIteration, EngineStats, FinishedRow, ModelFacts
+from server.engines.base import EngineIteration, EngineStats, FinishedRow, ModelFacts, Parallelism
 from server.metrics import Metrics
 from tests.support.prometheus_fixture import find_tool
 
@@ -19,9 +19,12 @@ class FakeEngine:  # hashable, like VllmEngine
     kind = "vllm"
     MODEL = ModelFacts("m", 2048, {"rope_theta": 10000.0}, 64, 1000)
 
-    def __init__(self, startup_seconds: float = 3.0, slot_loads: int = 0) -> None:
+    def __init__(
+        self, startup_seconds: float = 3.0, slot_loads: int = 0, parallelism: Parallelism = Parallelism()
+    ) -> None:
         self.startup_seconds = startup_seconds
         self.slot_loads = slot_loads
+        self.parallelism = parallelism
 
     def stats(self) -> EngineStats:
         return EngineStats(0.25, 2, 1, rope_slots_in_use=3, rope_slots=31, rope_slot_loads=self.slot_loads)
@@ -88,6 +91,29 @@ def test_engine_gauges_at_scrape_time_and_one_start() -> None:
     m.refresh_engine(engine)  # a scrape later: the engine is not counted as started again
     assert value(m, "ropeserve_engine_starts_total", engine="vllm") == 1
     assert value(m, "ropeserve_rope_slot_loads_total", engine="vllm") == 6
+
+
+def test_the_engines_parallel_settings_are_labels_of_its_rank_count() -> None:
+    m = Metrics(gpu=False)
+    m.refresh_engine(FakeEngine(parallelism=Parallelism(tensor=2, pipeline=1, data=3, backend="ray")))
+    labels = {
+        "engine": "vllm",
+        "tensor_parallel_size": "2",
+        "pipeline_parallel_size": "1",
+        "data_parallel_size": "3",
+        "distributed_executor_backend": "ray",
+    }
+    assert value(m, "ropeserve_engine_ranks", **labels) == 6
+    m.refresh_engine(FakeEngine())  # a restarted engine with other settings: one series, the new one
+    assert value(m, "ropeserve_engine_ranks", **labels) is None
+    assert (
+        value(
+            m,
+            "ropeserve_engine_ranks",
+            **(labels | {"tensor_parallel_size": "1", "data_parallel_size": "1", "distributed_executor_backend": "mp"}),
+        )
+        == 1
+    )
 
 
 def test_strategies_are_exported_at_zero_before_traffic() -> None:
