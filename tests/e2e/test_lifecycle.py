@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 
 from tests.conftest import process_group_alive, start_server, stop_server
 from tests.support.metrics_text import scrape
+from tests.support.sse import parse_sse
 
 pytestmark = pytest.mark.engine
 
@@ -117,6 +119,40 @@ def test_shutdown_leaves_no_engine_processes(tmp_path, sig):
     assert code == 0, server.log()[-3000:]
     assert _wait_for(lambda: not process_group_alive(pgid), timeout=20), "engine processes outlived the server"
     assert not [pid for pid in children if _alive(pid)]
+
+
+@pytest.mark.slow
+def test_sigterm_drains_a_stream_in_flight_then_exits_0(tmp_path):
+    """Kubernetes' termination: SIGTERM mid-stream; the stream finishes within the grace period,
+    readiness and new requests get 503 meanwhile, the process exits 0 and leaves no engine behind."""
+    server = start_server(tmp_path, {"ROPESERVE_DRAIN_TIMEOUT_S": "120"}, name="drain")
+    pgid = os.getpgid(server.process.pid)
+    # ~3k tokens of prompt: a prefill of seconds, so the stream is surely in flight at SIGTERM.
+    body = {
+        "inputs": uuid.uuid4().hex + " " + "The quick brown fox jumps over the lazy dog. " * 300,
+        "parameters": {"max_new_tokens": 48, "details": True},
+    }
+    events: list = []
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        with client.stream("POST", "/generate_stream", json=body) as reply:
+            assert reply.status_code == 200
+            server.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert _wait_for(lambda: client.get("/health").status_code == 503, timeout=10), server.log()[-3000:]
+            refused = client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+            assert refused.status_code == 503
+            assert refused.json()["error_type"] == "generation" and "shutting down" in refused.json()["error"]
+            assert server.process.poll() is None  # still serving the stream
+            events = parse_sse(reply.read().decode())
+        drained_in = time.monotonic() - signalled
+    final = events[-1]
+    assert final["details"]["finish_reason"] == "length" and final["details"]["generated_tokens"] == 48
+    assert len([e for e in events if e.get("token")]) == 48
+    assert server.process.wait(timeout=60) == 0, server.log()[-3000:]
+    assert _wait_for(lambda: not process_group_alive(pgid), timeout=20), "engine processes outlived the server"
+    log = server.log()
+    assert "draining: 1 requests in flight" in log and "drained in" in log, log[-3000:]
+    print(f"\nSIGTERM to drained: {drained_in:.1f} s")
 
 
 def _alive(pid: int) -> bool:

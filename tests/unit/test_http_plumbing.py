@@ -204,3 +204,26 @@ def test_chat_routes_through_the_tokenizers_template_and_streams():
             lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]" and '"role": "assistant"' in lines[0]
         assert '"finish_reason": "length"' in lines[-2]
+
+
+def test_a_draining_server_refuses_new_requests_with_503_and_fails_readiness():
+    with _client(delay=0.02) as client:
+        service = client.app.state.service
+        assert client.get("/health").status_code == 200
+        service.draining = True
+        for route, body in (
+            ("/generate", {"inputs": "abc", "parameters": {"max_new_tokens": 2}}),
+            ("/generate_stream", {"inputs": "abc", "parameters": {"max_new_tokens": 2}}),
+            ("/v1/completions", {"prompt": "abc", "max_tokens": 2}),
+        ):
+            reply = client.post(route, json=body)
+            assert reply.status_code == 503, route
+            assert reply.json() == {
+                "error": "the server is shutting down; retry on another replica",
+                "error_type": "generation",
+            }
+        health = client.get("/health")
+        assert health.status_code == 503 and "draining" in health.json()["error"]
+        assert client.get("/info").status_code == 200  # metadata and /metrics stay up while draining
+        assert client.get("/metrics").status_code == 200
+        assert service.active_requests == 0

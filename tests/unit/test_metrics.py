@@ -20,11 +20,11 @@ class FakeEngine:  # hashable, like VllmEngine
     MODEL = ModelFacts("m", 2048, {"rope_theta": 10000.0}, 64, 1000)
 
     def __init__(
-        self, startup_seconds: float = 3.0, slot_loads: int = 0, parallelism: Parallelism = Parallelism()
+        self, startup_seconds: float = 3.0, slot_loads: int = 0, parallelism: Parallelism | None = None
     ) -> None:
         self.startup_seconds = startup_seconds
         self.slot_loads = slot_loads
-        self.parallelism = parallelism
+        self.parallelism = parallelism or Parallelism()
 
     def stats(self) -> EngineStats:
         return EngineStats(0.25, 2, 1, rope_slots_in_use=3, rope_slots=31, rope_slot_loads=self.slot_loads)

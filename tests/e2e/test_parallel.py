@@ -1,0 +1,84 @@
+"""Tensor parallelism on this CPU host: `ROPESERVE_TENSOR_PARALLEL_SIZE=2` (two vLLM ranks, one
+core each, the `mp` backend) serves every strategy with the single-rank server's greedy tokens.
+
+SmolLM2-135M's 9 query / 3 KV heads do not split in two; the server serves it padded with zero
+heads (server/head_padding.py), which computes the same function. The ranks sum their partial
+results in another order than one rank does, so logprobs differ by rounding: measured under 3e-5
+in float32; the test allows 1e-3 and asks for identical tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer, start_server, stop_server
+from tests.support.metrics_text import scrape
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+LOGPROB_TOLERANCE = 1e-3
+# ~3k tokens of documentation: past nothing's window, but every strategy's rotation differs.
+DOCUMENT = (Path(__file__).resolve().parents[2] / "README.md").read_text()[:12_000]
+STRATEGIES: list[Any] = [
+    "native",
+    {"name": "linear", "factor": 2},
+    {"name": "ntk", "factor": 2},
+    "dynamic_ntk",
+    {"name": "yarn", "factor": 2},
+    {"name": "llama3", "factor": 2},
+    {"name": "nbce", "chunk_tokens": 1024},
+    "auto",
+]
+
+
+@pytest.fixture(scope="module")
+def tp2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start_server(tmp_path_factory.mktemp("tp2"), {"ROPESERVE_TENSOR_PARALLEL_SIZE": "2"}, name="tp2")
+    yield running
+    stop_server(running)
+
+
+def _answer(url: str, strategy: Any) -> dict[str, Any]:
+    body = {
+        "inputs": "Question: what does ropeserve let a client choose per request?\nAnswer:",
+        "context": DOCUMENT,
+        "parameters": {"max_new_tokens": 16, "details": True},
+        "strategy": strategy,
+    }
+    reply = httpx.post(f"{url}/generate", json=body, timeout=600)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_tp2_reports_its_ranks_in_info_and_metrics(tp2_server: RunningServer) -> None:
+    with httpx.Client(base_url=tp2_server.url, timeout=60) as client:
+        info = client.get("/info").json()
+        assert info["parallelism"] == {
+            "tensor_parallel_size": 2,
+            "pipeline_parallel_size": 1,
+            "data_parallel_size": 1,
+            "distributed_executor_backend": "mp",
+            "ranks": 2,
+        }
+        assert scrape(client, "ropeserve_engine_ranks", tensor_parallel_size="2", engine="vllm") == 2
+    log = tp2_server.log()
+    assert "padded with zero heads" in log
+    assert "world_size=2" in log  # vLLM's own account of the ranks it started
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s if isinstance(s, str) else s["name"])
+def test_tp2_serves_the_single_rank_greedy_tokens(strategy: Any, tp2_server: RunningServer, base_url: str) -> None:
+    one, two = _answer(base_url, strategy), _answer(tp2_server.url, strategy)
+    assert one["strategy"] == two["strategy"]
+    tokens_one = [t["id"] for t in one["details"]["tokens"]]
+    tokens_two = [t["id"] for t in two["details"]["tokens"]]
+    assert tokens_one == tokens_two and len(tokens_one) == 16
+    if one["strategy"]["name"] == "nbce":
+        return  # NBCE's combined tokens carry no logprobs
+    for a, b in zip(one["details"]["tokens"], two["details"]["tokens"], strict=True):
+        assert abs(a["logprob"] - b["logprob"]) < LOGPROB_TOLERANCE, (a, b)
