@@ -55,6 +55,7 @@ def _convert(args: argparse.Namespace) -> int:
 BENCHMARKS = {
     "passkey": "passkey retrieval per strategy and length; prints a markdown table",
     "mixed": "mixed RoPE strategies vs one strategy on one server: throughput, TTFT, memory",
+    "scaling": "TP=1 vs TP=2 on a long prompt; one vs two replicas behind HAProxy (starts its own servers)",
     "soak": "minutes of mixed traffic at twice the capacity: every request answered or 429, memory after",
 }
 

@@ -33,11 +33,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-if [ "${ROPESERVE_WITH_TESTS:-0}" = 1 ] && ! command -v promtool >/dev/null 2>&1; then
-  echo "==> installing prometheus (server + promtool) for the monitoring tests"
-  if command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
-      || echo "warning: could not install prometheus; monitoring tests will fail" >&2
+# Debian tools the tests run for real: Prometheus (server + promtool) for the monitoring tests,
+# HAProxy for the replica tests and `ropeserve bench scaling`.
+if [ "${ROPESERVE_WITH_TESTS:-0}" = 1 ]; then
+  missing=()
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+  if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing ${missing[*]} for the tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+      || echo "warning: could not install ${missing[*]}; the tests that run them will fail" >&2
   fi
 fi
 

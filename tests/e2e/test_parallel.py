@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from clients.bench_scaling import haproxy
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.support.metrics_text import scrape
 
@@ -82,3 +83,25 @@ def test_tp2_serves_the_single_rank_greedy_tokens(strategy: Any, tp2_server: Run
         return  # NBCE's combined tokens carry no logprobs
     for a, b in zip(one["details"]["tokens"], two["details"]["tokens"], strict=True):
         assert abs(a["logprob"] - b["logprob"]) < LOGPROB_TOLERANCE, (a, b)
+
+
+def test_two_replicas_behind_haproxy_serve_any_strategy(
+    tp2_server: RunningServer, base_url: str, tmp_path: Path
+) -> None:
+    """Any replica serves any strategy: round-robin over two servers (one of them TP=2), every
+    request answered the same whichever replica took it."""
+    strategies = ["native", {"name": "yarn", "factor": 2}, "dynamic_ntk", {"name": "nbce", "chunk_tokens": 1024}]
+    served_before = [_requests_served(url) for url in (base_url, tp2_server.url)]
+    with haproxy([base_url, tp2_server.url], tmp_path) as url:
+        for strategy in strategies * 2:  # each strategy reaches each replica once
+            answers = {_answer(url, strategy)["generated_text"] for _ in range(2)}
+            assert len(answers) == 1, (strategy, answers)
+    served = [
+        _requests_served(url) - before for url, before in zip((base_url, tp2_server.url), served_before, strict=True)
+    ]
+    assert served == [8, 8], served
+
+
+def _requests_served(url: str) -> float:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        return scrape(client, "ropeserve_requests_total", status="success")
