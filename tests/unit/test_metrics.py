@@ -173,6 +173,29 @@ def test_gpu_memory_is_absent_without_a_gpu() -> None:
     assert "process_resident_memory_bytes" in names
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU (run on the GPU host; README: Scaling out)")
+def test_gpu_memory_gauges_follow_the_device() -> None:
+    import torch
+
+    m = Metrics()  # the default: GPU gauges when a GPU is there
+    before = value(m, "ropeserve_gpu_memory_used_bytes", gpu="0")
+    free, total = torch.cuda.mem_get_info(0)
+    # NVML counts the memory the driver reserves, CUDA's mem_get_info does not (~0.5 % on an H200).
+    assert abs(value(m, "ropeserve_gpu_memory_total_bytes", gpu="0") - total) < 0.01 * total
+    assert before is not None and abs(before - (total - free)) < 0.01 * total
+    block = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda:0")
+    torch.cuda.synchronize()
+    grown = value(m, "ropeserve_gpu_memory_used_bytes", gpu="0")
+    assert grown is not None and grown - before >= 500 * 2**20, (before, grown)
+    del block
+
+
 def test_promtool_accepts_the_exposition_with_every_series() -> None:
     m = Metrics(gpu=False)
     m.init_strategies(["native", "ntk"])
