@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from server.engines.base import (
     TokenEvent,
     TopToken,
 )
+from server.engines.cpu_ray import start_local_ray, stop_local_ray
 from server.engines.multi_rope import CONFIG_KEY, WORKER_CLASSES
 from server.engines.rope_slots import ROPE_EXTRA_KEY, RopeSlots
 
@@ -261,6 +263,8 @@ class VllmEngine:
         self._group_lock: Any = None  # asyncio.Lock, made on first use (NBCE row groups)
         self._checked_ropes: dict[str, str | None] = {}
         self.startup_seconds: float | None = None
+        # The local Ray instance start() started (the CPU build's `ray` backend), if any.
+        self._ray_holder: subprocess.Popen[str] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -276,6 +280,8 @@ class VllmEngine:
             if (bind := cpu_rank_binding(self.config.parallelism.ranks)) is not None:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
         parallel = self.config.parallelism
+        if cpu and parallel.backend == "ray":
+            self._ray_holder = start_local_ray(parallel.ranks)
         args = AsyncEngineArgs(
             model=self.config.model,
             served_model_name=self.config.served_model_name,
@@ -343,6 +349,10 @@ class VllmEngine:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+            log.info("engine stopped")
+        if self._ray_holder is not None:
+            stop_local_ray(self._ray_holder)
+            self._ray_holder = None
 
     def _stat_logger_factory(self) -> Callable[..., Any]:
         from vllm.v1.metrics.loggers import StatLoggerBase

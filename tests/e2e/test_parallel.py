@@ -9,11 +9,13 @@ in float32; the test allows 1e-3 and asks for identical tokens.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from clients.bench_scaling import haproxy
@@ -42,6 +44,28 @@ def tp2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServ
     running = start_server(tmp_path_factory.mktemp("tp2"), {"ROPESERVE_TENSOR_PARALLEL_SIZE": "2"}, name="tp2")
     yield running
     stop_server(running)
+
+
+_single_rank_answers: dict[str, dict[str, Any]] = {}
+
+
+def _single_rank_answer(base_url: str, strategy: Any) -> dict[str, Any]:
+    """The session server's (one rank) answer, asked once per strategy in this module."""
+    key = json.dumps(strategy, sort_keys=True)
+    if key not in _single_rank_answers:
+        _single_rank_answers[key] = _answer(base_url, strategy)
+    return _single_rank_answers[key]
+
+
+def _assert_same_answer(one: dict[str, Any], two: dict[str, Any]) -> None:
+    assert one["strategy"] == two["strategy"]
+    tokens_one = [t["id"] for t in one["details"]["tokens"]]
+    tokens_two = [t["id"] for t in two["details"]["tokens"]]
+    assert tokens_one == tokens_two and len(tokens_one) == 16
+    if one["strategy"]["name"] == "nbce":
+        return  # NBCE's combined tokens carry no logprobs
+    for a, b in zip(one["details"]["tokens"], two["details"]["tokens"], strict=True):
+        assert abs(a["logprob"] - b["logprob"]) < LOGPROB_TOLERANCE, (a, b)
 
 
 def _answer(url: str, strategy: Any) -> dict[str, Any]:
@@ -74,15 +98,24 @@ def test_tp2_reports_its_ranks_in_info_and_metrics(tp2_server: RunningServer) ->
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s if isinstance(s, str) else s["name"])
 def test_tp2_serves_the_single_rank_greedy_tokens(strategy: Any, tp2_server: RunningServer, base_url: str) -> None:
-    one, two = _answer(base_url, strategy), _answer(tp2_server.url, strategy)
-    assert one["strategy"] == two["strategy"]
-    tokens_one = [t["id"] for t in one["details"]["tokens"]]
-    tokens_two = [t["id"] for t in two["details"]["tokens"]]
-    assert tokens_one == tokens_two and len(tokens_one) == 16
-    if one["strategy"]["name"] == "nbce":
-        return  # NBCE's combined tokens carry no logprobs
-    for a, b in zip(one["details"]["tokens"], two["details"]["tokens"], strict=True):
-        assert abs(a["logprob"] - b["logprob"]) < LOGPROB_TOLERANCE, (a, b)
+    _assert_same_answer(_single_rank_answer(base_url, strategy), _answer(tp2_server.url, strategy))
+
+
+def test_tp2_on_the_ray_backend_serves_every_strategy_and_leaves_no_ray_behind(base_url: str, tmp_path: Path) -> None:
+    """vLLM's Ray executor on a local Ray instance the server starts (server/engines/cpu_ray.py)."""
+    env = {"ROPESERVE_TENSOR_PARALLEL_SIZE": "2", "ROPESERVE_DISTRIBUTED_EXECUTOR_BACKEND": "ray"}
+    server = start_server(tmp_path, env, name="ray")
+    try:
+        info = httpx.get(f"{server.url}/info", timeout=30).json()
+        assert info["parallelism"]["distributed_executor_backend"] == "ray"
+        assert "Platform plugin ropeserve_cpu_ray is activated" in server.log()
+        for strategy in STRATEGIES:
+            _assert_same_answer(_single_rank_answer(base_url, strategy), _answer(server.url, strategy))
+    finally:
+        code = stop_server(server, timeout=120)
+    assert code == 0, server.log()[-3000:]
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []).startswith("ray::")]
+    assert not leftovers, [p.info["cmdline"] for p in leftovers]
 
 
 def test_two_replicas_behind_haproxy_serve_any_strategy(

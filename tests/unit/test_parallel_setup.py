@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.engines.cpu_ray import parse_rank_cpus, platform_plugin
 from server.engines.vllm_engine import cpu_rank_binding
 from server.head_padding import needs_padding, pad_checkpoint, padded_head_counts
 
@@ -77,3 +78,15 @@ def test_cpu_ranks_get_disjoint_cores():
     assert cpu_rank_binding(3, [0, 1, 2, 3, 4]) == "0|1|2"
     with pytest.raises(ValueError, match="2 CPU ranks need at least 2 cores"):
         cpu_rank_binding(2, [0])
+
+
+def test_ray_workers_read_their_cores_from_vllms_binding_string():
+    assert parse_rank_cpus("0|1") == [[0], [1]]
+    assert parse_rank_cpus("0,2-3|4") == [[0, 2, 3], [4]]
+
+
+def test_the_ray_platform_plugin_is_registered_for_vllm():
+    from importlib.metadata import entry_points
+
+    (plugin,) = [e for e in entry_points(group="vllm.platform_plugins") if e.name == "ropeserve_cpu_ray"]
+    assert plugin.load() is platform_plugin

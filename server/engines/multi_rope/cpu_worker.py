@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from server.engines.cpu_ray import pin_rank
 from server.engines.multi_rope.runner import use_multi_rope_runner
 
 
 class MultiRopeCPUWorker(CPUWorker):
     def init_device(self) -> None:
+        if self.parallel_config.distributed_executor_backend == "ray":
+            pin_rank(self.local_rank)  # vLLM binds the ranks of its mp executor, not Ray's
         super().init_device()
         use_multi_rope_runner(self.model_runner)
