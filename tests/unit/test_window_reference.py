@@ -1,0 +1,96 @@
+"""The windowed position schemes' reference (tests/support/window_reference.py) against what
+must hold: the native scheme is transformers' Llama; a window covering the prompt is native
+exactly; leaky slope 1 and group size 1 are native; relative positions follow the papers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.window_reference import LlamaWeights, Scheme, logits, relative_positions
+
+N = 48
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ids() -> list[int]:
+    return torch.randint(0, 96, (N,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def test_the_native_scheme_is_transformers_llama(tiny: Path, ids: list[int]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    got = logits(LlamaWeights.load(tiny), ids)
+    assert torch.allclose(got, expected, atol=2e-5, rtol=0), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [Scheme("rerope", window=N), Scheme("leaky_rerope", window=N, k=4.0), Scheme("self_extend", window=N, group=4)],
+    ids=["rerope", "leaky_rerope", "self_extend"],
+)
+def test_a_window_covering_the_prompt_is_native_exactly(tiny: Path, ids: list[int], scheme: Scheme) -> None:
+    weights = LlamaWeights.load(tiny)
+    assert torch.equal(logits(weights, ids, scheme), logits(weights, ids))
+
+
+@pytest.mark.parametrize(
+    "scheme", [Scheme("leaky_rerope", window=8, k=1.0), Scheme("self_extend", window=8, group=1)], ids=["k=1", "G=1"]
+)
+def test_no_compression_is_native(tiny: Path, ids: list[int], scheme: Scheme) -> None:
+    weights = LlamaWeights.load(tiny)
+    assert torch.allclose(logits(weights, ids, scheme), logits(weights, ids), atol=1e-5, rtol=0)
+
+
+def test_a_small_window_changes_only_positions_beyond_it(tiny: Path, ids: list[int]) -> None:
+    weights = LlamaWeights.load(tiny)
+    native, rerope = logits(weights, ids), logits(weights, ids, Scheme("rerope", window=8))
+    assert torch.equal(rerope[:8], native[:8])  # every pair of the first 8 positions is inside the window
+    assert not torch.allclose(rerope[8:], native[8:], atol=1e-3)
+
+
+def test_relative_positions_follow_each_scheme() -> None:
+    rerope = relative_positions(Scheme("rerope", window=4), 10)
+    assert rerope[9, :6].tolist() == [4.0] * 6 and rerope[9, 6:].tolist() == [3.0, 2.0, 1.0, 0.0]
+    leaky = relative_positions(Scheme("leaky_rerope", window=4, k=2.0), 10)
+    assert leaky[9, 0].item() == 4 + (9 - 0 - 4) / 2  # w + (i - j - w)/k
+    extend = relative_positions(Scheme("self_extend", window=4, group=2), 10)
+    assert extend[9, 0].item() == 9 // 2 + 4 - 4 // 2 - 0 // 2  # i//G + W - W//G - j//G
+    assert extend[9, 7].item() == 2  # a neighbour: exact
+    assert math.isnan(extend[0, 1].item())  # no key after the query
+
+
+def test_logn_scales_only_past_its_window(tiny: Path, ids: list[int]) -> None:
+    weights = LlamaWeights.load(tiny)
+    scaled = logits(weights, ids, Scheme(logn_window=16))
+    native = logits(weights, ids)
+    assert torch.equal(scaled[:16], native[:16])  # ln(i+1)/ln(16) <= 1 for i < 16
+    assert not torch.allclose(scaled[16:], native[16:], atol=1e-4)
