@@ -12,6 +12,7 @@ import torch
 from server.engines.cpu_ray import parse_rank_cpus, platform_plugin
 from server.engines.vllm_engine import cpu_rank_binding
 from server.head_padding import needs_padding, pad_checkpoint, padded_head_counts
+from tests.support.tiny_models import save_tiny_llama
 
 
 @pytest.mark.parametrize(
@@ -35,22 +36,15 @@ def test_padded_head_counts_add_whole_kv_groups_until_ranks_split_them(heads, kv
 
 
 def _tiny_llama(tmp_path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return save_tiny_llama(
+        tmp_path / "tiny",
         vocab_size=64,
         hidden_size=48,
         intermediate_size=96,
-        num_hidden_layers=2,
         num_attention_heads=3,
         num_key_value_heads=1,
         max_position_embeddings=128,
-        tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(tmp_path / "tiny", safe_serialization=True)
-    return tmp_path / "tiny"
 
 
 def test_a_padded_checkpoint_computes_the_same_logits(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.tiny_models import save_tiny_llama
 from tests.support.window_reference import LlamaWeights, Scheme, logits, relative_positions
 
 N = 48
@@ -17,24 +18,17 @@ N = 48
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny") / "llama",
         vocab_size=96,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=16,
         rope_theta=10000.0,
-        tie_word_embeddings=True,
         initializer_range=0.2,
     )
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return path
 
 
 @pytest.fixture(scope="module")
