@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import signal
 import sys
@@ -33,7 +34,10 @@ def _serve(args: argparse.Namespace) -> int:
         # What a drain that timed out leaves: cut after this (server/drain.py waits first).
         timeout_graceful_shutdown=5,
     )
-    DrainingServer(config, app.state, settings.drain_timeout_s).run()
+    # Ctrl-C: uvicorn re-raises SIGINT after its clean shutdown, and asyncio turns it into
+    # KeyboardInterrupt; uvicorn.run() swallows it the same way.
+    with contextlib.suppress(KeyboardInterrupt):
+        DrainingServer(config, app.state, settings.drain_timeout_s).run()
     return 0
 
 

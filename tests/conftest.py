@@ -49,6 +49,12 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """Ctrl-C's default disposition in the server, whatever the test runner inherited: a shell
+    runs background jobs with SIGINT ignored, and Python keeps it ignored (no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_server(tmp_dir: Path, extra_env: dict[str, str] | None = None, name: str = "server") -> RunningServer:
     port = free_port()
     env = {
@@ -73,6 +79,7 @@ def start_server(tmp_dir: Path, extra_env: dict[str, str] | None = None, name: s
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = started + STARTUP_TIMEOUT_S
