@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
@@ -38,6 +38,45 @@ class ModelFacts:
         return int(self.head_dim * float(self.rope_parameters.get("partial_rotary_factor", 1.0)))
 
 
+WindowKind = Literal["rerope", "leaky_rerope", "self_extend"]
+
+
+@dataclass(frozen=True)
+class AttentionScheme:
+    """How a row's attention sees positions, beyond rotating each token at its own position.
+
+    Window kinds score a (query i, key j) pair with ordinary RoPE while i - j < `window`, and
+    with the query rotated at a(i), the key at b(j) beyond it (docs/design/window-attention.md):
+
+    | kind          | a(i)                           | b(j)        | relative position a(i) - b(j) |
+    |---------------|--------------------------------|-------------|-------------------------------|
+    | rerope        | w                              | 0           | w                             |
+    | leaky_rerope  | w - w/leak + i/leak            | j/leak      | w + (i - j - w)/leak          |
+    | self_extend   | i//group + w - w//group        | j//group    | grouped distance, shifted     |
+
+    `logn_window` (L0) scales the query at position i by max(1, ln(i + 1) / ln L0), with or
+    without a window kind.
+    """
+
+    kind: WindowKind | None = None
+    window: int = 0
+    leak: float = 1.0
+    group: int = 1
+    logn_window: int | None = None
+
+    def label(self) -> str:
+        parts = [self.kind or ""]
+        if self.kind is not None:
+            parts[0] += f"-w{self.window}"
+        if self.kind == "leaky_rerope":
+            parts.append(f"k{self.leak:g}")
+        if self.kind == "self_extend":
+            parts.append(f"g{self.group}")
+        if self.logn_window is not None:
+            parts.append("logn")
+        return "-".join(p for p in parts if p)
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """A complete RoPE configuration: what one request's positions are rotated with.
@@ -45,22 +84,27 @@ class RopeConfig:
     `parameters` is the model's full `rope_parameters` dict (vLLM builds its rotary from it as
     given, so it must be complete); an empty dict means the model's own configuration.
     `max_model_len` is the longest total length (prompt + generated) the configuration allows.
+    `attention`, when set, changes how scores see positions (window kinds, log-n): the engine
+    then runs the row's attention itself (server/engines/window_attention/).
     """
 
     parameters: tuple[tuple[str, Any], ...] = ()
     max_model_len: int | None = None
+    attention: AttentionScheme | None = None
 
     @classmethod
     def native(cls) -> RopeConfig:
         return cls()
 
     @classmethod
-    def from_dict(cls, parameters: dict[str, Any], max_model_len: int) -> RopeConfig:
-        return cls(tuple(sorted(parameters.items())), max_model_len)
+    def from_dict(
+        cls, parameters: dict[str, Any], max_model_len: int, attention: AttentionScheme | None = None
+    ) -> RopeConfig:
+        return cls(tuple(sorted(parameters.items())), max_model_len, attention)
 
     @property
     def is_native(self) -> bool:
-        return not self.parameters and self.max_model_len is None
+        return not self.parameters and self.max_model_len is None and self.attention is None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.parameters)
@@ -69,16 +113,21 @@ class RopeConfig:
         """A stable name for this configuration (RoPE slot key, prefix-cache salt)."""
         if self.is_native:
             return "native"
-        return json.dumps({"rope": self.as_dict(), "len": self.max_model_len}, sort_keys=True)
+        key: dict[str, Any] = {"rope": self.as_dict(), "len": self.max_model_len}
+        if self.attention is not None:
+            key["attention"] = asdict(self.attention)
+        return json.dumps(key, sort_keys=True)
 
     def label(self) -> str:
         """A short, bounded-cardinality name for logs and metrics: the RoPE type and its factor."""
         if self.is_native:
             return "native"
         params = self.as_dict()
-        label = str(params.get("rope_type", "custom"))
+        label = str(params.get("rope_type", "custom")) if params else "native"
         if params.get("factor") is not None:
             label += f"-x{float(params['factor']):g}"
+        if self.attention is not None:
+            label += "+" + self.attention.label()
         return label
 
 
