@@ -22,6 +22,9 @@ BUILTIN_STRATEGIES = (
     "strategies.dynamic_ntk:DynamicNtkStrategy",
     "strategies.yarn:YarnStrategy",
     "strategies.llama3:Llama3Strategy",
+    "strategies.rerope:ReropeStrategy",
+    "strategies.leaky_rerope:LeakyReropeStrategy",
+    "strategies.self_extend:SelfExtendStrategy",
     "strategies.nbce:NbceStrategy",
     "strategies.auto:AutoStrategy",
 )

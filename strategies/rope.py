@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from pydantic import Field
 
+from server.engines.base import AttentionScheme
 from strategies.base import (
     ExecutionPlan,
     ModelFacts,
@@ -53,6 +55,10 @@ def factor_field(default: float) -> Any:
 
 class RopeParams(StrategyParams):
     factor: float = factor_field(2.0)
+    logn: bool = Field(
+        default=False,
+        description="log-n attention scaling: queries past the native window L0 are scaled by ln(i + 1) / ln L0",
+    )
 
 
 def allowed_tokens(factor: float, model: ModelFacts) -> int:
@@ -138,6 +144,9 @@ class RopeStrategy(Strategy[RP]):
         hint = "" if needed <= limit else self._hint(needed, model)
         check_fits(len(row), request.max_new_tokens, limit, self.name, hint)
         rope = self.rope_config(model, needed)
+        if self.params.logn and needed > model.native_window and not rope.is_native:
+            # Scales only positions past L0 (s(i) = 1 below), so shorter requests need no scheme.
+            rope = replace(rope, attention=AttentionScheme(logn_window=model.native_window))
         return ExecutionPlan(
             rope=rope,
             rows=[row],

@@ -53,7 +53,7 @@ class RopeSlots:
 
     def acquire(self, rope: RopeConfig) -> int:
         """The slot for `rope`, held until `release`; raises RopeSlotsFull."""
-        if rope.is_native:
+        if not _needs_slot(rope):
             return 0
         key = rope.key()
         slot = self._slot_of.get(key)
@@ -69,7 +69,7 @@ class RopeSlots:
 
     def has_room(self, rope: RopeConfig) -> bool:
         """Whether `acquire(rope)` would succeed now."""
-        return rope.is_native or rope.key() in self._slot_of or bool(self._never_used or self._idle)
+        return not _needs_slot(rope) or rope.key() in self._slot_of or bool(self._never_used or self._idle)
 
     def release(self, slot: int) -> None:
         if slot == 0:
@@ -109,3 +109,9 @@ class RopeSlots:
             "parameters": rope.as_dict(),
             "rows": rope.max_model_len,
         }
+
+
+def _needs_slot(rope: RopeConfig) -> bool:
+    """Whether `rope` rotates with a table of its own: configurations with the model's own RoPE
+    parameters (native, or a window/log-n scheme over them) use slot 0."""
+    return bool(rope.parameters)

@@ -20,7 +20,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from server.engines.base import (
@@ -43,6 +43,7 @@ from server.engines.base import (
 from server.engines.cpu_ray import RANK_CPUS_ENV, start_local_ray, stop_local_ray
 from server.engines.multi_rope import CONFIG_KEY, WORKER_CLASSES
 from server.engines.rope_slots import ROPE_EXTRA_KEY, RopeSlots
+from server.engines.window_attention.step import ATTENTION_EXTRA_KEY
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,7 @@ class VllmEngine:
         self._last_iteration = EngineIteration()
         self._group_lock: Any = None  # asyncio.Lock, made on first use (NBCE row groups)
         self._checked_ropes: dict[str, str | None] = {}
+        self._attention_support: str | None = None  # "" once probed and supported
         self.startup_seconds: float | None = None
         # The local Ray instance start() started (the CPU build's `ray` backend), if any.
         self._ray_holder: subprocess.Popen[str] | None = None
@@ -431,7 +433,36 @@ class VllmEngine:
             return None
         if (rope.max_model_len or 0) > self.config.max_model_len:
             return f"{rope.label()} allows {rope.max_model_len} tokens; this engine holds {self.config.max_model_len}"
-        return self._table_refusal(rope)
+        if rope.attention is not None and (refusal := self._attention_refusal()) is not None:
+            return refusal
+        return self._table_refusal(rope) if rope.parameters else None
+
+    def _attention_refusal(self) -> str | None:
+        """Why this engine cannot run window / log-n attention (None: it can): the kernel reads vLLM's
+        CPU paged cache (server/engines/window_attention/), so only the CPU backend with a key
+        layout the probe recognises serves it."""
+        if self._attention_support is None:
+            self._attention_support = self._probe_attention_support()
+        return self._attention_support or None
+
+    def _probe_attention_support(self) -> str:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return "window attention and log-n scaling run on the CPU engine only (vLLM's CPU attention backend)"
+        if self._llm is None:
+            return "the engine is not started"
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        from server.engines.window_attention.paged import probe_layout
+
+        vllm_config = self._llm.vllm_config
+        dtype = vllm_config.model_config.dtype
+        block_size = int(vllm_config.cache_config.block_size)
+        isa = _get_attn_isa(dtype, block_size, self.model.head_dim)
+        if probe_layout(isa, dtype, self.model.head_dim, block_size) is None:
+            return f"window attention cannot read this host's KV cache layout (CPU attention ISA {isa})"
+        return ""
 
     def _table_refusal(self, rope: RopeConfig) -> str | None:
         """Build a few rows of `rope`'s table here, as the engine core would: parameters vLLM cannot
@@ -458,6 +489,8 @@ class VllmEngine:
         extra = dict(row.sampling.extra_args or {})
         if (spec := self.slots.slot_spec(row.rope, slot)) is not None:
             extra[ROPE_EXTRA_KEY] = spec
+        if row.rope.attention is not None:
+            extra[ATTENTION_EXTRA_KEY] = asdict(row.rope.attention)
         return _to_vllm_sampling(row.sampling, extra or None), slot
 
     def _release(self, slot: int) -> None:

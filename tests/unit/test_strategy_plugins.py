@@ -44,6 +44,9 @@ BUILTINS = {
     "dynamic_ntk": "strategies.dynamic_ntk:DynamicNtkStrategy",
     "yarn": "strategies.yarn:YarnStrategy",
     "llama3": "strategies.llama3:Llama3Strategy",
+    "rerope": "strategies.rerope:ReropeStrategy",
+    "leaky_rerope": "strategies.leaky_rerope:LeakyReropeStrategy",
+    "self_extend": "strategies.self_extend:SelfExtendStrategy",
     "nbce": "strategies.nbce:NbceStrategy",
     "auto": "strategies.auto:AutoStrategy",
 }
@@ -88,9 +91,14 @@ def test_every_builtin_is_registered_once_with_a_schema() -> None:
     for name in BUILTINS:
         schema = registry.get(name).parameters_schema()
         assert schema["type"] == "object", name
-        if name not in ("native", "nbce", "auto"):
+        if name in ("linear", "ntk", "dynamic_ntk", "yarn", "llama3"):
             factor = schema["properties"]["factor"]
             assert factor["minimum"] == 1.0 and factor["maximum"] == 16.0
+            assert schema["properties"]["logn"]["default"] is False
+        if name in ("rerope", "leaky_rerope", "self_extend"):
+            window = schema["properties"]["window"]
+            assert window["minimum"] == 1 and window["maximum"] == 131072
+            assert set(schema["properties"]) >= {"window", "logn"}
     # Processors for the engine: NBCE's, once.
     assert registry.engine_logits_processors() == ("strategies.nbce.processor:NbceLogitsProcessor",)
 

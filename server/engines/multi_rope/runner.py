@@ -10,6 +10,10 @@ package. It changes two things:
   its row's `slot x slot_rows`, so the rotary reads that row's configuration and nothing else
   (KV placement, causal masks, sequence lengths) sees a shifted position.
 
+Rows with an attention scheme (window kinds, log-n; server/engines/window_attention/) are published
+to the attention impls for the step, and window rows' tokens are rotated at position 0 (unrotated):
+their attention rotates queries and keys itself.
+
 It also hands logits processors that declare `StepAware` (server/engines/base.py) the rows that
 are mid-prefill this step (vLLM's `discard_request_mask`), e.g. NBCE's processor.
 
@@ -30,10 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.engines.base import StepAware
+from server.engines.base import AttentionScheme, StepAware
 from server.engines.multi_rope import CONFIG_KEY
 from server.engines.multi_rope.table import SlotTableRotaryEmbedding, install_slot_table
 from server.engines.rope_slots import ROPE_EXTRA_KEY
+from server.engines.window_attention import step as step_plan
+from server.engines.window_attention.positions import inverse_frequencies
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +68,57 @@ class MultiRopeRunner:
         self.rope_positions = torch.zeros_like(self.positions)
         if self.rope_force_slot0:
             log.warning("multi-RoPE: force_slot0 is set; every row is rotated with the native RoPE")
+        self.window_layers = self._install_window_attention()
+        self.rope_inv_freq = inverse_frequencies(float(self.rope_table.base), self.rope_table.rotary_dim)
+
+    def _install_window_attention(self) -> int:
+        """Attention layers whose impl serves window rows (0 where the backend is not vLLM's CPU one,
+        or the RoPE is not neox-style; the API process refuses window schemes there)."""
+        if not self.rope_table.is_neox_style:
+            return 0
+        try:
+            from server.engines.window_attention import impl
+        except ImportError:  # a vLLM build without the CPU attention backend
+            return 0
+        return impl.install(self.model)
 
     def _preprocess(self, scheduler_output: Any, num_input_tokens: int, intermediate_tensors: Any = None) -> Any:
         inputs = super()._preprocess(scheduler_output, num_input_tokens, intermediate_tensors)  # type: ignore[misc]  # as in load_model
         self._bind_step_rows()
+        schemes = self._attention_schemes()
         bases = self._slot_bases()
-        if bases is None:
+        if bases is None and schemes is None:
             return inputs
         counts = [scheduler_output.num_scheduled_tokens[r] for r in self.input_batch.req_ids]
-        offsets = torch.from_numpy(np.repeat(np.asarray(bases, dtype=np.int64), counts))
         positions = inputs[2]
         shifted = self.rope_positions[:num_input_tokens]
         shifted.copy_(positions)
-        shifted[: len(offsets)] += offsets.to(shifted.device, non_blocking=True)
+        if bases is not None:
+            offsets = torch.from_numpy(np.repeat(np.asarray(bases, dtype=np.int64), counts))
+            shifted[: len(offsets)] += offsets.to(shifted.device, non_blocking=True)
+        if schemes is not None:
+            # Window rows are rotated by the attention kernel, at two positions per pair: the table
+            # rotates them at position 0 (cos 1, sin 0: the identity), so their queries reach
+            # attention and their keys the paged cache unrotated.
+            ends = np.cumsum(counts)
+            for r in step_plan.StepPlan(schemes, self.rope_inv_freq).window_rows():
+                shifted[ends[r] - counts[r] : ends[r]] = 0
         return (*inputs[:2], shifted, *inputs[3:])
+
+    def _attention_schemes(self) -> tuple[AttentionScheme | None, ...] | None:
+        """Each scheduled row's attention scheme (batch order), published for the attention impls;
+        None when no row has one."""
+        schemes = tuple(
+            step_plan.scheme_from_extra_args(params.extra_args if params is not None else None)
+            for params in (self.requests[r].sampling_params for r in self.input_batch.req_ids)
+        )
+        if not any(schemes):
+            step_plan.publish(None)
+            return None
+        if any(s is not None and s.kind is not None for s in schemes) and not self.window_layers:
+            raise RuntimeError("window attention needs vLLM's CPU attention backend and a neox-style RoPE")
+        step_plan.publish(step_plan.StepPlan(schemes, self.rope_inv_freq))
+        return schemes
 
     def mid_prefill(self, num_rows: int) -> Any:
         """`StepRows`: the rows whose sampled token vLLM discards this step (chunked prefill)."""

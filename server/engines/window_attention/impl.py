@@ -1,0 +1,102 @@
+"""vLLM 0.32's CPU attention impl, with window and log-n rows computed by the two-band kernel.
+
+The runner has rotated window rows' tokens at position 0 (the identity), so their queries arrive
+unrotated and the paged cache holds their keys unrotated, which is what the kernel needs: no key
+is ever re-encoded, a decode step reads the row's cached keys back. Per step:
+
+- rows with log-n only (a RoPE strategy with `logn`): their queries are scaled by s(i) before
+  vLLM's kernel, which is the same score as scaling the unrotated query (rotation is linear);
+- window rows: vLLM's kernel runs for the other rows (if any), then each window row's output is
+  computed from its cached keys and values and written over what vLLM's kernel left there.
+
+Steps without such rows go to vLLM's kernel untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+from server.engines.window_attention import step
+from server.engines.window_attention.kernel import two_band_attention
+from server.engines.window_attention.paged import probe_layout, read_row
+from server.engines.window_attention.positions import logn_scale
+
+log = logging.getLogger(__name__)
+
+
+class WindowCPUAttentionImpl(CPUAttentionBackendImpl):
+    def forward(
+        self,
+        layer: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: Any,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        plan = step.current()
+        if attn_metadata is None or plan is None:
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+            )
+        starts = attn_metadata.query_start_loc.tolist()
+        seq_lens = attn_metadata.seq_lens.tolist()
+        schemes = plan.schemes[: len(starts) - 1]
+        window_rows = [r for r in plan.window_rows() if r < len(schemes)]
+        query = self._scale_logn_rows(query, schemes, starts, seq_lens)
+        if len(window_rows) < len(schemes):
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+        if not window_rows:
+            return output
+        num_blocks, kv_heads, block_size, _ = kv_cache.shape
+        key_cache, value_cache = kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+        layout = probe_layout(layer.isa, kv_cache.dtype, self.head_size, block_size)
+        if layout is None:
+            raise RuntimeError(f"window attention cannot read the {layer.isa} KV cache layout")
+        for r in window_rows:
+            start, stop, n = starts[r], starts[r + 1], seq_lens[r]
+            keys, values = read_row(key_cache, value_cache, attn_metadata.block_table[r], n, layout)
+            scheme = schemes[r]
+            assert scheme is not None
+            output[start:stop] = two_band_attention(
+                query[start:stop], keys, values, n - (stop - start), scheme, plan.inv_freq, self.scale
+            )
+        return output
+
+    @staticmethod
+    def _scale_logn_rows(
+        query: torch.Tensor, schemes: tuple[Any, ...], starts: list[int], seq_lens: list[int]
+    ) -> torch.Tensor:
+        """Queries of log-n rows without a window scaled by s(i) (window rows: in the kernel)."""
+        rows = [r for r, s in enumerate(schemes) if s is not None and s.kind is None and s.logn_window is not None]
+        if not rows:
+            return query
+        query = query.clone()
+        for r in rows:
+            start, stop = starts[r], starts[r + 1]
+            first = seq_lens[r] - (stop - start)
+            scale = logn_scale(schemes[r], torch.arange(first, first + stop - start))
+            assert scale is not None
+            query[start:stop] *= scale.to(query.dtype)[:, None, None]
+        return query
+
+
+def install(model: nn.Module) -> int:
+    """Make every CPU attention impl of `model` a `WindowCPUAttentionImpl`; returns how many.
+    Other backends (GPU) are left alone: the API process refuses window schemes there."""
+    count = 0
+    for module in model.modules():
+        impl = getattr(module, "impl", None)
+        if type(impl) is CPUAttentionBackendImpl:
+            impl.__class__ = WindowCPUAttentionImpl
+            count += 1
+    log.info("window attention: installed in %d attention layers", count)
+    return count

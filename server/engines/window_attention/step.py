@@ -1,0 +1,47 @@
+"""Which rows of the model step being run use which attention scheme.
+
+The runner (server/engines/multi_rope/runner.py) publishes a `StepPlan` before each forward pass;
+every attention layer's impl (impl.py) reads it. One engine-core worker runs one step at a time,
+so a module-level value is enough.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from server.engines.base import AttentionScheme
+
+# SamplingParams.extra_args key carrying a row's scheme (dataclasses.asdict of AttentionScheme).
+ATTENTION_EXTRA_KEY = "ropeserve_attention"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Per scheduled row, in the batch order of the attention metadata: its scheme, or None."""
+
+    schemes: tuple[AttentionScheme | None, ...]
+    # The model's native RoPE frequencies (window rows are rotated by the kernel, not the table).
+    inv_freq: torch.Tensor
+
+    def window_rows(self) -> list[int]:
+        return [r for r, s in enumerate(self.schemes) if s is not None and s.kind is not None]
+
+
+_current: StepPlan | None = None
+
+
+def publish(plan: StepPlan | None) -> None:
+    global _current
+    _current = plan
+
+
+def current() -> StepPlan | None:
+    return _current
+
+
+def scheme_from_extra_args(extra_args: dict[str, Any] | None) -> AttentionScheme | None:
+    spec = (extra_args or {}).get(ATTENTION_EXTRA_KEY)
+    return None if spec is None else AttentionScheme(**spec)

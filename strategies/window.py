@@ -1,0 +1,98 @@
+"""Shared base of the window strategies (`rerope`, `leaky_rerope`, `self_extend`).
+
+They keep exact relative positions inside a window and clamp (ReRoPE), compress (Leaky ReRoPE)
+or group (Self-Extend) them beyond it, so no score sees a distance the model was not trained on
+(server/engines/base.py `AttentionScheme` has the formulas; docs/design/window-attention.md the
+sources). The engine computes such rows' attention itself from unrotated cached keys; a request
+whose whole length fits in the window is plain RoPE attention, so it is planned as `native` and
+is exactly native.
+
+    >>> from strategies.base import PlanContext, StrategyRequest
+    >>> from strategies.registry import default_registry
+    >>> from server.engines.base import ModelFacts
+    >>> registry = default_registry()
+    >>> model = ModelFacts("m", native_window=8192, rope_parameters={"rope_theta": 1e5}, head_dim=64,
+    ...                    vocab_size=100, max_context_tokens=32768)
+    >>> context = PlanContext(model, tokenize=lambda text: [1] * 20_000, resolve=registry.resolve)
+    >>> plan = registry.resolve({"name": "rerope", "window": 2048}).plan(StrategyRequest("q"), context)
+    >>> plan.rope.label(), plan.max_total_tokens
+    ('native+rerope-w2048-logn', 32768)
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, TypeVar
+
+from pydantic import Field
+
+from server.engines.base import AttentionScheme
+from strategies.base import (
+    ExecutionPlan,
+    ModelFacts,
+    PlanContext,
+    RopeConfig,
+    Strategy,
+    StrategyError,
+    StrategyParams,
+    StrategyRequest,
+    check_fits,
+)
+
+# Longest window a request may ask for (16 x the bundled model's native window); each strategy
+# also needs window < the model's native window, checked per model when planning.
+MAX_WINDOW = 131072
+
+
+def window_field(default: int, description: str) -> Any:
+    return Field(default=default, ge=1, le=MAX_WINDOW, description=description)
+
+
+def logn_field(default: bool) -> Any:
+    return Field(
+        default=default,
+        description="log-n attention scaling: queries past the native window L0 are scaled by ln(i + 1) / ln L0",
+    )
+
+
+class WindowParams(StrategyParams):
+    window: int
+    logn: bool
+
+
+WP = TypeVar("WP", bound=WindowParams)
+
+
+class WindowStrategy(Strategy[WP]):
+    """One window scheme: exact positions inside `window`, the scheme's own beyond it."""
+
+    @abstractmethod
+    def scheme(self, model: ModelFacts) -> AttentionScheme:
+        """The attention scheme the engine runs (logn_window set when `logn`)."""
+
+    @abstractmethod
+    def longest(self, model: ModelFacts) -> int | None:
+        """The longest row whose farthest relative position stays within the native window
+        (None: any length)."""
+
+    def max_total_tokens(self, model: ModelFacts) -> int:
+        limits = [n for n in (self.longest(model), model.max_context_tokens) if n is not None]
+        return min(limits) if limits else 16 * model.native_window
+
+    def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
+        model = context.model
+        if self.params.window >= model.native_window:
+            raise StrategyError(
+                f"strategy.window: {self.params.window} must be < the model's native window ({model.native_window})",
+                field="strategy.window",
+            )
+        row = request.plain_prompt_ids(context.tokenize)
+        limit = self.max_total_tokens(model)
+        check_fits(len(row), request.max_new_tokens, limit, self.name)
+        needed = len(row) + request.max_new_tokens
+        # Every pair inside the window is plain RoPE attention: served as native (bitwise).
+        rope = RopeConfig.native() if needed <= self.params.window else RopeConfig((), limit, self.scheme(model))
+        return ExecutionPlan(rope=rope, rows=[row], max_total_tokens=limit, resolved=self.resolved())
+
+    def logn_window(self, model: ModelFacts) -> int | None:
+        return model.native_window if self.params.logn else None
