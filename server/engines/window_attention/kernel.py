@@ -2,17 +2,15 @@
 
 A query at position i scores key j with ordinary RoPE while i - j < w (the band) and with the
 scheme's far rotations beyond it: q at a(i), k at b(j) (positions.py). Rather than two full score
-matrices and a `where` (the papers' code; O(C x n) memory, 7 s for 256 x 24k here), the keys split
-into two parts that fused attention handles without materialising scores:
+matrices and a `where` (the papers' code; O(C x n) memory, 7 s for 256 x 24k here), the keys of a block
+of queries split into three sets that fused attention handles without materialising scores:
 
-- keys that are far for every query of the block (j <= i_first - w): one unmasked fused attention
-  with q at a(i), k at b(j);
-- the rest (at most w + block keys): one fused attention over the keys twice, once rotated at j,
-  once at b(j), against the query concatenated [q at i, q at a(i)] with the keys padded
-  [k at j, 0] / [0, k at b(j)], so each copy scores with its own rotation; a mask keeps the band
-  copy for i - j < w and the far copy beyond (values are zero-padded to the same width).
+- far for every query of the block (j <= i_first - w): unmasked, q at a(i), k at b(j);
+- far for some (i_first - w < j <= i_last - w, at most a block's worth): the same, masked;
+- in the band for some (i_first - w < j <= i_last): q at i, k at j, masked to 0 <= i - j < w.
 
-The two parts merge by their log-sum-exp. GQA is folded into the query length (each KV head's
+The sets merge by their log-sum-exp, so the cost is one plain attention over the row plus
+block x (w + block) scores. GQA is folded into the query length (each KV head's
 query heads one after another), so no key is repeated.
 
     >>> from server.engines.base import AttentionScheme
@@ -80,33 +78,46 @@ def _block(
     if (s := logn_scale(scheme, positions)) is not None:
         q = q * s.to(q.dtype)[:, None, None]
     a, _ = outside_positions(scheme, positions, positions[:1])
-    q_band = _fold(rotate(q.transpose(0, 1), positions, inv_freq), kv_heads)
-    q_far = _fold(rotate(q.transpose(0, 1), a, inv_freq), kv_heads)
+    q_far = _fold(rotate(q.transpose(0, 1), a, inv_freq), kv_heads)[None]
+    # Keys far for every query of the block: j <= first - w. Keys far for some: up to last - w.
+    # Keys in the band for some: first - w < j <= last.
+    far_all, far_some, end = max(0, first - w + 1), max(0, first + c - w), first + c
+    parts = []
+    if far_all:
+        parts.append(_fused(q_far, k_far[None, :, :far_all], v[None, :, :far_all], scale=scale))
+    if far_some > far_all:
+        keys = torch.arange(far_all, far_some, dtype=torch.float64)
+        allowed = (positions[:, None] - keys[None, :]) >= w
+        parts.append(
+            _masked(q_far, k_far[None, :, far_all:far_some], v[None, :, far_all:far_some], allowed, group, scale)
+        )
+    keys = torch.arange(far_all, end, dtype=torch.float64)
+    distance = positions[:, None] - keys[None, :]
+    q_band = _fold(rotate(q.transpose(0, 1), positions, inv_freq), kv_heads)[None]
+    k_band = rotate(k[:, far_all:end], keys, inv_freq)[None]
+    parts.append(_masked(q_band, k_band, v[None, :, far_all:end], (distance >= 0) & (distance < w), group, scale))
+    return _unfold(_merge(parts)[0].to(q.dtype), c)
 
-    # Keys that may be in the band for some query of the block: j > first - w, up to the last query.
-    band_start, end = max(0, first - w + 1), first + c
-    k_band = rotate(k[:, band_start:end], torch.arange(band_start, end, dtype=torch.float64), inv_freq)
-    zeros = torch.zeros_like(k_band)
-    keys = torch.cat([torch.cat([k_band, zeros], -1), torch.cat([zeros, k_far[:, band_start:end]], -1)], dim=1)
-    # Fused attention wants values as wide as the keys: zero-pad them and keep the first half out.
-    v_near = torch.cat([v[:, band_start:end], torch.zeros_like(v[:, band_start:end])], -1)
-    values = torch.cat([v_near, v_near], dim=1)
-    distance = positions[:, None] - torch.arange(band_start, end, dtype=torch.float64)[None, :]
-    allowed = torch.cat([(distance >= 0) & (distance < w), distance >= w], dim=1).repeat(group, 1)
+
+def _masked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, group: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention where `allowed` [c, keys] (per query position, repeated for the group's
+    heads); queries with no allowed key get log-sum-exp -inf (the op would say 0)."""
+    allowed = allowed.repeat(group, 1)
     mask = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
-    near_out, near_lse = _fused(
-        torch.cat([q_band, q_far], -1)[None], keys[None], values[None], attn_mask=mask[None, None], scale=scale
-    )
-    near_out = near_out[..., : q.shape[-1]]
-    if band_start == 0:
-        return _unfold(near_out[0], c)
-    far_out, far_lse = _fused(q_far[None], k_far[None, :, :band_start], v[None, :, :band_start], scale=scale)
-    top = torch.maximum(near_lse, far_lse)
-    near_weight, far_weight = (near_lse - top).exp(), (far_lse - top).exp()
-    merged = (near_out * near_weight[..., None] + far_out * far_weight[..., None]) / (near_weight + far_weight)[
-        ..., None
-    ]
-    return _unfold(merged[0].to(q.dtype), c)
+    out, lse = _fused(q, k, v, attn_mask=mask[None, None], scale=scale)
+    return out, lse.masked_fill(~allowed.any(-1)[None, None], float("-inf"))
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Softmax attention over the union of disjoint key sets, from each set's output and log-sum-exp."""
+    if len(parts) == 1:
+        return parts[0][0]
+    top = torch.stack([lse for _, lse in parts]).amax(0)
+    weights = [(lse - top).exp() for _, lse in parts]
+    total = sum(weights)
+    return sum(out * (weight / total)[..., None] for (out, _), weight in zip(parts, weights, strict=True))
 
 
 def _fold(x: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -1,0 +1,148 @@
+"""The window strategies (rerope, leaky_rerope, self_extend) and log-n through the real server:
+listed with their schemas, served on the same routes as every strategy (streaming, metrics,
+cancellation, concurrent requests), exactly native when the window covers the request, and bad
+parameters answered with a 422 naming the field. Their numerics against the reference:
+tests/e2e/test_window_engine.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.metrics_text import scrape
+from tests.support.sse import parse_sse
+
+pytestmark = pytest.mark.engine
+
+# ~3k tokens: past every window below, inside the native window (so `native` is a baseline).
+DOCUMENT = " ".join(f"Note {i}: the {i % 7}th shelf holds box {i * 37 % 101}." for i in range(260))
+WINDOWED = {
+    "rerope": {"name": "rerope", "window": 512},
+    "leaky_rerope": {"name": "leaky_rerope", "window": 512, "leak": 8},
+    "self_extend": {"name": "self_extend", "window": 512, "group": 4},
+    "ntk+logn": {"name": "ntk", "factor": 2, "logn": True},
+}
+
+
+def generate(
+    http: httpx.Client, strategy: Any, inputs: str, context: str = DOCUMENT, tokens: int = 8
+) -> dict[str, Any]:
+    body = {
+        "inputs": inputs,
+        "context": context,
+        "strategy": strategy,
+        "parameters": {"max_new_tokens": tokens, "details": True},
+    }
+    reply = http.post("/generate", json=body, timeout=600)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_the_strategies_are_listed_with_their_schemas(http: httpx.Client) -> None:
+    listed = {s["name"]: s for s in http.get("/strategies").json()["strategies"]}
+    for name in ("rerope", "leaky_rerope", "self_extend"):
+        properties = listed[name]["parameters"]["properties"]
+        assert properties["window"]["maximum"] == 131072 and "logn" in properties, name
+        assert listed[name]["engines"] == ["vllm"]
+    assert listed["leaky_rerope"]["parameters"]["properties"]["leak"]["default"] == 16
+    assert listed["self_extend"]["parameters"]["properties"]["group"]["default"] == 8
+    assert listed["ntk"]["parameters"]["properties"]["logn"]["default"] is False
+
+
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_a_document_past_the_window_is_answered(http: httpx.Client, name: str) -> None:
+    before = scrape(http, "ropeserve_requests_total", strategy=WINDOWED[name]["name"], status="ok")
+    data = generate(http, WINDOWED[name], "Which box is on shelf 3 in note 10? Answer:")
+    assert data["details"]["input_length"] > 2_500
+    assert data["details"]["generated_tokens"] == 8 and data["generated_text"].strip()
+    assert data["strategy"]["name"] == WINDOWED[name]["name"]
+    after = scrape(http, "ropeserve_requests_total", strategy=WINDOWED[name]["name"], status="ok")
+    assert after == before + 1
+
+
+def test_a_window_covering_the_request_is_native_exactly(http: httpx.Client) -> None:
+    """ReRoPE and Self-Extend with w >= prompt + max_new_tokens change no score: the same tokens
+    and the same logprobs as `native`, bit for bit."""
+    short = DOCUMENT[:2_000]
+    native = generate(http, "native", "Which box is on shelf 3?", short, tokens=12)
+    for strategy in ({"name": "rerope", "window": 4096}, {"name": "self_extend", "window": 4096, "group": 8}):
+        got = generate(http, strategy, "Which box is on shelf 3?", short, tokens=12)
+        assert got["details"]["tokens"] == native["details"]["tokens"], strategy
+
+
+def test_window_requests_stream_and_run_together_with_others(base_url: str, http: httpx.Client) -> None:
+    peak = 0
+
+    async def stream(client: httpx.AsyncClient, strategy: Any) -> list[dict[str, Any]]:
+        body = {"inputs": "Which box is on shelf 5?", "context": DOCUMENT, "strategy": strategy}
+        body["parameters"] = {"max_new_tokens": 6}
+        async with client.stream("POST", "/generate_stream", json=body) as reply:
+            assert reply.status_code == 200
+            return parse_sse("\n".join([line async for line in reply.aiter_lines()]))
+
+    async def watch(stop: asyncio.Event, client: httpx.AsyncClient) -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, int(scrape(http, "ropeserve_requests_running", engine="vllm")))
+            await asyncio.sleep(0.1)
+
+    async def main() -> list[list[dict[str, Any]]]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(watch(stop, client))
+            strategies = [WINDOWED["rerope"], WINDOWED["self_extend"], "native", {"name": "yarn", "factor": 2}]
+            results = await asyncio.gather(*(stream(client, s) for s in strategies))
+            stop.set()
+            await watcher
+            return list(results)
+
+    for events in asyncio.run(main()):
+        assert len([e for e in events if e.get("token")]) == 6
+        assert events[-1]["details"]["generated_tokens"] == 6
+    assert peak >= 2, f"at most {peak} rows ran in one engine step"
+
+
+def test_a_client_leaving_a_window_stream_frees_the_row(base_url: str, http: httpx.Client) -> None:
+    cancelled = scrape(http, "ropeserve_requests_total", strategy="rerope", status="cancelled")
+    body = {
+        "inputs": uuid.uuid4().hex + " Which box is on shelf 1?",
+        "context": DOCUMENT,
+        "strategy": WINDOWED["rerope"],
+        "parameters": {"max_new_tokens": 2000},
+    }
+    with (
+        httpx.Client(base_url=base_url, timeout=120) as client,
+        client.stream("POST", "/generate_stream", json={**body, "parameters": {**body["parameters"]}}) as reply,
+    ):
+        assert reply.status_code == 200
+        lines = reply.iter_lines()
+        assert any(next(lines).startswith("data:") for _ in range(4))
+    deadline = time.monotonic() + 60
+    while scrape(http, "ropeserve_requests_in_flight") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert scrape(http, "ropeserve_requests_in_flight") == 0
+    assert scrape(http, "ropeserve_requests_total", strategy="rerope", status="cancelled") == cancelled + 1
+
+
+@pytest.mark.parametrize(
+    ("strategy", "field", "words"),
+    [
+        ({"name": "self_extend", "window": 1000, "group": 8}, "strategy", ["multiple of group"]),
+        ({"name": "rerope", "window": 9000}, "strategy.window", ["8192"]),
+        ({"name": "rerope", "window": 0}, "strategy.window", ["greater than or equal to 1"]),
+        ({"name": "leaky_rerope", "leak": 0.5}, "strategy.leak", ["greater than or equal to 1"]),
+        ({"name": "ntk", "logn": "sometimes"}, "strategy.logn", ["bool"]),
+    ],
+)
+def test_bad_window_parameters_get_a_422_naming_the_field(
+    http: httpx.Client, strategy: dict[str, Any], field: str, words: list[str]
+) -> None:
+    reply = http.post("/generate", json={"inputs": "Hi", "strategy": strategy, "parameters": {"max_new_tokens": 2}})
+    assert reply.status_code == 422, reply.text
+    message = str(reply.json())
+    assert field in message and all(w in message for w in words), message
