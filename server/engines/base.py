@@ -65,7 +65,7 @@ class AttentionScheme:
     logn_window: int | None = None
 
     def label(self) -> str:
-        parts = [self.kind or ""]
+        parts: list[str] = [self.kind or ""]
         if self.kind is not None:
             parts[0] += f"-w{self.window}"
         if self.kind == "leaky_rerope":

@@ -29,7 +29,7 @@ from server.engines.window_attention.positions import logn_scale
 log = logging.getLogger(__name__)
 
 
-class WindowCPUAttentionImpl(CPUAttentionBackendImpl):
+class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # vLLM is untyped here
     def forward(
         self,
         layer: Any,

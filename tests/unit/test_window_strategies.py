@@ -1,0 +1,84 @@
+"""Planning of the window strategies and of log-n on the RoPE scalings (no engine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.engines.base import AttentionScheme, ModelFacts, RopeConfig
+from strategies.base import StrategyError, StrategyRequest
+from tests.support.planning import plan_for
+from tests.support.window_reference import Scheme, relative_positions
+
+MODEL = ModelFacts("m", 8192, {"rope_theta": 1e5}, head_dim=64, vocab_size=100, max_context_tokens=90_000)
+
+
+def plan(spec: object, prompt_tokens: int, new_tokens: int = 16):  # type: ignore[no-untyped-def]
+    return plan_for(spec, StrategyRequest("q", max_new_tokens=new_tokens), MODEL, lambda _t: [1] * prompt_tokens)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("spec", "scheme"),
+    [
+        ("rerope", AttentionScheme("rerope", window=512, logn_window=8192)),
+        ("leaky_rerope", AttentionScheme("leaky_rerope", window=512, leak=16.0, logn_window=8192)),
+        ("self_extend", AttentionScheme("self_extend", window=1024, group=8)),
+        ({"name": "rerope", "window": 2048, "logn": False}, AttentionScheme("rerope", window=2048)),
+    ],
+)
+def test_defaults_are_the_papers(spec: object, scheme: AttentionScheme) -> None:
+    planned = plan(spec, 20_000)
+    assert planned.rope == RopeConfig((), planned.max_total_tokens, scheme)
+    assert planned.rope.parameters == ()  # the model's own frequencies: slot 0 of the table
+
+
+@pytest.mark.parametrize("spec", ["rerope", {"name": "self_extend", "window": 2048, "group": 4}, "leaky_rerope"])
+def test_a_window_covering_the_request_is_planned_native(spec: object) -> None:
+    window = plan(spec, 20_000).rope.attention
+    assert window is not None
+    assert plan(spec, window.window - 16, new_tokens=16).rope == RopeConfig.native()
+    assert plan(spec, window.window - 16, new_tokens=17).rope.attention == window
+
+
+def test_longest_rows_keep_every_distance_inside_the_native_window() -> None:
+    """The allowed length is where the farthest relative position reaches L0 - 1 (the reference's
+    relative positions, at small sizes: L0 = 64)."""
+    small = ModelFacts("s", 64, {"rope_theta": 1e4}, head_dim=8, vocab_size=10)
+    for spec, scheme in [
+        ({"name": "self_extend", "window": 16, "group": 4}, Scheme("self_extend", window=16, group=4)),
+        ({"name": "leaky_rerope", "window": 16, "leak": 4}, Scheme("leaky_rerope", window=16, k=4.0)),
+    ]:
+        limit = plan_for(spec, StrategyRequest("q", max_new_tokens=1), small, lambda _t: [1] * 40).max_total_tokens  # type: ignore[arg-type]
+        assert float(relative_positions(scheme, limit).nan_to_num(0).max()) <= 63
+        assert float(relative_positions(scheme, limit + 1).nan_to_num(0).max()) > 63
+
+
+def test_rerope_allows_what_the_kv_cache_holds() -> None:
+    assert plan("rerope", 20_000).max_total_tokens == 90_000
+    with pytest.raises(StrategyError) as refused:
+        plan("rerope", 90_000)
+    assert refused.value.field == "inputs" and "90000" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"name": "rerope", "window": 8192}, "strategy.window"),
+        ({"name": "self_extend", "window": 1000, "group": 6}, "strategy"),
+        ({"name": "leaky_rerope", "leak": 0.5}, "strategy"),
+    ],
+)
+def test_bad_parameters_are_refused_with_the_field(spec: object, field: str) -> None:
+    with pytest.raises(StrategyError) as refused:
+        plan(spec, 20_000)
+    assert refused.value.field == field or refused.value.message.startswith(field)
+
+
+@pytest.mark.parametrize("name", ["linear", "ntk", "yarn", "llama3", "dynamic_ntk"])
+def test_logn_rides_on_every_rope_scaling_past_the_native_window(name: str) -> None:
+    long = plan({"name": name, "factor": 4, "logn": True}, 20_000)
+    assert long.rope.attention == AttentionScheme(logn_window=8192)
+    assert long.resolved["logn"] is True
+    without = plan({"name": name, "factor": 4}, 20_000)
+    assert without.rope.attention is None and without.rope.parameters == long.rope.parameters
+    # Inside the native window s(i) = 1: nothing to scale.
+    assert plan({"name": name, "factor": 4, "logn": True}, 4_000).rope.attention is None
