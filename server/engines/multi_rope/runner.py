@@ -34,12 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.engines.base import AttentionScheme, StepAware
+from server.engines.base import StepAware
 from server.engines.multi_rope import CONFIG_KEY
 from server.engines.multi_rope.table import SlotTableRotaryEmbedding, install_slot_table
 from server.engines.rope_slots import ROPE_EXTRA_KEY
 from server.engines.window_attention import step as step_plan
 from server.engines.window_attention.positions import inverse_frequencies
+from server.engines.window_attention.row_cache import ROW_CACHE
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,19 @@ class MultiRopeRunner:
             return 0
         return impl.install(self.model)
 
+    def _update_states(self, scheduler_output: Any) -> Any:
+        # Every step, with or without tokens to run: the rows vLLM finished, aborted or preempted
+        # give back their contiguous KV copies (window attention).
+        ROW_CACHE.drop(scheduler_output.finished_req_ids)
+        ROW_CACHE.drop(scheduler_output.preempted_req_ids or ())
+        return super()._update_states(scheduler_output)  # type: ignore[misc]  # as in load_model
+
     def _preprocess(self, scheduler_output: Any, num_input_tokens: int, intermediate_tensors: Any = None) -> Any:
         inputs = super()._preprocess(scheduler_output, num_input_tokens, intermediate_tensors)  # type: ignore[misc]  # as in load_model
         self._bind_step_rows()
-        schemes = self._attention_schemes()
+        plan = self._attention_plan()
         bases = self._slot_bases()
-        if bases is None and schemes is None:
+        if bases is None and plan is None:
             return inputs
         counts = [scheduler_output.num_scheduled_tokens[r] for r in self.input_batch.req_ids]
         positions = inputs[2]
@@ -96,29 +104,28 @@ class MultiRopeRunner:
         if bases is not None:
             offsets = torch.from_numpy(np.repeat(np.asarray(bases, dtype=np.int64), counts))
             shifted[: len(offsets)] += offsets.to(shifted.device, non_blocking=True)
-        if schemes is not None:
+        if plan is not None:
             # Window rows are rotated by the attention kernel, at two positions per pair: the table
             # rotates them at position 0 (cos 1, sin 0: the identity), so their queries reach
             # attention and their keys the paged cache unrotated.
             ends = np.cumsum(counts)
-            for r in step_plan.StepPlan(schemes, self.rope_inv_freq).window_rows():
+            for r in plan.window_rows():
                 shifted[ends[r] - counts[r] : ends[r]] = 0
         return (*inputs[:2], shifted, *inputs[3:])
 
-    def _attention_schemes(self) -> tuple[AttentionScheme | None, ...] | None:
+    def _attention_plan(self) -> step_plan.StepPlan | None:
         """Each scheduled row's attention scheme (batch order), published for the attention impls;
         None when no row has one."""
+        req_ids = tuple(self.input_batch.req_ids)
         schemes = tuple(
             step_plan.scheme_from_extra_args(params.extra_args if params is not None else None)
-            for params in (self.requests[r].sampling_params for r in self.input_batch.req_ids)
+            for params in (self.requests[r].sampling_params for r in req_ids)
         )
-        if not any(schemes):
-            step_plan.publish(None)
-            return None
-        if any(s is not None and s.kind is not None for s in schemes) and not self.window_layers:
+        plan = step_plan.StepPlan(schemes, req_ids, self.rope_inv_freq) if any(schemes) else None
+        if plan is not None and plan.window_rows() and not self.window_layers:
             raise RuntimeError("window attention needs vLLM's CPU attention backend and a neox-style RoPE")
-        step_plan.publish(step_plan.StepPlan(schemes, self.rope_inv_freq))
-        return schemes
+        step_plan.publish(plan)
+        return plan
 
     def mid_prefill(self, num_rows: int) -> Any:
         """`StepRows`: the rows whose sampled token vLLM discards this step (chunked prefill)."""

@@ -2,7 +2,8 @@
 
 The runner has rotated window rows' tokens at position 0 (the identity), so their queries arrive
 unrotated and the paged cache holds their keys unrotated, which is what the kernel needs: no key
-is ever re-encoded, a decode step reads the row's cached keys back. Per step:
+is ever re-encoded; a step appends the row's new keys, read back from the paged cache, to the row's
+contiguous copy (row_cache.py), and the kernel reads that. Per step:
 
 - rows with log-n only (a RoPE strategy with `logn`): their queries are scaled by s(i) before
   vLLM's kernel, which is the same score as scaling the unrotated query (rotation is linear);
@@ -23,8 +24,9 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
 from server.engines.window_attention import step
 from server.engines.window_attention.kernel import two_band_attention
-from server.engines.window_attention.paged import probe_layout, read_row
+from server.engines.window_attention.paged import probe_layout
 from server.engines.window_attention.positions import logn_scale
+from server.engines.window_attention.row_cache import ROW_CACHE
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,15 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
             raise RuntimeError(f"window attention cannot read the {layer.isa} KV cache layout")
         for r in window_rows:
             start, stop, n = starts[r], starts[r + 1], seq_lens[r]
-            keys, values = read_row(key_cache, value_cache, attn_metadata.block_table[r], n, layout)
+            first = n - (stop - start)
+            block_ids = attn_metadata.block_table[r]
+            keys, values = ROW_CACHE.read(
+                plan.request_ids[r], id(self), key_cache, value_cache, block_ids, first, n, layout
+            )
             scheme = schemes[r]
             assert scheme is not None
             output[start:stop] = two_band_attention(
-                query[start:stop], keys, values, n - (stop - start), scheme, plan.inv_freq, self.scale
+                query[start:stop], keys, values, first, scheme, plan.inv_freq, self.scale
             )
         return output
 

@@ -44,15 +44,30 @@ def probe_layout(isa: str, dtype: torch.dtype, head_dim: int, block_size: int) -
 def read_row(
     key_cache: torch.Tensor, value_cache: torch.Tensor, block_ids: torch.Tensor, n: int, layout: KeyLayout
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values [kv_heads, n, head_dim] of the row whose first blocks are `block_ids`."""
-    blocks = block_ids[: -(-n // key_cache.shape[2])].to(torch.long)
+    """Keys and values [kv_heads, n, head_dim] of the row whose blocks are `block_ids`."""
+    return read_range(key_cache, value_cache, block_ids, 0, n, layout)
+
+
+def read_range(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    start: int,
+    stop: int,
+    layout: KeyLayout,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [kv_heads, stop - start, head_dim] at positions start..stop-1 of the row."""
+    block_size = key_cache.shape[2]
+    first_block = start // block_size
+    blocks = block_ids[first_block : -(-stop // block_size)].to(torch.long)
     keys = key_cache.index_select(0, blocks)  # [m, kv_heads, block_size, head_dim], contiguous
     values = value_cache.index_select(0, blocks)
-    m, kv_heads, block_size, head_dim = keys.shape
+    m, kv_heads, _, head_dim = keys.shape
     if layout == "transposed":
         keys = keys.view(m, kv_heads, head_dim, block_size).permute(1, 0, 3, 2)
     else:
         keys = keys.permute(1, 0, 2, 3)
-    keys = keys.reshape(kv_heads, m * block_size, head_dim)[:, :n]
-    values = values.permute(1, 0, 2, 3).reshape(kv_heads, m * block_size, head_dim)[:, :n]
+    offset = first_block * block_size
+    keys = keys.reshape(kv_heads, m * block_size, head_dim)[:, start - offset : stop - offset]
+    values = values.permute(1, 0, 2, 3).reshape(kv_heads, m * block_size, head_dim)[:, start - offset : stop - offset]
     return keys, values

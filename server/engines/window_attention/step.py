@@ -23,6 +23,7 @@ class StepPlan:
     """Per scheduled row, in the batch order of the attention metadata: its scheme, or None."""
 
     schemes: tuple[AttentionScheme | None, ...]
+    request_ids: tuple[str, ...]
     # The model's native RoPE frequencies (window rows are rotated by the kernel, not the table).
     inv_freq: torch.Tensor
 

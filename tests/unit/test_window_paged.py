@@ -1,0 +1,61 @@
+"""Reading window rows' keys and values back from vLLM's paged CPU cache, written by vLLM's own
+`cpu_attn_reshape_and_cache` (the op the engine uses), and the rows' contiguous copies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engines.window_attention.paged import probe_layout, read_range, read_row
+from server.engines.window_attention.row_cache import RowKVCache
+
+BLOCK, KV_HEADS, HEAD_DIM = 32, 3, 64
+
+
+@pytest.fixture(scope="module")
+def isa() -> str:
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return str(_get_attn_isa(torch.float32, BLOCK, HEAD_DIM))
+
+
+def paged_row(isa: str, n: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A cache of 12 blocks holding one row of n tokens in `blocks` (scattered), and its k/v."""
+    from vllm import _custom_ops as ops
+
+    gen = torch.Generator().manual_seed(n)
+    key, value = torch.randn(2, n, KV_HEADS, HEAD_DIM, generator=gen)
+    cache = torch.zeros(12, KV_HEADS, 2 * BLOCK, HEAD_DIM)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    slots = torch.tensor([blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)])
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+    return key_cache, value_cache, key.transpose(0, 1), value.transpose(0, 1)
+
+
+def test_this_hosts_layout_is_recognised(isa: str) -> None:
+    assert probe_layout(isa, torch.float32, HEAD_DIM, BLOCK) == "transposed"
+
+
+def test_a_scattered_row_reads_back_exactly(isa: str) -> None:
+    blocks = [7, 2, 9, 4]
+    key_cache, value_cache, k, v = paged_row(isa, 100, blocks)
+    got_k, got_v = read_row(key_cache, value_cache, torch.tensor(blocks), 100, "transposed")
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    part_k, part_v = read_range(key_cache, value_cache, torch.tensor(blocks), 45, 70, "transposed")
+    assert torch.equal(part_k, k[:, 45:70]) and torch.equal(part_v, v[:, 45:70])
+    # The other reading of the memory is wrong: the layout matters.
+    plain_k, _ = read_row(key_cache, value_cache, torch.tensor(blocks), 100, "plain")
+    assert not torch.equal(plain_k, k)
+
+
+def test_row_copies_grow_step_by_step_and_restart_after_preemption(isa: str) -> None:
+    blocks = torch.tensor([3, 8, 1, 5, 10, 0])
+    key_cache, value_cache, k, v = paged_row(isa, 180, blocks.tolist())
+    cache = RowKVCache()
+    steps = [(0, 64), (64, 128), (128, 129), (129, 130), (0, 100), (100, 180)]  # then recomputed from 0
+    for first, n in steps:
+        got_k, got_v = cache.read("row", 0, key_cache, value_cache, blocks, first, n, "transposed")
+        assert torch.equal(got_k, k[:, :n]) and torch.equal(got_v, v[:, :n]), (first, n)
+    assert cache.rows() == 1
+    cache.drop(["row", "unknown"])
+    assert cache.rows() == 0
