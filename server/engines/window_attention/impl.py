@@ -7,19 +7,22 @@ contiguous copy (row_cache.py), and the kernel reads that. Per step:
 
 - rows with log-n only (a RoPE strategy with `logn`): their queries are scaled by s(i) before
   vLLM's kernel, which is the same score as scaling the unrotated query (rotation is linear);
-- window rows: vLLM's kernel runs for the other rows (if any), then each window row's output is
-  computed from its cached keys and values and written over what vLLM's kernel left there.
+- window rows: vLLM's kernel runs for the other rows only (a compacted sub-batch with its own
+  scheduler metadata), and each window row's output is computed from its keys and values.
 
 Steps without such rows go to vLLM's kernel untouched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import torch
 from torch import nn
+from vllm import envs as vllm_envs
+from vllm._custom_ops import cpu_attn_get_scheduler_metadata
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
 from server.engines.window_attention import step
@@ -54,10 +57,12 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
         schemes = plan.schemes[: len(starts) - 1]
         window_rows = [r for r in plan.window_rows() if r < len(schemes)]
         query = self._scale_logn_rows(query, schemes, starts, seq_lens)
-        if len(window_rows) < len(schemes):
-            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
         if not window_rows:
-            return output
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+            )
+        if len(window_rows) < len(schemes):
+            self._forward_other_rows(layer, query, key, value, kv_cache, attn_metadata, output, window_rows)
         num_blocks, kv_heads, block_size, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1).chunk(2, dim=2)
         layout = probe_layout(layer.isa, kv_cache.dtype, self.head_size, block_size)
@@ -76,6 +81,54 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
                 query[start:stop], keys, values, first, scheme, plan.inv_freq, self.scale
             )
         return output
+
+    def _forward_other_rows(
+        self,
+        layer: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: Any,
+        output: torch.Tensor,
+        window_rows: list[int],
+    ) -> None:
+        """vLLM's kernel on the rows that are not window rows only (a compacted sub-batch), so it
+        spends nothing on the window rows' tokens, which the two-band kernel computes."""
+        starts = attn_metadata.query_start_loc.tolist()
+        keep = [r for r in range(len(starts) - 1) if r not in set(window_rows)]
+        tokens = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in keep])
+        lengths = torch.tensor([starts[r + 1] - starts[r] for r in keep], dtype=attn_metadata.query_start_loc.dtype)
+        query_start_loc = torch.zeros(len(keep) + 1, dtype=lengths.dtype)
+        torch.cumsum(lengths, 0, out=query_start_loc[1:])
+        seq_lens = attn_metadata.seq_lens[keep]
+        scheduler_metadata = cpu_attn_get_scheduler_metadata(
+            num_reqs=len(keep),
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_size,
+            seq_lens=seq_lens,
+            dtype=query.dtype,
+            query_start_loc=query_start_loc,
+            causal=attn_metadata.causal,
+            sliding_window_size=self.sliding_window,
+            isa=layer.isa,
+            enable_kv_split=vllm_envs.VLLM_CPU_ATTN_SPLIT_KV,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )
+        sub = dataclasses.replace(
+            attn_metadata,
+            num_actual_tokens=len(tokens),
+            max_query_len=int(lengths.max()),
+            query_start_loc=query_start_loc,
+            max_seq_len=int(seq_lens.max()),
+            seq_lens=seq_lens,
+            block_table=attn_metadata.block_table[keep],
+            scheduler_metadata=scheduler_metadata,
+        )
+        sub_output = output.new_empty((len(tokens), *output.shape[1:]))
+        super().forward(layer, query[tokens], key, value, kv_cache, sub, sub_output)
+        output[tokens] = sub_output
 
     @staticmethod
     def _scale_logn_rows(
