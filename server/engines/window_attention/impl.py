@@ -62,7 +62,15 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )
         if len(window_rows) < len(schemes):
-            self._forward_other_rows(layer, query, key, value, kv_cache, attn_metadata, output, window_rows)
+            # The sub-batch is the same for every layer of the step: built once.
+            memo_key = f"other_rows:{id(attn_metadata)}"
+            other = plan.memo.get(memo_key)
+            if other is None:
+                other = plan.memo[memo_key] = self._other_rows(layer, query.dtype, attn_metadata, window_rows)
+            tokens, sub_metadata = other
+            sub_output = output.new_empty((len(tokens), *output.shape[1:]))
+            super().forward(layer, query[tokens], key, value, kv_cache, sub_metadata, sub_output)
+            output[tokens] = sub_output
         num_blocks, kv_heads, block_size, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1).chunk(2, dim=2)
         layout = probe_layout(layer.isa, kv_cache.dtype, self.head_size, block_size)
@@ -82,21 +90,14 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
             )
         return output
 
-    def _forward_other_rows(
-        self,
-        layer: Any,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn_metadata: Any,
-        output: torch.Tensor,
-        window_rows: list[int],
-    ) -> None:
-        """vLLM's kernel on the rows that are not window rows only (a compacted sub-batch), so it
-        spends nothing on the window rows' tokens, which the two-band kernel computes."""
+    def _other_rows(
+        self, layer: Any, dtype: torch.dtype, attn_metadata: Any, window_rows: list[int]
+    ) -> tuple[torch.Tensor, Any]:
+        """The tokens of the rows that are not window rows, and vLLM metadata for them alone (a
+        compacted sub-batch), so vLLM's kernel spends nothing on the window rows' tokens."""
         starts = attn_metadata.query_start_loc.tolist()
-        keep = [r for r in range(len(starts) - 1) if r not in set(window_rows)]
+        skip = set(window_rows)
+        keep = [r for r in range(len(starts) - 1) if r not in skip]
         tokens = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in keep])
         lengths = torch.tensor([starts[r + 1] - starts[r] for r in keep], dtype=attn_metadata.query_start_loc.dtype)
         query_start_loc = torch.zeros(len(keep) + 1, dtype=lengths.dtype)
@@ -108,7 +109,7 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_size,
             seq_lens=seq_lens,
-            dtype=query.dtype,
+            dtype=dtype,
             query_start_loc=query_start_loc,
             causal=attn_metadata.causal,
             sliding_window_size=self.sliding_window,
@@ -126,9 +127,7 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
             block_table=attn_metadata.block_table[keep],
             scheduler_metadata=scheduler_metadata,
         )
-        sub_output = output.new_empty((len(tokens), *output.shape[1:]))
-        super().forward(layer, query[tokens], key, value, kv_cache, sub, sub_output)
-        output[tokens] = sub_output
+        return tokens, sub
 
     @staticmethod
     def _scale_logn_rows(

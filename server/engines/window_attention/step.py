@@ -7,7 +7,7 @@ so a module-level value is enough.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,8 @@ class StepPlan:
     request_ids: tuple[str, ...]
     # The model's native RoPE frequencies (window rows are rotated by the kernel, not the table).
     inv_freq: torch.Tensor
+    # What the attention layers compute once per step and share (e.g. the other rows' sub-batch).
+    memo: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def window_rows(self) -> list[int]:
         return [r for r, s in enumerate(self.schemes) if s is not None and s.kind is not None]
