@@ -152,15 +152,13 @@ class NbceStrategy(Strategy[NbceParams]):
 
         rope: RopeConfig = probe.rope
         max_total = row_limit
-        if not probe.rope.is_native:
-            # A RoPE strategy may size itself by prompt length: plan for the longest row, so that
-            # every row runs under one configuration that fits all of them.
-            longest = max(range(len(texts)), key=lambda i: len(rows[i + 1]))
-            final = rope_plan_for(
-                rope_strategy, row_text(texts[longest], request.inputs), request.max_new_tokens, context
-            )
-            if final.max_total_tokens >= row_limit:
-                rope, max_total = final.rope, final.max_total_tokens
+        # A RoPE strategy may size itself by prompt length (dynamic_ntk), or be native only while a
+        # request fits its window (the window strategies): plan for the longest row, so that every
+        # row runs under one configuration that fits all of them.
+        longest = max(range(len(texts)), key=lambda i: len(rows[i + 1]))
+        final = rope_plan_for(rope_strategy, row_text(texts[longest], request.inputs), request.max_new_tokens, context)
+        if final.max_total_tokens >= row_limit:
+            rope, max_total = final.rope, final.max_total_tokens
 
         self._check_kv(rows, request.max_new_tokens, model)
         resolved = {

@@ -82,3 +82,15 @@ def test_logn_rides_on_every_rope_scaling_past_the_native_window(name: str) -> N
     assert without.rope.attention is None and without.rope.parameters == long.rope.parameters
     # Inside the native window s(i) = 1: nothing to scale.
     assert plan({"name": name, "factor": 4, "logn": True}, 4_000).rope.attention is None
+
+
+def test_nbce_rows_run_under_a_window_strategy_when_longer_than_its_window() -> None:
+    """NBCE plans its rope for the longest row: rows past the window get the scheme, not `native`
+    (which the short question alone would plan)."""
+    request = StrategyRequest("q", documents=("word " * 3000,), max_new_tokens=8)
+    tokenize = lambda text: [1] * len(text.split())  # noqa: E731 - one token per word
+    spec = {"name": "nbce", "chunk_tokens": 1000, "rope": {"name": "rerope", "window": 512}}
+    planned = plan_for(spec, request, MODEL, tokenize)
+    assert len(planned.rows) >= 3 and planned.rope.attention == AttentionScheme("rerope", 512, logn_window=8192)
+    short = {"name": "nbce", "chunk_tokens": 400, "rope": {"name": "rerope", "window": 512}}
+    assert plan_for(short, request, MODEL, tokenize).rope == RopeConfig.native()
