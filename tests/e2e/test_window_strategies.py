@@ -181,11 +181,12 @@ def test_a_24k_document_is_answered_while_other_requests_are_served(
             long = asyncio.create_task(client.post("/generate", json=body))
             short_done: list[float] = []
             started = time.monotonic()
-            while not long.done() and len(short_done) < 3:
+            while not long.done() and len(short_done) < 3:  # a few, while the long one runs
                 await asyncio.sleep(5)
                 reply = await client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}})
                 assert reply.status_code == 200
-                short_done.append(time.monotonic() - started)
+                if not long.done():  # answered while the long request was still running
+                    short_done.append(time.monotonic() - started)
             return await long, short_done
 
     reply, short_done = asyncio.run(main())
@@ -195,4 +196,6 @@ def test_a_24k_document_is_answered_while_other_requests_are_served(
         f"{strategy}: {data['details']['input_length']} tokens -> {data['generated_text']!r}; short requests at {short_done}"
     )
     assert data["details"]["input_length"] > 23_000 and data["details"]["generated_tokens"] >= 1
-    assert len(short_done) == 3, "short requests were not answered while the long one ran"
+    # Each engine step reads a 2,048-token chunk of the long row (seconds here), so a short
+    # request takes a few steps: at least one must have been answered while the long one ran.
+    assert short_done, "no short request was answered while the long one ran"
