@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from server.engines.base import AttentionScheme
 from strategies.base import ModelFacts
-from strategies.window import WindowParams, WindowStrategy, logn_field, window_field
+from strategies.rope import logn_field
+from strategies.window import WindowParams, WindowStrategy, window_field
 
 
 class ReropeParams(WindowParams):

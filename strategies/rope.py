@@ -53,12 +53,16 @@ def factor_field(default: float) -> Any:
     )
 
 
-class RopeParams(StrategyParams):
-    factor: float = factor_field(2.0)
-    logn: bool = Field(
-        default=False,
+def logn_field(default: bool) -> Any:
+    return Field(
+        default=default,
         description="log-n attention scaling: queries past the native window L0 are scaled by ln(i + 1) / ln L0",
     )
+
+
+class RopeParams(StrategyParams):
+    factor: float = factor_field(2.0)
+    logn: bool = logn_field(False)
 
 
 def allowed_tokens(factor: float, model: ModelFacts) -> int:

@@ -14,7 +14,8 @@ from pydantic import Field, model_validator
 
 from server.engines.base import AttentionScheme
 from strategies.base import ModelFacts
-from strategies.window import WindowParams, WindowStrategy, logn_field, window_field
+from strategies.rope import logn_field
+from strategies.window import WindowParams, WindowStrategy, window_field
 
 
 class SelfExtendParams(WindowParams):

@@ -48,13 +48,6 @@ def window_field(default: int, description: str) -> Any:
     return Field(default=default, ge=1, le=MAX_WINDOW, description=description)
 
 
-def logn_field(default: bool) -> Any:
-    return Field(
-        default=default,
-        description="log-n attention scaling: queries past the native window L0 are scaled by ln(i + 1) / ln L0",
-    )
-
-
 class WindowParams(StrategyParams):
     window: int
     logn: bool

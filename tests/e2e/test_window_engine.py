@@ -81,7 +81,7 @@ def reference(weights: ref.LlamaWeights, name: str, prompt: list[int], tokens: l
         weights = ref.LlamaWeights(
             {**weights.config, "rope_parameters": {**rope, "rope_theta": NTK_THETA}}, weights.tensors
         )
-    scheme = ref.Scheme() if name == "native" else _reference_scheme(SCHEMES[name])
+    scheme = ref.Scheme() if name == "native" else ref.Scheme.of(SCHEMES[name])
     with torch.no_grad():
         logits = ref.logits(weights, prompt + tokens[:-1], scheme)[len(prompt) - 1 :]
     logprobs = torch.log_softmax(logits.double(), -1)
@@ -89,10 +89,6 @@ def reference(weights: ref.LlamaWeights, name: str, prompt: list[int], tokens: l
         "tokens": logits.argmax(-1).tolist(),
         "logprobs": [float(logprobs[i, t]) for i, t in enumerate(tokens)],
     }
-
-
-def _reference_scheme(scheme: AttentionScheme) -> ref.Scheme:
-    return ref.Scheme(scheme.kind or "native", scheme.window, scheme.leak, scheme.group, scheme.logn_window)
 
 
 @pytest.mark.parametrize("run", [0, 1], ids=["alone", "batched"])

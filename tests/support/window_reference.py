@@ -27,10 +27,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # only the type: the reference computes nothing with the engine's code
+    from server.engines.base import AttentionScheme
 
 SchemeKind = Literal["native", "rerope", "leaky_rerope", "self_extend"]
 
@@ -46,6 +49,12 @@ class Scheme:
     group: int = 1
     # log-n scaling past the native window L0 (None: off).
     logn_window: int | None = None
+
+    @classmethod
+    def of(cls, attention: AttentionScheme) -> Scheme:
+        """The reference's scheme for the engine API's `AttentionScheme` (the same parameters)."""
+        kind = attention.kind or "native"
+        return cls(kind, attention.window, attention.leak, attention.group, attention.logn_window)
 
     def outside_positions(self, i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a(i), b(j)): where the query and the key are rotated for a pair outside the window."""

@@ -25,16 +25,11 @@ SCHEMES = [
 ]
 
 
-def reference_scheme(scheme: AttentionScheme) -> ref.Scheme:
-    assert scheme.kind is not None
-    return ref.Scheme(scheme.kind, scheme.window, scheme.leak, scheme.group, scheme.logn_window)
-
-
 def reference_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: AttentionScheme) -> torch.Tensor:
     """The reference over all n positions; q [n, heads, d], k/v [kv_heads, n, d] -> [n, heads, d]."""
     group = HEADS // KV_HEADS
     out = ref.attention(
-        q.transpose(0, 1), k.repeat_interleave(group, 0), v.repeat_interleave(group, 0), reference_scheme(scheme), THETA
+        q.transpose(0, 1), k.repeat_interleave(group, 0), v.repeat_interleave(group, 0), ref.Scheme.of(scheme), THETA
     )
     return out.transpose(0, 1)
 
@@ -82,5 +77,5 @@ def test_the_far_part_changes_the_result() -> None:
 def test_far_positions_match_the_reference_table(scheme: AttentionScheme) -> None:
     pos = torch.arange(50, dtype=torch.float64)
     a, b = outside_positions(scheme, pos, pos)
-    ra, rb = reference_scheme(scheme).outside_positions(pos, pos)
+    ra, rb = ref.Scheme.of(scheme).outside_positions(pos, pos)
     assert torch.equal(a, ra) and torch.equal(b, rb)
