@@ -54,6 +54,7 @@ def engine_config(
         dtype=engine_dtype(settings),
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
+        long_prefill_token_threshold=settings.long_prefill_tokens,
         enforce_eager=cpu if settings.enforce_eager is None else settings.enforce_eager,
         kv_cache_gib=settings.kv_cache_gib,
         gpu_memory_utilization=settings.gpu_memory_utilization,

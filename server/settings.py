@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     )
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int | None = None
+    long_prefill_tokens: int = Field(
+        default=1024,
+        ge=0,
+        description="while other requests wait or run, a long prompt is prefilled at most this many tokens a step, "
+        "so it cannot hold the whole step budget (vLLM's long_prefill_token_threshold; alone it takes all; 0: off)",
+    )
     max_new_tokens_limit: int = Field(default=4096, ge=1)
     max_input_chars: int = Field(default=4_000_000, ge=1)
     max_body_bytes: int = Field(

@@ -80,6 +80,8 @@ class VllmEngineConfig:
     dtype: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
+    # Per-step cap of a long prefill while other requests are scheduled (vLLM's; 0: none).
+    long_prefill_token_threshold: int = 0
     enforce_eager: bool = True
     kv_cache_gib: int = 2
     gpu_memory_utilization: float = 0.85
@@ -298,6 +300,7 @@ class VllmEngine:
             max_model_len=self.max_model_len,
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
+            long_prefill_token_threshold=min(self.config.long_prefill_token_threshold, self.max_model_len),
             enforce_eager=self.config.enforce_eager,
             gpu_memory_utilization=self.config.gpu_memory_utilization,
             enable_prefix_caching=self.config.enable_prefix_caching,
