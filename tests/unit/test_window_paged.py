@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from server.engines.base import AttentionScheme
+from server.engines.window_attention.kernel import far_keys
 from server.engines.window_attention.paged import probe_layout, read_range, read_row
+from server.engines.window_attention.positions import inverse_frequencies
 from server.engines.window_attention.row_cache import RowKVCache
 
 BLOCK, KV_HEADS, HEAD_DIM = 32, 3, 64
@@ -54,8 +59,24 @@ def test_row_copies_grow_step_by_step_and_restart_after_preemption(isa: str) -> 
     cache = RowKVCache()
     steps = [(0, 64), (64, 128), (128, 129), (129, 130), (0, 100), (100, 180)]  # then recomputed from 0
     for first, n in steps:
-        got_k, got_v = cache.read("row", 0, key_cache, value_cache, blocks, first, n, "transposed")
-        assert torch.equal(got_k, k[:, :n]) and torch.equal(got_v, v[:, :n]), (first, n)
+        got = cache.read("row", 0, key_cache, value_cache, blocks, first, n, "transposed")
+        assert torch.equal(got.keys, k[:, :n]) and torch.equal(got.values, v[:, :n]), (first, n)
+        assert got.far_keys is got.keys  # no far rotation asked: rerope's far keys are the keys
     assert cache.rows() == 1
     cache.drop(["row", "unknown"])
     assert cache.rows() == 0
+
+
+def test_far_keys_are_rotated_once_and_equal_rotating_the_whole_row(isa: str) -> None:
+    """self_extend's far keys kept in the copy, appended step by step (and after a restart from 0),
+    are bit for bit the whole row's keys rotated at floor(j/G), which the kernel would compute."""
+    blocks = torch.tensor([3, 8, 1, 5, 10, 0])
+    key_cache, value_cache, k, _ = paged_row(isa, 180, blocks.tolist())
+    scheme = AttentionScheme("self_extend", window=16, group=4)
+    inv_freq = inverse_frequencies(1e4, HEAD_DIM)
+    far = functools.partial(far_keys, scheme=scheme, inv_freq=inv_freq)
+    cache = RowKVCache()
+    for first, n in [(0, 64), (64, 128), (128, 129), (0, 100), (100, 180)]:
+        got = cache.read("row", 0, key_cache, value_cache, blocks, first, n, "transposed", far)
+        assert torch.equal(got.far_keys, far_keys(k[:, :n], 0, scheme, inv_freq)), (first, n)
+        assert not torch.equal(got.far_keys, got.keys)

@@ -3,7 +3,8 @@
 The runner has rotated window rows' tokens at position 0 (the identity), so their queries arrive
 unrotated and the paged cache holds their keys unrotated, which is what the kernel needs: no key
 is ever re-encoded; a step appends the row's new keys, read back from the paged cache, to the row's
-contiguous copy (row_cache.py), and the kernel reads that. Per step:
+contiguous copy (row_cache.py; with their far rotation b(j) where the scheme has one), and the
+kernel reads that. Per step:
 
 - rows with log-n only (a RoPE strategy with `logn`): their queries are scaled by s(i) before
   vLLM's kernel, which is the same score as scaling the unrotated query (rotation is linear);
@@ -16,6 +17,7 @@ Steps without such rows go to vLLM's kernel untouched.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -26,7 +28,7 @@ from vllm._custom_ops import cpu_attn_get_scheduler_metadata
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
 from server.engines.window_attention import step
-from server.engines.window_attention.kernel import two_band_attention
+from server.engines.window_attention.kernel import far_keys, two_band_attention
 from server.engines.window_attention.paged import probe_layout
 from server.engines.window_attention.positions import logn_scale
 from server.engines.window_attention.row_cache import ROW_CACHE
@@ -80,13 +82,16 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
             start, stop, n = starts[r], starts[r + 1], seq_lens[r]
             first = n - (stop - start)
             block_ids = attn_metadata.block_table[r]
-            keys, values = ROW_CACHE.read(
-                plan.request_ids[r], id(self), key_cache, value_cache, block_ids, first, n, layout
-            )
             scheme = schemes[r]
             assert scheme is not None
+            far = (
+                None if scheme.kind == "rerope" else functools.partial(far_keys, scheme=scheme, inv_freq=plan.inv_freq)
+            )
+            row = ROW_CACHE.read(
+                plan.request_ids[r], id(self), key_cache, value_cache, block_ids, first, n, layout, far
+            )
             output[start:stop] = two_band_attention(
-                query[start:stop], keys, values, first, scheme, plan.inv_freq, self.scale
+                query[start:stop], row.keys, row.values, first, scheme, plan.inv_freq, self.scale, row.far_keys
             )
         return output
 

@@ -42,22 +42,33 @@ def two_band_attention(
     scheme: AttentionScheme,
     inv_freq: torch.Tensor,
     scale: float,
+    k_far: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of queries q [C, heads, d] at positions first_position.. over the row's keys and
-    values k, v [kv_heads, n, d] at positions 0..n-1 (n = first_position + C), all unrotated.
+    values k, v [kv_heads, n, d] at positions 0..n-1 (n = first_position + C), all unrotated;
+    `k_far`: the keys already rotated at b(j) (`far_keys`), if the caller keeps them.
     Returns [C, heads, d] in q's dtype."""
     num_queries = q.shape[0]
     n = k.shape[1]
     if n != first_position + num_queries:
         raise ValueError(f"{n} keys for queries at {first_position}..{first_position + num_queries - 1}")
-    key_positions = torch.arange(n, dtype=torch.float64)
-    _, b = outside_positions(scheme, key_positions[:1], key_positions)
-    k_far = k if scheme.kind == "rerope" else rotate(k, b, inv_freq)  # rerope: b = 0, no rotation
+    if k_far is None:
+        k_far = far_keys(k, 0, scheme, inv_freq)
     out = torch.empty_like(q)
     for start in range(0, num_queries, QUERY_BLOCK):
         stop = min(start + QUERY_BLOCK, num_queries)
         out[start:stop] = _block(q[start:stop], k, k_far, v, first_position + start, scheme, inv_freq, scale)
     return out
+
+
+def far_keys(k: torch.Tensor, first_position: int, scheme: AttentionScheme, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Keys k [kv_heads, m, d] at positions first_position.. rotated at b(j), their far position;
+    rerope's b is 0, so its keys are returned as they are."""
+    if scheme.kind == "rerope":
+        return k
+    positions = torch.arange(first_position, first_position + k.shape[1], dtype=torch.float64)
+    _, b = outside_positions(scheme, positions[:1], positions)
+    return rotate(k, b, inv_freq)
 
 
 def _block(

@@ -7,24 +7,40 @@ positions are appended to (read from the paged cache, once); a decode step reads
 
 Rows are dropped when vLLM finishes or preempts them (the runner tells `drop`). A row recomputed
 after preemption starts again from position 0; a step whose first position is below what the
-buffer holds truncates it there. Memory: at most a second copy of the window rows' KV (46 KB per
-token for SmolLM2 in float32), released with the row.
+buffer holds truncates it there.
+
+A scheme whose far keys are rotated (self_extend at floor(j/G), leaky_rerope at j/k) also keeps
+them rotated: b(j) depends on j alone, so each key is rotated once, when appended, instead of all
+of them in every layer of every decode step (that was 96 ms a layer at 32k: 3 s a token).
+Memory: at most a second copy of the window rows' KV (46 KB per token for SmolLM2 in float32),
+a third of it more for rotated far keys, released with the row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from server.engines.window_attention.paged import KeyLayout, read_range
+
+FarKeys = Callable[[torch.Tensor, int], torch.Tensor]
+"""(keys [kv_heads, m, d] at positions first.., first) -> those keys rotated at b(j)."""
+
+
+class RowKV(NamedTuple):
+    keys: torch.Tensor  # [kv_heads, n, head_dim], unrotated
+    values: torch.Tensor
+    far_keys: torch.Tensor  # the keys rotated at b(j); the keys themselves when b = 0 (rerope)
 
 
 @dataclass
 class _Buffer:
     keys: torch.Tensor  # [kv_heads, capacity, head_dim]
     values: torch.Tensor
+    far_keys: torch.Tensor | None
     length: int = 0
 
 
@@ -42,27 +58,35 @@ class RowKVCache:
         first: int,
         n: int,
         layout: KeyLayout,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [kv_heads, n, head_dim] of a row whose step starts at position `first`."""
+        far: FarKeys | None = None,
+    ) -> RowKV:
+        """Keys and values [kv_heads, n, head_dim] of a row whose step starts at position `first`,
+        and its far keys (`far` rotates the newly appended ones; None: the keys are the far keys)."""
         buffer = self._rows.setdefault(request_id, {}).get(layer)
-        held = 0 if buffer is None else min(buffer.length, first)
+        held = 0 if buffer is None or (far is not None) != (buffer.far_keys is not None) else min(buffer.length, first)
         keys, values = read_range(key_cache, value_cache, block_ids, held, n, layout)
-        if buffer is None or buffer.keys.shape[1] < n:
-            buffer = self._grown(buffer, held, n, keys)
+        if buffer is None or buffer.keys.shape[1] < n or held == 0:
+            buffer = self._grown(buffer, held, n, keys, far is not None)
             self._rows[request_id][layer] = buffer
         buffer.keys[:, held:n] = keys
         buffer.values[:, held:n] = values
+        if buffer.far_keys is not None and far is not None:
+            buffer.far_keys[:, held:n] = far(keys, held)
         buffer.length = n
-        return buffer.keys[:, :n], buffer.values[:, :n]
+        row_keys = buffer.keys[:, :n]
+        far_keys = row_keys if buffer.far_keys is None else buffer.far_keys[:, :n]
+        return RowKV(row_keys, buffer.values[:, :n], far_keys)
 
     @staticmethod
-    def _grown(buffer: _Buffer | None, held: int, n: int, like: torch.Tensor) -> _Buffer:
+    def _grown(buffer: _Buffer | None, held: int, n: int, like: torch.Tensor, with_far: bool) -> _Buffer:
         capacity = max(n, 2 * (buffer.keys.shape[1] if buffer is not None else 0), 256)
         shape = (like.shape[0], capacity, like.shape[2])
-        grown = _Buffer(like.new_empty(shape), like.new_empty(shape), held)
+        grown = _Buffer(like.new_empty(shape), like.new_empty(shape), like.new_empty(shape) if with_far else None, held)
         if buffer is not None and held:
             grown.keys[:, :held] = buffer.keys[:, :held]
             grown.values[:, :held] = buffer.values[:, :held]
+            if grown.far_keys is not None and buffer.far_keys is not None:
+                grown.far_keys[:, :held] = buffer.far_keys[:, :held]
         return grown
 
     def drop(self, request_ids: Iterable[str]) -> None:
