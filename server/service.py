@@ -135,7 +135,11 @@ class GenerationService:
 
     def plan_context(self) -> PlanContext:
         return PlanContext(
-            model=self.model, tokenize=self.tokenize, resolve=self.resolve_strategy, options=self.strategy_options
+            model=self.model,
+            tokenize=self.tokenize,
+            resolve=self.resolve_strategy,
+            options=self.strategy_options,
+            refuse_rope=self.engine.refuse_rope,
         )
 
     def resolve_strategy(self, spec: StrategySpec | None) -> Strategy[Any]:
@@ -164,6 +168,7 @@ class GenerationService:
                 documents=documents,
                 max_new_tokens=sampling.max_new_tokens,
                 token_ids=None if prompt_token_ids is None else tuple(prompt_token_ids),
+                scoring=sampling.prompt_logprobs is not None,
             )
             context = self.plan_context()
             if len(inputs) + sum(map(len, documents)) >= TOKENIZE_IN_THREAD_CHARS:

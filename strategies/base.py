@@ -67,6 +67,9 @@ class StrategyRequest:
     documents: tuple[str, ...] = ()
     max_new_tokens: int = 64
     token_ids: tuple[int, ...] | None = None
+    # The client reads the prompt's own log-probabilities (echo, decoder_input_details): a scoring
+    # request, whose quality is the perplexity of the prompt rather than what is generated.
+    scoring: bool = False
 
     def plain_prompt(self) -> str:
         """The text the plain strategies read (CONTRACT.md): documents, blank line, inputs."""
@@ -100,6 +103,9 @@ class PlanContext:
     # Server-side configuration strategies may read, keyed by what it is (e.g. "auto_policy": the
     # measured policy `auto` follows); set by the server, never by a request.
     options: Mapping[str, Any] = field(default_factory=dict)
+    # Why the serving engine cannot run a RoPE configuration (None: it can), for strategies that
+    # choose between others (`auto`); the default accepts everything.
+    refuse_rope: Callable[[RopeConfig], str | None] = field(default=lambda rope: None)
 
     def with_tokenize(self, tokenize: Tokenize) -> PlanContext:
         return replace(self, tokenize=tokenize)

@@ -142,6 +142,22 @@ def test_a_client_leaving_a_window_stream_frees_the_row(base_url: str, http: htt
     assert scrape(http, "ropeserve_requests_total", strategy="rerope", status="cancelled") == cancelled + 1
 
 
+def test_auto_scores_a_prompt_past_the_window_with_a_window_strategy(http: httpx.Client) -> None:
+    """A scoring request (echo, max_tokens 0) past the native window: `auto` serves it with
+    self_extend, the lowest measured perplexity past the window, and every prompt token gets its
+    log-probability (which request goes where without an engine: tests/unit/test_window_planning.py)."""
+    prompt = uuid.uuid4().hex + " " + " ".join([DOCUMENT] * 2)  # ~8,600 tokens
+    body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0, "strategy": "auto"}
+    reply = http.post("/v1/completions", json=body, timeout=900)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    assert data["strategy"]["chosen"] == {"name": "self_extend", "window": 2048, "group": 4, "logn": False}
+    assert "scoring request" in data["strategy"]["reason"]
+    logprobs = data["choices"][0]["logprobs"]["token_logprobs"]
+    assert len(logprobs) == data["usage"]["prompt_tokens"] > 8_192
+    assert all(lp is not None and -30 < lp <= 0 for lp in logprobs[1:])
+
+
 @pytest.mark.parametrize(
     ("strategy", "field", "words"),
     [

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from server.engines.base import AttentionScheme, ModelFacts, RopeConfig
 from strategies.base import StrategyError, StrategyRequest
-from tests.support.planning import plan_for
+from tests.support.planning import plan_context, plan_for
 from tests.support.window_reference import Scheme, relative_positions
 
 MODEL = ModelFacts("m", 8192, {"rope_theta": 1e5}, head_dim=64, vocab_size=100, max_context_tokens=90_000)
@@ -94,3 +96,29 @@ def test_nbce_rows_run_under_a_window_strategy_when_longer_than_its_window() -> 
     assert len(planned.rows) >= 3 and planned.rope.attention == AttentionScheme("rerope", 512, logn_window=8192)
     short = {"name": "nbce", "chunk_tokens": 400, "rope": {"name": "rerope", "window": 512}}
     assert plan_for(short, request, MODEL, tokenize).rope == RopeConfig.native()
+
+
+def scoring_plan(prompt_tokens: int, reads_prompt: bool = True, refuse: str | None = None, **auto: object):  # type: ignore[no-untyped-def]
+    context = dataclasses.replace(
+        plan_context(MODEL, lambda _t: [1] * prompt_tokens), refuse_rope=lambda rope: refuse if rope.attention else None
+    )
+    request = StrategyRequest("q", max_new_tokens=0, scoring=reads_prompt)
+    return context.resolve({"name": "auto", **auto}).plan(request, context)
+
+
+def test_auto_scores_past_the_window_with_the_lowest_measured_perplexity() -> None:
+    """A scoring request (prompt logprobs) past the window gets self_extend W=2048 G=4; past what
+    it allows (26,624), rerope w=4096; inside the window, and for generation, auto as before."""
+    chosen = scoring_plan(12_000)
+    assert chosen.rope.attention == AttentionScheme("self_extend", window=2048, group=4)
+    assert "scoring request" in chosen.resolved["reason"]
+    assert scoring_plan(30_000).rope.attention == AttentionScheme("rerope", window=4096, logn_window=8192)
+    assert scoring_plan(8_000).rope == RopeConfig.native()
+    generating = scoring_plan(12_000, reads_prompt=False)
+    assert generating.rope.attention is None and generating.resolved["chosen"]["name"] == "dynamic_ntk"
+
+
+def test_auto_scores_like_any_request_where_the_engine_refuses_window_attention() -> None:
+    refused = scoring_plan(12_000, refuse="CPU engine only")
+    assert refused.rope.attention is None and refused.resolved["chosen"]["name"] == "dynamic_ntk"
+    assert scoring_plan(12_000, scoring=[]).rope.attention is None  # the client turned it off

@@ -13,7 +13,7 @@ A scheme whose far keys are rotated (self_extend at floor(j/G), leaky_rerope at 
 them rotated: b(j) depends on j alone, so each key is rotated once, when appended, instead of all
 of them in every layer of every decode step (that was 96 ms a layer at 32k: 3 s a token).
 Memory: at most a second copy of the window rows' KV (46 KB per token for SmolLM2 in float32),
-a third of it more for rotated far keys, released with the row.
+and half as much again for rotated far keys (one more set of keys), released with the row.
 """
 
 from __future__ import annotations
