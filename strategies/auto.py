@@ -196,9 +196,10 @@ class AutoStrategy(Strategy[AutoParams]):
     def _plan_scoring(self, request: StrategyRequest, context: PlanContext, needed: int) -> ExecutionPlan | None:
         """The first of `scoring` that plans one row the engine serves; None: none does."""
         for spec in self.params.scoring:
+            strategy = context.resolve(spec)  # an unknown name or bad parameters: the client's 422
             try:
-                plan = context.resolve(spec).plan(request, context)
-            except StrategyError:
+                plan = strategy.plan(request, context)
+            except StrategyError:  # this request does not fit it: the next one
                 continue
             if len(plan.rows) != 1 or context.refuse_rope(plan.rope) is not None:
                 continue

@@ -122,3 +122,6 @@ def test_auto_scores_like_any_request_where_the_engine_refuses_window_attention(
     refused = scoring_plan(12_000, refuse="CPU engine only")
     assert refused.rope.attention is None and refused.resolved["chosen"]["name"] == "dynamic_ntk"
     assert scoring_plan(12_000, scoring=[]).rope.attention is None  # the client turned it off
+    with pytest.raises(StrategyError) as bad:
+        scoring_plan(12_000, scoring=[{"name": "self_extend", "window": 1000, "group": 6}])
+    assert "multiple of group" in bad.value.message
