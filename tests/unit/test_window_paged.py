@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from server.engines.base import AttentionScheme
-from server.engines.window_attention.kernel import far_keys
+from server.engines.window_attention.kernel import far_keys, far_rotation
 from server.engines.window_attention.paged import probe_layout, read_range, read_row
 from server.engines.window_attention.positions import inverse_frequencies
 from server.engines.window_attention.row_cache import RowKVCache
@@ -62,6 +60,7 @@ def test_row_copies_grow_step_by_step_and_restart_after_preemption(isa: str) -> 
         got = cache.read("row", 0, key_cache, value_cache, blocks, first, n, "transposed")
         assert torch.equal(got.keys, k[:, :n]) and torch.equal(got.values, v[:, :n]), (first, n)
         assert got.far_keys is got.keys  # no far rotation asked: rerope's far keys are the keys
+    assert far_rotation(AttentionScheme("rerope", window=16), torch.ones(4)) is None
     assert cache.rows() == 1
     cache.drop(["row", "unknown"])
     assert cache.rows() == 0
@@ -74,7 +73,7 @@ def test_far_keys_are_rotated_once_and_equal_rotating_the_whole_row(isa: str) ->
     key_cache, value_cache, k, _ = paged_row(isa, 180, blocks.tolist())
     scheme = AttentionScheme("self_extend", window=16, group=4)
     inv_freq = inverse_frequencies(1e4, HEAD_DIM)
-    far = functools.partial(far_keys, scheme=scheme, inv_freq=inv_freq)
+    far = far_rotation(scheme, inv_freq)
     cache = RowKVCache()
     for first, n in [(0, 64), (64, 128), (128, 129), (0, 100), (100, 180)]:
         got = cache.read("row", 0, key_cache, value_cache, blocks, first, n, "transposed", far)

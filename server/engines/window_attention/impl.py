@@ -17,7 +17,6 @@ Steps without such rows go to vLLM's kernel untouched.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import Any
 
@@ -28,7 +27,7 @@ from vllm._custom_ops import cpu_attn_get_scheduler_metadata
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
 from server.engines.window_attention import step
-from server.engines.window_attention.kernel import far_keys, two_band_attention
+from server.engines.window_attention.kernel import far_rotation, two_band_attention
 from server.engines.window_attention.paged import probe_layout
 from server.engines.window_attention.positions import logn_scale
 from server.engines.window_attention.row_cache import ROW_CACHE
@@ -84,9 +83,7 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
             block_ids = attn_metadata.block_table[r]
             scheme = schemes[r]
             assert scheme is not None
-            far = (
-                None if scheme.kind == "rerope" else functools.partial(far_keys, scheme=scheme, inv_freq=plan.inv_freq)
-            )
+            far = far_rotation(scheme, plan.inv_freq)
             row = ROW_CACHE.read(
                 plan.request_ids[r], id(self), key_cache, value_cache, block_ids, first, n, layout, far
             )

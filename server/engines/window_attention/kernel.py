@@ -23,10 +23,13 @@ query heads one after another), so no key is repeated.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from server.engines.base import AttentionScheme
 from server.engines.window_attention.positions import logn_scale, outside_positions, rotate
+from server.engines.window_attention.row_cache import FarKeys
 
 # Queries per fused call: bounds the band part's mask at QUERY_BLOCK x (w + QUERY_BLOCK) per group.
 QUERY_BLOCK = 256
@@ -59,6 +62,14 @@ def two_band_attention(
         stop = min(start + QUERY_BLOCK, num_queries)
         out[start:stop] = _block(q[start:stop], k, k_far, v, first_position + start, scheme, inv_freq, scale)
     return out
+
+
+def far_rotation(scheme: AttentionScheme, inv_freq: torch.Tensor) -> FarKeys | None:
+    """`far_keys` for this scheme, for the row copies to apply to each appended key; None for
+    rerope, whose far keys are the unrotated keys themselves (nothing to keep twice)."""
+    if scheme.kind == "rerope":
+        return None
+    return functools.partial(far_keys, scheme=scheme, inv_freq=inv_freq)
 
 
 def far_keys(k: torch.Tensor, first_position: int, scheme: AttentionScheme, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -63,14 +63,15 @@ class RowKVCache:
         """Keys and values [kv_heads, n, head_dim] of a row whose step starts at position `first`,
         and its far keys (`far` rotates the newly appended ones; None: the keys are the far keys)."""
         buffer = self._rows.setdefault(request_id, {}).get(layer)
-        held = 0 if buffer is None or (far is not None) != (buffer.far_keys is not None) else min(buffer.length, first)
+        held = 0 if buffer is None else min(buffer.length, first)
         keys, values = read_range(key_cache, value_cache, block_ids, held, n, layout)
-        if buffer is None or buffer.keys.shape[1] < n or held == 0:
+        if buffer is None or buffer.keys.shape[1] < n:
             buffer = self._grown(buffer, held, n, keys, far is not None)
             self._rows[request_id][layer] = buffer
         buffer.keys[:, held:n] = keys
         buffer.values[:, held:n] = values
-        if buffer.far_keys is not None and far is not None:
+        if far is not None:
+            assert buffer.far_keys is not None  # a row's scheme is fixed: its first step allocated them
             buffer.far_keys[:, held:n] = far(keys, held)
         buffer.length = n
         row_keys = buffer.keys[:, :n]
