@@ -25,6 +25,7 @@ BUILTIN_STRATEGIES = (
     "strategies.rerope:ReropeStrategy",
     "strategies.leaky_rerope:LeakyReropeStrategy",
     "strategies.self_extend:SelfExtendStrategy",
+    "strategies.dca:DcaStrategy",
     "strategies.nbce:NbceStrategy",
     "strategies.auto:AutoStrategy",
 )

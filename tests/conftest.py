@@ -20,6 +20,20 @@ pytest_plugins = ["tests.support.prometheus_fixture"]
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 600
+# Every end-to-end test belongs to a tier (pyproject.toml's markers; scripts/test.sh selects them).
+TIERS = ("default_tier", "long_tier")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """No end-to-end test without a tier: it would run in no tier, or in one by accident."""
+    untiered = [
+        item.nodeid
+        for item in items
+        if (ROOT / "tests" / "e2e") in item.path.parents and not any(item.get_closest_marker(t) for t in TIERS)
+    ]
+    if untiered:
+        raise pytest.UsageError(f"end-to-end tests without a tier marker {TIERS}: {untiered}")
 
 
 def engine_core_processes(server_pid: int) -> list:

@@ -38,7 +38,7 @@ class ModelFacts:
         return int(self.head_dim * float(self.rope_parameters.get("partial_rotary_factor", 1.0)))
 
 
-WindowKind = Literal["rerope", "leaky_rerope", "self_extend"]
+WindowKind = Literal["rerope", "leaky_rerope", "self_extend", "dca"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,11 @@ class AttentionScheme:
     | leaky_rerope  | w - w/leak + i/leak            | j/leak      | w + (i - j - w)/leak          |
     | self_extend   | i//group + w - w//group        | j//group    | grouped distance, shifted     |
 
+    Dual Chunk Attention (`dca`, docs/design/dual-chunk-attention.md) cuts the row into chunks of
+    c = chunk_size - local_window tokens; every key sits at j mod c, and a query at i mod c for
+    keys of its own chunk, at min(i mod c + c, chunk_size) for the previous chunk, and at
+    min(2c - 1, chunk_size) for earlier ones.
+
     `logn_window` (L0) scales the query at position i by max(1, ln(i + 1) / ln L0), with or
     without a window kind.
     """
@@ -62,11 +67,20 @@ class AttentionScheme:
     window: int = 0
     leak: float = 1.0
     group: int = 1
+    chunk_size: int = 0
+    local_window: int = 0
     logn_window: int | None = None
+
+    @property
+    def chunk_len(self) -> int:
+        """DCA's chunk length c (0 for other kinds)."""
+        return self.chunk_size - self.local_window if self.kind == "dca" else 0
 
     def label(self) -> str:
         parts: list[str] = [self.kind or ""]
-        if self.kind is not None:
+        if self.kind == "dca":
+            parts[0] += f"-s{self.chunk_size}-l{self.local_window}"
+        elif self.kind is not None:
             parts[0] += f"-w{self.window}"
         if self.kind == "leaky_rerope":
             parts.append(f"k{self.leak:g}")

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from server.model_store import default_checkpoint_dir
 from tests.support.sse import stream_events
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 CHAT = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings
 
 from tests.conftest import RunningServer, start_server, stop_server
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 EXAMPLES_PER_OPERATION = 25
 

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import engine_core_processes, start_server, stop_server
 from tests.support.metrics_text import scrape
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 
 def engine_core(server_pid: int) -> psutil.Process:

@@ -18,7 +18,7 @@ from server.model_store import default_checkpoint_dir
 from strategies.auto_policy import SHIPPED_POLICY, load_policy
 from tests.conftest import ROOT
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 
 def test_ropeserve_eval_writes_results_plots_and_a_policy(base_url, tmp_path):

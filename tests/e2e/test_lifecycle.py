@@ -16,7 +16,7 @@ from tests.conftest import process_group_alive, start_server, stop_server
 from tests.support.metrics_text import scrape
 from tests.support.sse import parse_sse
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
 
@@ -104,7 +104,6 @@ def test_a_client_leaving_mid_prefill_frees_the_row_within_a_step(base_url, http
     assert scrape(http, "ropeserve_requests_running", engine="vllm") == 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_shutdown_leaves_no_engine_processes(tmp_path, sig):
     server = start_server(tmp_path, name=f"shutdown-{sig.name}")
@@ -121,7 +120,6 @@ def test_shutdown_leaves_no_engine_processes(tmp_path, sig):
     assert not [pid for pid in children if _alive(pid)]
 
 
-@pytest.mark.slow
 def test_sigterm_drains_a_stream_in_flight_then_exits_0(tmp_path):
     """Kubernetes' termination: SIGTERM mid-stream; the stream finishes within the grace period,
     readiness and new requests get 503 meanwhile, the process exits 0 and leaves no engine behind."""

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from server.model_store import default_checkpoint_dir
 from tests.support.metrics_text import scrape
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
 STRATEGY = {"name": "yarn", "factor": 2}

@@ -23,6 +23,8 @@ from tests.conftest import RunningServer
 # The `prometheus` fixture comes from tests/support/prometheus_fixture.py (conftest's pytest_plugins).
 from tests.support.prometheus_fixture import DEPLOY_PROMETHEUS, PrometheusServer, find_tool, is_number
 
+pytestmark = pytest.mark.default_tier
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "ropeserve-dashboard.json"
@@ -290,7 +292,6 @@ def test_access_log_has_one_json_line_per_request(server: RunningServer) -> None
 
 
 @pytest.mark.engine
-@pytest.mark.slow
 def test_prometheus_scrapes_ttft_per_strategy(server: RunningServer, prometheus: PrometheusServer) -> None:
     url = server.url
     other = second_strategy(url)
@@ -343,7 +344,6 @@ def test_prometheus_scrapes_ttft_per_strategy(server: RunningServer, prometheus:
 
 
 @pytest.mark.engine
-@pytest.mark.slow
 def test_every_dashboard_query_evaluates_on_real_data(server: RunningServer, prometheus: PrometheusServer) -> None:
     generate(server.url, "One more, for the dashboard.", max_new_tokens=4)
     prometheus.wait_for(

@@ -29,7 +29,7 @@ from strategies.base import StrategyRequest
 from strategies.registry import default_registry
 from tests.support.planning import plan_for
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGPROB_EXACT = 1e-5

@@ -21,7 +21,7 @@ from strategies.base import StrategyRequest
 from strategies.nbce.runner import NbceCombiner
 from tests.support.planning import plan_for
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 MODEL_DIR = default_checkpoint_dir()
 NEAR_TIE = 1e-4
@@ -152,7 +152,6 @@ async def ordinary_load(base_url: str, stop: asyncio.Event, counts: dict[str, in
     await asyncio.gather(*(client(i) for i in range(8)))
 
 
-@pytest.mark.slow
 def test_nbce_exact_under_concurrent_load(base_url, tokenizer, reference_model):
     from tests.support.nbce_reference import generate as reference_generate
 
@@ -269,7 +268,7 @@ def passkey_case(tokenizer, target: int, key: str, depth: float):
     return make_case(target, depth, key, lambda t: len(tokenizer.encode(t)), instruction_in_inputs=True)
 
 
-@pytest.mark.slow
+@pytest.mark.long_tier
 @pytest.mark.parametrize("strategy", ["nbce", "auto"])
 def test_passkey_30k_while_others_are_served(base_url, tokenizer, strategy):
     # One document for both: `auto` picks nbce at this length, and its rows then come from the

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.model_store import default_checkpoint_dir
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 TEXT = (
     "The lighthouse keeper climbed the stairs every evening. From the top he could see the harbour, "

@@ -37,7 +37,7 @@ def _two_ranks_fit() -> bool:
 
 pytestmark = [
     pytest.mark.engine,
-    pytest.mark.slow,
+    pytest.mark.default_tier,
     pytest.mark.skipif(not _two_ranks_fit(), reason="tensor parallel 2 needs two cores (CPU build) or two GPUs"),
 ]
 

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.support.plugins import install_plugin
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 QUESTION = "Which animal is named in the text? Answer in one word."
 DOCUMENTS = [

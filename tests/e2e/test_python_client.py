@@ -6,7 +6,7 @@ import pytest
 
 from clients.client import RopeserveClient, RopeserveError
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 
 def test_generate_stream_and_discovery(base_url):

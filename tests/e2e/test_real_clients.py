@@ -13,7 +13,7 @@ from openai import OpenAI
 from server.model_store import default_checkpoint_dir
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -58,7 +58,6 @@ def test_openai_client(base_url):
     assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
 
 
-@pytest.mark.slow
 def test_vllm_bench_serve_runs_against_ropeserve(base_url, tmp_path):
     cmd = [
         sys.executable,

@@ -9,7 +9,7 @@ import pytest
 
 from clients.bench_passkey import load_token_counter, make_case
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 ROPE = ("linear", "ntk", "dynamic_ntk", "yarn", "llama3")
 # A prompt longer than the native window (8192). ~10k keeps this test within minutes on a busy
@@ -26,7 +26,6 @@ def test_strategies_listed_with_schemas(http: httpx.Client) -> None:
         assert schema["properties"]["factor"]["maximum"] == 16.0
 
 
-@pytest.mark.slow
 def test_long_passkey_refused_natively_answered_with_ntk(http: httpx.Client) -> None:
     case = make_case(PASSKEY_TOKENS, 0.5, "53917", load_token_counter(None))
     body = {"inputs": case.inputs, "context": case.context, "parameters": {"max_new_tokens": 8, "do_sample": False}}

@@ -1,10 +1,11 @@
-"""Window attention in the real engine (vLLM CPU, the bundled model, float32) against the reference
-written from the papers' formulas (tests/support/window_reference.py: a plain-PyTorch Llama with
-two full score matrices per layer, recomputed from scratch for every position).
+"""Window attention and Dual Chunk Attention in the real engine (vLLM CPU, the bundled model,
+float32) against the reference written from the papers' code (tests/support/window_reference.py: a
+plain-PyTorch Llama with a score matrix per case, recomputed from scratch for every position).
 
-Small windows (64-128) on ~1,100-token prompts, prefilled in chunks of 256, so scores inside and
-beyond the window, across chunk boundaries and in decode steps (keys read back from the paged
-cache) are all exercised; each row alone, then all of them in one batch with a native row.
+Small windows (64-128) and chunks (c = 110) on ~1,100-token prompts, prefilled in chunks of 256,
+so scores inside and beyond the window, across chunk boundaries and in decode steps (keys read back
+from the paged cache) are all exercised; each row alone, then all of them in one batch with a
+native row.
 Tolerances: greedy tokens equal; logprobs within LOGPROB_TOLERANCE of the reference (different
 kernels: vLLM's matmuls and attention, the reference's plain ones; the native row shows the floor).
 """
@@ -21,7 +22,7 @@ from server.engines.base import AttentionScheme
 from tests.e2e.test_multi_rope_engine import model_path, prompt_ids, run_engines
 from tests.support import window_reference as ref
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 NEW_TOKENS = 12
 PROMPT = 1_100
@@ -35,6 +36,9 @@ SCHEMES: dict[str, AttentionScheme] = {
     "leaky_rerope": AttentionScheme("leaky_rerope", window=64, leak=4.0),
     "self_extend": AttentionScheme("self_extend", window=128, group=4),
     "ntk_logn": AttentionScheme(logn_window=512),
+    # c = 110: chunk boundaries fall inside the 256-token prefill chunks, and decode (positions
+    # 1,100-1,111) starts a new chunk.
+    "dca": AttentionScheme("dca", chunk_size=150, local_window=40),
 }
 
 

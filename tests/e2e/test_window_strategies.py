@@ -1,4 +1,5 @@
-"""The window strategies (rerope, leaky_rerope, self_extend) and log-n through the real server:
+"""The window strategies (rerope, leaky_rerope, self_extend), Dual Chunk Attention (dca) and log-n
+through the real server:
 listed with their schemas, served on the same routes as every strategy (streaming, metrics,
 cancellation, concurrent requests), exactly native when the window covers the request, and bad
 parameters answered with a 422 naming the field. Their numerics against the reference:
@@ -17,7 +18,7 @@ import pytest
 from tests.support.metrics_text import scrape
 from tests.support.sse import parse_sse
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 # ~3k tokens: past every window below, inside the native window (so `native` is a baseline).
 DOCUMENT = " ".join(f"Note {i}: the {i % 7}th shelf holds box {i * 37 % 101}." for i in range(260))
@@ -26,6 +27,7 @@ WINDOWED = {
     "leaky_rerope": {"name": "leaky_rerope", "window": 512, "leak": 8},
     "self_extend": {"name": "self_extend", "window": 512, "group": 4},
     "ntk+logn": {"name": "ntk", "factor": 2, "logn": True},
+    "dca": {"name": "dca", "chunk_size": 1024, "local_window": 256},  # chunks of 768 tokens
 }
 
 
@@ -52,6 +54,8 @@ def test_the_strategies_are_listed_with_their_schemas(http: httpx.Client) -> Non
     assert listed["leaky_rerope"]["parameters_schema"]["properties"]["leak"]["default"] == 16
     assert listed["self_extend"]["parameters_schema"]["properties"]["group"]["default"] == 8
     assert listed["ntk"]["parameters_schema"]["properties"]["logn"]["default"] is False
+    dca = listed["dca"]["parameters_schema"]["properties"]
+    assert set(dca) == {"chunk_size", "local_window"} and "native window" in dca["chunk_size"]["description"]
 
 
 @pytest.mark.parametrize("name", list(WINDOWED))
@@ -66,14 +70,18 @@ def test_a_document_past_the_window_is_answered(http: httpx.Client, name: str) -
 
 
 def test_a_window_covering_the_request_is_native_exactly(http: httpx.Client) -> None:
-    """ReRoPE and Self-Extend with w >= prompt + max_new_tokens change no score: the same tokens
-    and the same logprobs as `native`, bit for bit."""
+    """ReRoPE and Self-Extend with w >= prompt + max_new_tokens, and DCA with the request inside
+    one chunk, change no score: the same tokens and the same logprobs as `native`, bit for bit."""
     short = uuid.uuid4().hex + DOCUMENT[:2_000]
     # Twice: the second run reads the prompt's first blocks from the prefix cache, as the window
     # strategies' runs then do (a cached prefix changes the last bits of the logprobs).
     generate(http, "native", "Which box is on shelf 3?", short, tokens=12)
     native = generate(http, "native", "Which box is on shelf 3?", short, tokens=12)
-    for strategy in ({"name": "rerope", "window": 4096}, {"name": "self_extend", "window": 4096, "group": 8}):
+    for strategy in (
+        {"name": "rerope", "window": 4096},
+        {"name": "self_extend", "window": 4096, "group": 8},
+        {"name": "dca", "chunk_size": 5000, "local_window": 500},
+    ):
         got = generate(http, strategy, "Which box is on shelf 3?", short, tokens=12)
         assert got["details"]["tokens"] == native["details"]["tokens"], strategy
 
@@ -104,7 +112,13 @@ def test_window_requests_stream_and_run_together_with_others(base_url: str, http
         async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
             stop = asyncio.Event()
             watcher = asyncio.create_task(watch(stop, client))
-            strategies = [WINDOWED["rerope"], WINDOWED["self_extend"], "native", {"name": "yarn", "factor": 2}]
+            strategies = [
+                WINDOWED["rerope"],
+                WINDOWED["self_extend"],
+                WINDOWED["dca"],
+                "native",
+                {"name": "yarn", "factor": 2},
+            ]
             results = await asyncio.gather(*(stream(client, s) for s in strategies))
             stop.set()
             await watcher
@@ -117,11 +131,12 @@ def test_window_requests_stream_and_run_together_with_others(base_url: str, http
     assert peak >= 2, f"at most {peak} rows ran in one engine step"
 
 
-def test_a_client_leaving_a_window_stream_frees_the_row(base_url: str, http: httpx.Client) -> None:
-    cancelled = scrape(http, "ropeserve_requests_total", strategy="rerope", status="cancelled")
+@pytest.mark.parametrize("name", ["rerope", "dca"])
+def test_a_client_leaving_a_window_stream_frees_the_row(base_url: str, http: httpx.Client, name: str) -> None:
+    cancelled = scrape(http, "ropeserve_requests_total", strategy=name, status="cancelled")
     body = {
         "prompt": uuid.uuid4().hex + " " + DOCUMENT + "\n\nWhich box is on shelf 1?",
-        "strategy": WINDOWED["rerope"],
+        "strategy": WINDOWED[name],
         "max_tokens": 2000,
         "ignore_eos": True,
         "stream": True,
@@ -136,10 +151,10 @@ def test_a_client_leaving_a_window_stream_frees_the_row(base_url: str, http: htt
     # 2,000 tokens would take minutes; the aborted row is counted as cancelled at once.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if scrape(http, "ropeserve_requests_total", strategy="rerope", status="cancelled") == cancelled + 1:
+        if scrape(http, "ropeserve_requests_total", strategy=name, status="cancelled") == cancelled + 1:
             break
         time.sleep(0.2)
-    assert scrape(http, "ropeserve_requests_total", strategy="rerope", status="cancelled") == cancelled + 1
+    assert scrape(http, "ropeserve_requests_total", strategy=name, status="cancelled") == cancelled + 1
 
 
 def test_auto_scores_a_prompt_past_the_window_with_a_window_strategy(http: httpx.Client) -> None:
@@ -166,6 +181,8 @@ def test_auto_scores_a_prompt_past_the_window_with_a_window_strategy(http: httpx
         ({"name": "rerope", "window": 0}, "strategy.window", ["greater than or equal to 1"]),
         ({"name": "leaky_rerope", "leak": 0.5}, "strategy.leak", ["greater than or equal to 1"]),
         ({"name": "ntk", "logn": "sometimes"}, "strategy.logn", ["bool"]),
+        ({"name": "dca", "chunk_size": 9000}, "strategy.chunk_size", ["8192"]),
+        ({"name": "dca", "chunk_size": 2048, "local_window": 2048}, "strategy", ["must be < chunk_size"]),
     ],
 )
 def test_bad_window_parameters_get_a_422_naming_the_field(
@@ -177,7 +194,7 @@ def test_bad_window_parameters_get_a_422_naming_the_field(
     assert field in message and all(w in message for w in words), message
 
 
-@pytest.mark.slow
+@pytest.mark.long_tier
 @pytest.mark.parametrize(
     "strategy", [{"name": "rerope", "window": 2048}, {"name": "self_extend"}], ids=lambda s: s["name"]
 )

@@ -1,24 +1,33 @@
-"""Plain-PyTorch reference of the windowed position schemes (issue 10), written from the formulas.
+"""Plain-PyTorch reference of the position schemes that change attention, written from the sources.
 
-A Llama forward pass (gpt-fast style: the math visible, no caches, O(n^2) attention) whose attention
-scores each (query i, key j) pair with one of two rotations:
+A Llama forward pass (gpt-fast style: the math visible, no caches, O(n^2) attention) in which each
+scheme is a list of *cases*, as the papers' code writes them: a score matrix per case, from the
+query rotated at the case's query position and the key at its key position, and a `where` that picks,
+for every (query i, key j) pair, the case it falls in.
 
-- inside the window (i - j < w): q rotated at i, k at j (ordinary RoPE: relative position i - j);
-- outside it: q rotated at a(i), k at b(j), the scheme's own positions:
+| scheme        | case            | query at               | key at   | source                         |
+|---------------|-----------------|------------------------|----------|--------------------------------|
+| rerope        | i - j < w       | i                      | j        | bojone/rerope rerope_patch.py  |
+|               | otherwise       | w                      | 0        | (`position_ids * 0 + window`)  |
+| leaky_rerope  | i - j < w       | i                      | j        | bojone leaky_rerope_patch.py:  |
+|               | otherwise       | (i + w (k - 1)) / k    | j / k    | linear scaling k, offset w(k-1)|
+| self_extend   | i - j < W       | i                      | j        | datamllab/LongLM Llama.py      |
+|               | otherwise       | i // G + W - W / G     | j // G   | (`group_query_position`)       |
+| dca           | same chunk      | i mod c                | j mod c  | HKUNLP/ChunkLlama              |
+|               | previous chunk  | min(i mod c + c, S)    | j mod c  | chunkllama_attn_replace.py     |
+|               | earlier chunks  | min(2c - 1, S)         | j mod c  | (q_t, qc_t, k_t tables)        |
 
-  | scheme        | a(i)                     | b(j)     | relative position a(i) - b(j)  |
-  |---------------|--------------------------|----------|--------------------------------|
-  | rerope        | w                        | 0        | w                              |
-  | leaky_rerope  | w - w/k + i/k            | j/k      | w + (i - j - w)/k              |
-  | self_extend   | i//G + W - W//G          | j//G     | grouped distance, shifted      |
+DCA's chunks are c = S - w tokens long (S the chunk size, w the local window), counted from token 0.
+log-n scaling multiplies the unrotated query at position i by max(1, ln(i + 1) / ln L0).
 
-(bojone/rerope rerope_patch.py and leaky_rerope_patch.py; datamllab/LongLM self_extend_patch; the
-design note docs/design/window-attention.md quotes the lines.) log-n scaling multiplies the
-unrotated query at position i by max(1, ln(i + 1) / ln L0).
+This module imports nothing of the engine's position code: the kernels are checked against it, and
+`relative_positions` against the papers' own statements of what each pair sees (the unit tests).
 
     >>> scheme = Scheme("rerope", window=4)
     >>> relative_positions(scheme, 8)[7].tolist()
     [4.0, 4.0, 4.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+    >>> relative_positions(Scheme("dca", chunk_size=4, local_window=1), 8)[7].tolist()  # c = 3
+    [4.0, 3.0, 2.0, 4.0, 3.0, 2.0, 1.0, 0.0]
 """
 
 from __future__ import annotations
@@ -35,7 +44,16 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # only the type: the reference computes nothing with the engine's code
     from server.engines.base import AttentionScheme
 
-SchemeKind = Literal["native", "rerope", "leaky_rerope", "self_extend"]
+SchemeKind = Literal["native", "rerope", "leaky_rerope", "self_extend", "dca"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """Pairs (i, j) of one case and where its query and key are rotated."""
+
+    pairs: torch.Tensor  # [n, n] bool
+    query_positions: torch.Tensor  # [n] float64
+    key_positions: torch.Tensor  # [n] float64
 
 
 @dataclass(frozen=True)
@@ -47,41 +65,74 @@ class Scheme:
     k: float = 1.0
     # self_extend: the group size G.
     group: int = 1
+    # dca: the chunk size S and the local window w (chunks are S - w tokens).
+    chunk_size: int = 0
+    local_window: int = 0
     # log-n scaling past the native window L0 (None: off).
     logn_window: int | None = None
 
     @classmethod
     def of(cls, attention: AttentionScheme) -> Scheme:
         """The reference's scheme for the engine API's `AttentionScheme` (the same parameters)."""
-        kind = attention.kind or "native"
-        return cls(kind, attention.window, attention.leak, attention.group, attention.logn_window)
+        return cls(
+            attention.kind or "native",
+            window=attention.window,
+            k=attention.leak,
+            group=attention.group,
+            chunk_size=attention.chunk_size,
+            local_window=attention.local_window,
+            logn_window=attention.logn_window,
+        )
 
-    def outside_positions(self, i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a(i), b(j)): where the query and the key are rotated for a pair outside the window."""
+    def cases(self, n: int) -> list[Case]:
+        i = torch.arange(n, dtype=torch.float64)
+        distance = i[:, None] - i[None, :]
+        if self.kind == "native":
+            return [Case(torch.ones(n, n, dtype=torch.bool), i, i)]
+        if self.kind == "dca":
+            return self._dual_chunk_cases(n)
+        near = Case(distance < self.window, i, i)
+        far = ~near.pairs
         w = float(self.window)
         if self.kind == "rerope":
-            return torch.full_like(i, w), torch.zeros_like(j)
+            # bojone: the far query at `position_ids * 0 + window`, the far key not rotated.
+            return [near, Case(far, torch.full_like(i, w), torch.zeros_like(i))]
         if self.kind == "leaky_rerope":
-            return w - w / self.k + i / self.k, j / self.k
+            # bojone: LinearScalingRotaryEmbedding(k) for both, the query offset by w (k - 1).
+            offset = w * (self.k - 1)
+            return [near, Case(far, (i + offset) / self.k, i / self.k)]
         if self.kind == "self_extend":
-            g, big_w = self.group, self.window
-            return torch.div(i, g, rounding_mode="floor") + big_w - big_w // g, torch.div(j, g, rounding_mode="floor")
-        return i, j
+            # LongLM: group_query_position = i // G + W - W / G; group_key_position = j // G.
+            g, big_w = self.group, float(self.window)
+            return [near, Case(far, torch.floor(i / g) + big_w - big_w / g, torch.floor(i / g))]
+        raise ValueError(self.kind)
 
-    def inside(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """Pairs scored with ordinary RoPE (all of them for `native`)."""
-        if self.kind == "native":
-            return torch.ones(i.shape[0], j.shape[-1], dtype=torch.bool)
-        return (i[:, None] - j[None, :]) < self.window
+    def _dual_chunk_cases(self, n: int) -> list[Case]:
+        """ChunkLlama's three RoPE tables: q_t = arange(c), qc_t = (arange(c) + c).clamp(max=S),
+        k_t = arange(n) % c; the inter-chunk query takes qc_t[c - 1]."""
+        s = self.chunk_size
+        c = s - self.local_window
+        q_t = torch.arange(c, dtype=torch.float64)
+        qc_t = (torch.arange(c, dtype=torch.float64) + c).clamp(max=s)
+        k_t = torch.arange(n, dtype=torch.float64) % c
+        token = torch.arange(n)
+        local = token % c
+        chunk = torch.div(token, c, rounding_mode="floor")
+        apart = chunk[:, None] - chunk[None, :]
+        return [
+            Case(apart == 0, q_t[local], k_t),
+            Case(apart == 1, qc_t[local], k_t),
+            Case(apart >= 2, qc_t[c - 1].expand(n), k_t),
+        ]
 
 
 def relative_positions(scheme: Scheme, n: int) -> torch.Tensor:
     """The relative position each (i, j), j <= i, is scored at (NaN above the diagonal)."""
-    pos = torch.arange(n, dtype=torch.float64)
-    a, b = scheme.outside_positions(pos, pos)
-    inside = scheme.inside(pos, pos)
-    rel = torch.where(inside, pos[:, None] - pos[None, :], a[:, None] - b[None, :])
-    return rel.masked_fill(pos[None, :] > pos[:, None], float("nan"))
+    rel = torch.full((n, n), float("nan"), dtype=torch.float64)
+    for case in scheme.cases(n):
+        rel = torch.where(case.pairs, case.query_positions[:, None] - case.key_positions[None, :], rel)
+    i = torch.arange(n)
+    return rel.masked_fill(i[None, :] > i[:, None], float("nan"))
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -122,17 +173,17 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: Scheme, theta: float) -> torch.Tensor:
-    """Causal attention of q [h, n, d] over k, v [h, n, d] under `scheme` (two score matrices)."""
+    """Causal attention of q [h, n, d] over k, v [h, n, d] under `scheme`: one score matrix per case."""
     n, d = q.shape[1], q.shape[-1]
     pos = torch.arange(n)
     if scheme.logn_window is not None:
         scale = (torch.log(pos.to(torch.float64) + 1) / math.log(scheme.logn_window)).clamp(min=1)
         q = q * scale.to(q.dtype)[None, :, None]
-    inside = rotate(q, pos, theta) @ rotate(k, pos, theta).transpose(-1, -2)
-    a, b = scheme.outside_positions(pos.to(torch.float64), pos.to(torch.float64))
-    outside = rotate(q, a, theta) @ rotate(k, b, theta).transpose(-1, -2)
-    scores = torch.where(scheme.inside(pos, pos), inside, outside) / math.sqrt(d)
-    scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+    scores = torch.full((q.shape[0], n, n), float("nan"), dtype=q.dtype)
+    for case in scheme.cases(n):
+        case_scores = rotate(q, case.query_positions, theta) @ rotate(k, case.key_positions, theta).transpose(-1, -2)
+        scores = torch.where(case.pairs, case_scores, scores)
+    scores = (scores / math.sqrt(d)).masked_fill(pos[None, :] > pos[:, None], float("-inf"))
     return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
 
 

@@ -71,15 +71,62 @@ def test_a_small_window_changes_only_positions_beyond_it(tiny: Path, ids: list[i
     assert not torch.allclose(rerope[8:], native[8:], atol=1e-3)
 
 
-def test_relative_positions_follow_each_scheme() -> None:
-    rerope = relative_positions(Scheme("rerope", window=4), 10)
-    assert rerope[9, :6].tolist() == [4.0] * 6 and rerope[9, 6:].tolist() == [3.0, 2.0, 1.0, 0.0]
-    leaky = relative_positions(Scheme("leaky_rerope", window=4, k=2.0), 10)
-    assert leaky[9, 0].item() == 4 + (9 - 0 - 4) / 2  # w + (i - j - w)/k
-    extend = relative_positions(Scheme("self_extend", window=4, group=2), 10)
-    assert extend[9, 0].item() == 9 // 2 + 4 - 4 // 2 - 0 // 2  # i//G + W - W//G - j//G
-    assert extend[9, 7].item() == 2  # a neighbour: exact
-    assert math.isnan(extend[0, 1].item())  # no key after the query
+def papers_relative_position(scheme: Scheme, i: int, j: int) -> float:
+    """What each paper says a pair (i, j), j <= i, is scored at, pair by pair."""
+    d = i - j
+    if scheme.kind == "rerope":  # ReRoPE: min(i - j, w)
+        return float(min(d, scheme.window))
+    if scheme.kind == "leaky_rerope":  # Leaky ReRoPE: w + (i - j - w)/k past the window
+        return float(d) if d < scheme.window else scheme.window + (d - scheme.window) / scheme.k
+    if scheme.kind == "self_extend":  # Self-Extend: grouped distance shifted by W - W/G past W
+        g, big_w = scheme.group, scheme.window
+        return float(d) if d < big_w else float(i // g - j // g + big_w - big_w // g)
+    # DCA (ChunkLlama, section 3): the true distance within a chunk and from the first w queries of
+    # a chunk into the previous one; otherwise S - (j mod c), at most S.
+    s = scheme.chunk_size
+    c = s - scheme.local_window
+    if i // c == j // c or (i // c - j // c == 1 and i % c < scheme.local_window):
+        return float(d)
+    return float(s - j % c)
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        Scheme("rerope", window=4),
+        Scheme("leaky_rerope", window=4, k=2.0),
+        Scheme("self_extend", window=4, group=2),
+        Scheme("self_extend", window=6, group=3),
+        Scheme("dca", chunk_size=6, local_window=2),
+        Scheme("dca", chunk_size=7, local_window=1),
+    ],
+    ids=lambda s: s.kind,
+)
+def test_relative_positions_follow_each_paper(scheme: Scheme) -> None:
+    n = 30
+    rel = relative_positions(scheme, n)
+    for i in range(n):
+        assert [rel[i, j].item() for j in range(i + 1)] == [
+            papers_relative_position(scheme, i, j) for j in range(i + 1)
+        ]
+    assert math.isnan(rel[0, 1].item())  # no key after the query
+
+
+def test_dual_chunk_distances_stay_within_the_chunk_size_and_the_first_chunk_is_native() -> None:
+    scheme = Scheme("dca", chunk_size=6, local_window=2)  # c = 4
+    rel = relative_positions(scheme, 40).nan_to_num(0)
+    assert rel.max().item() == 6
+    native = relative_positions(Scheme(), 4)
+    assert torch.equal(relative_positions(scheme, 40)[:4, :4].nan_to_num(-1), native.nan_to_num(-1))
+
+
+def test_dual_chunk_within_one_chunk_is_native_exactly(tiny: Path, ids: list[int]) -> None:
+    weights = LlamaWeights.load(tiny)
+    scheme = Scheme("dca", chunk_size=N + 4, local_window=4)  # c = N: one chunk
+    assert torch.equal(logits(weights, ids, scheme), logits(weights, ids))
+    assert not torch.allclose(
+        logits(weights, ids, Scheme("dca", chunk_size=20, local_window=4))[16:], logits(weights, ids)[16:], atol=1e-3
+    )
 
 
 def test_logn_scales_only_past_its_window(tiny: Path, ids: list[int]) -> None:

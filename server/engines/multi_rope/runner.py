@@ -10,9 +10,9 @@ package. It changes two things:
   its row's `slot x slot_rows`, so the rotary reads that row's configuration and nothing else
   (KV placement, causal masks, sequence lengths) sees a shifted position.
 
-Rows with an attention scheme (window kinds, log-n; server/engines/window_attention/) are published
-to the attention impls for the step, and window rows' tokens are rotated at position 0 (unrotated):
-their attention rotates queries and keys itself.
+Rows with an attention scheme (window kinds, DCA, log-n; server/engines/window_attention/) are
+published to the attention impls for the step; window rows' tokens are rotated at position 0
+(unrotated: their attention rotates queries and keys itself), DCA rows' at i mod c.
 
 It also hands logits processors that declare `StepAware` (server/engines/base.py) the rows that
 are mid-prefill this step (vLLM's `discard_request_mask`), e.g. NBCE's processor.
@@ -39,7 +39,7 @@ from server.engines.multi_rope import CONFIG_KEY
 from server.engines.multi_rope.table import SlotTableRotaryEmbedding, install_slot_table
 from server.engines.rope_slots import ROPE_EXTRA_KEY
 from server.engines.window_attention import step as step_plan
-from server.engines.window_attention.positions import inverse_frequencies
+from server.engines.window_attention.positions import inverse_frequencies, table_positions
 from server.engines.window_attention.row_cache import ROW_CACHE
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,14 @@ class MultiRopeRunner:
         if plan is not None:
             # Window rows are rotated by the attention kernel, at two positions per pair: the table
             # rotates them at position 0 (cos 1, sin 0: the identity), so their queries reach
-            # attention and their keys the paged cache unrotated.
+            # attention and their keys the paged cache unrotated. DCA rows at i mod c (their keys
+            # stay in the paged cache as every part reads them).
             ends = np.cumsum(counts)
             for r in plan.window_rows():
-                shifted[ends[r] - counts[r] : ends[r]] = 0
+                tokens = slice(ends[r] - counts[r], ends[r])
+                scheme = plan.schemes[r]
+                assert scheme is not None  # a window row has one
+                shifted[tokens] = table_positions(scheme, positions[tokens])
         return (*inputs[:2], shifted, *inputs[3:])
 
     def _attention_plan(self) -> step_plan.StepPlan | None:

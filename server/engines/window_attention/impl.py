@@ -27,6 +27,7 @@ from vllm._custom_ops import cpu_attn_get_scheduler_metadata
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
 from server.engines.window_attention import step
+from server.engines.window_attention.dual_chunk import dual_chunk_attention
 from server.engines.window_attention.kernel import far_rotation, two_band_attention
 from server.engines.window_attention.paged import probe_layout
 from server.engines.window_attention.positions import logn_scale
@@ -87,9 +88,14 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
             row = ROW_CACHE.read(
                 plan.request_ids[r], id(self), key_cache, value_cache, block_ids, first, n, layout, far
             )
-            output[start:stop] = two_band_attention(
-                query[start:stop], row.keys, row.values, first, scheme, plan.inv_freq, self.scale, row.far_keys
-            )
+            if scheme.kind == "dca":
+                output[start:stop] = dual_chunk_attention(
+                    query[start:stop], row.keys, row.values, first, scheme, plan.inv_freq, self.scale
+                )
+            else:
+                output[start:stop] = two_band_attention(
+                    query[start:stop], row.keys, row.values, first, scheme, plan.inv_freq, self.scale, row.far_keys
+                )
         return output
 
     def _other_rows(

@@ -28,13 +28,12 @@ import functools
 import torch
 
 from server.engines.base import AttentionScheme
+from server.engines.window_attention.fused import attend, fold_heads, merge, unfold_heads
 from server.engines.window_attention.positions import logn_scale, outside_positions, rotate
 from server.engines.window_attention.row_cache import FarKeys
 
 # Queries per fused call: bounds the band part's mask at QUERY_BLOCK x (w + QUERY_BLOCK) per group.
 QUERY_BLOCK = 256
-
-_fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def two_band_attention(
@@ -66,8 +65,9 @@ def two_band_attention(
 
 def far_rotation(scheme: AttentionScheme, inv_freq: torch.Tensor) -> FarKeys | None:
     """`far_keys` for this scheme, for the row copies to apply to each appended key; None for
-    rerope, whose far keys are the unrotated keys themselves (nothing to keep twice)."""
-    if scheme.kind == "rerope":
+    rerope, whose far keys are the unrotated keys themselves (nothing to keep twice), and for DCA,
+    whose keys the paged cache already holds rotated where every part reads them."""
+    if scheme.kind in ("rerope", "dca"):
         return None
     return functools.partial(far_keys, scheme=scheme, inv_freq=inv_freq)
 
@@ -98,15 +98,15 @@ def _block(
     w = scheme.window
     positions = torch.arange(first, first + c, dtype=torch.float64)
     if (s := logn_scale(scheme, positions)) is not None:
-        q = q * s.to(q.dtype)[:, None, None]
+        q = q * s.to(q.device, q.dtype)[:, None, None]
     a, _ = outside_positions(scheme, positions, positions[:1])
-    q_far = _fold(rotate(q.transpose(0, 1), a, inv_freq), kv_heads)[None]
+    q_far = fold_heads(rotate(q.transpose(0, 1), a, inv_freq), kv_heads)[None]
     # Keys far for every query of the block: j <= first - w. Keys far for some: up to last - w.
     # Keys in the band for some: first - w < j <= last.
     far_all, far_some, end = max(0, first - w + 1), max(0, first + c - w), first + c
     parts = []
     if far_all:
-        parts.append(_fused(q_far, k_far[None, :, :far_all], v[None, :, :far_all], scale=scale))
+        parts.append(attend(q_far, k_far[None, :, :far_all], v[None, :, :far_all], scale))
     if far_some > far_all:
         keys = torch.arange(far_all, far_some, dtype=torch.float64)
         allowed = (positions[:, None] - keys[None, :]) >= w
@@ -115,10 +115,10 @@ def _block(
         )
     keys = torch.arange(far_all, end, dtype=torch.float64)
     distance = positions[:, None] - keys[None, :]
-    q_band = _fold(rotate(q.transpose(0, 1), positions, inv_freq), kv_heads)[None]
+    q_band = fold_heads(rotate(q.transpose(0, 1), positions, inv_freq), kv_heads)[None]
     k_band = rotate(k[:, far_all:end], keys, inv_freq)[None]
     parts.append(_masked(q_band, k_band, v[None, :, far_all:end], (distance >= 0) & (distance < w), group, scale))
-    return _unfold(_merge(parts)[0].to(q.dtype), c)
+    return unfold_heads(merge(parts)[0].to(q.dtype), c)
 
 
 def _masked(
@@ -126,29 +126,7 @@ def _masked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention where `allowed` [c, keys] (per query position, repeated for the group's
     heads); queries with no allowed key get log-sum-exp -inf (the op would say 0)."""
-    allowed = allowed.repeat(group, 1)
-    mask = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
-    out, lse = _fused(q, k, v, attn_mask=mask[None, None], scale=scale)
+    allowed = allowed.repeat(group, 1).to(q.device)
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    out, lse = attend(q, k, v, scale, mask=mask[None, None])
     return out, lse.masked_fill(~allowed.any(-1)[None, None], float("-inf"))
-
-
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Softmax attention over the union of disjoint key sets, from each set's output and log-sum-exp."""
-    if len(parts) == 1:
-        return parts[0][0]
-    top = torch.stack([lse for _, lse in parts]).amax(0)
-    weights = [(lse - top).exp() for _, lse in parts]
-    total = sum(weights)
-    return sum(out * (weight / total)[..., None] for (out, _), weight in zip(parts, weights, strict=True))
-
-
-def _fold(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[heads, c, d] -> [kv_heads, group * c, d]: each KV head's query heads one after another."""
-    heads, c, d = x.shape
-    return x.reshape(kv_heads, (heads // kv_heads) * c, d)
-
-
-def _unfold(x: torch.Tensor, c: int) -> torch.Tensor:
-    """[kv_heads, group * c, d] -> [c, heads, d]."""
-    kv_heads, gc, d = x.shape
-    return x.reshape(kv_heads * (gc // c), c, d).transpose(0, 1)

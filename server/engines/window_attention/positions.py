@@ -34,6 +34,15 @@ def outside_positions(scheme: AttentionScheme, i: torch.Tensor, j: torch.Tensor)
     raise ValueError(f"no window scheme: {scheme}")
 
 
+def table_positions(scheme: AttentionScheme, positions: torch.Tensor) -> torch.Tensor:
+    """Where the model's rotary rotates a row's tokens under `scheme`: DCA at i mod c, so its keys
+    enter the paged cache where every part reads them; the window kinds at 0 (the identity), so
+    their queries and keys stay unrotated for the kernel to rotate."""
+    if scheme.kind == "dca":
+        return positions % scheme.chunk_len
+    return torch.zeros_like(positions)
+
+
 def logn_scale(scheme: AttentionScheme, positions: torch.Tensor) -> torch.Tensor | None:
     """max(1, ln(i + 1) / ln L0) per position (float64), or None when log-n is off."""
     if scheme.logn_window is None:
@@ -52,8 +61,8 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> 
     Angles are computed in float64, so fractional and large positions lose nothing before the
     cast; only the first `2 * len(inv_freq)` dimensions rotate (partial rotary).
     """
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    angles = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :].to(positions.device)
+    cos, sin = angles.cos().to(x.device, x.dtype), angles.sin().to(x.device, x.dtype)
     half = inv_freq.shape[0]
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)

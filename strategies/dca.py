@@ -1,0 +1,102 @@
+"""`dca`: Dual Chunk Attention (An et al. 2024, "Training-Free Long-Context Scaling of Large Language
+Models"; HKUNLP/ChunkLlama).
+
+The row is cut into chunks of c = S - w tokens (S the chunk size, w the local window). Every key
+sits at j mod c; a query sees the keys of its own chunk at their true distance, the previous chunk
+from min(i mod c + c, S), and every earlier chunk from min(2c - 1, S). No score sees a distance
+beyond S, so any length the KV cache holds stays in the trained range. A request that fits in one
+chunk is plain RoPE attention and is planned `native` (bit for bit).
+
+Defaults follow ChunkLlama's rule for a model of native window L0: S = 3 L0 / 4 and w = L0 / 8
+(6,144 and 1,024 for SmolLM2's 8,192), i.e. w = S / 6 when only S is given.
+
+    >>> from strategies.base import PlanContext, StrategyRequest
+    >>> from strategies.registry import default_registry
+    >>> from server.engines.base import ModelFacts
+    >>> registry = default_registry()
+    >>> model = ModelFacts("m", native_window=8192, rope_parameters={"rope_theta": 1e5}, head_dim=64,
+    ...                    vocab_size=100, max_context_tokens=65536)
+    >>> context = PlanContext(model, tokenize=lambda text: [1] * 30_000, resolve=registry.resolve)
+    >>> plan = registry.resolve("dca").plan(StrategyRequest("q"), context)
+    >>> plan.rope.label(), plan.max_total_tokens, plan.resolved
+    ('native+dca-s6144-l1024', 65536, {'name': 'dca', 'chunk_size': 6144, 'local_window': 1024})
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from server.engines.base import AttentionScheme
+from strategies.base import (
+    ExecutionPlan,
+    ModelFacts,
+    PlanContext,
+    RopeConfig,
+    Strategy,
+    StrategyError,
+    StrategyParams,
+    StrategyRequest,
+    check_fits,
+)
+from strategies.window import MAX_WINDOW
+
+
+class DcaParams(StrategyParams):
+    chunk_size: int | None = Field(
+        default=None,
+        ge=2,
+        le=MAX_WINDOW,
+        description="S: the largest relative position any score sees (<= the model's native window); "
+        "default 3/4 of the native window (ChunkLlama's rule)",
+    )
+    local_window: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_WINDOW,
+        description="w: the first w queries of a chunk see the previous chunk at true distances; chunks are "
+        "S - w tokens. Default S / 6 (1/8 of the native window with the default S)",
+    )
+
+    @model_validator(mode="after")
+    def _local_window_inside_the_chunk(self) -> DcaParams:
+        if self.chunk_size is not None and self.local_window is not None and self.local_window >= self.chunk_size:
+            raise ValueError(f"local_window ({self.local_window}) must be < chunk_size ({self.chunk_size})")
+        return self
+
+
+class DcaStrategy(Strategy[DcaParams]):
+    name = "dca"
+    description = (
+        "Dual Chunk Attention: chunks of S - w tokens; true distances within a chunk, capped positions "
+        "across chunks, so no distance exceeds S (attention computed by the engine from the paged keys)."
+    )
+    Params = DcaParams
+
+    def sizes(self, model: ModelFacts) -> tuple[int, int]:
+        """(S, w) for this model: the given values, else ChunkLlama's defaults from its window."""
+        chunk_size = self.params.chunk_size or 3 * model.native_window // 4
+        local_window = self.params.local_window or max(1, chunk_size // 6)
+        if chunk_size > model.native_window:
+            raise StrategyError(
+                f"strategy.chunk_size: {chunk_size} must be <= the model's native window ({model.native_window})",
+                field="strategy.chunk_size",
+            )
+        if local_window >= chunk_size:
+            raise StrategyError(
+                f"strategy.local_window: {local_window} must be < chunk_size ({chunk_size})",
+                field="strategy.local_window",
+            )
+        return chunk_size, local_window
+
+    def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
+        model = context.model
+        chunk_size, local_window = self.sizes(model)
+        row = request.plain_prompt_ids(context.tokenize)
+        limit = model.max_context_tokens or 16 * model.native_window
+        check_fits(len(row), request.max_new_tokens, limit, self.name)
+        scheme = AttentionScheme("dca", chunk_size=chunk_size, local_window=local_window)
+        # Within one chunk every pair is plain RoPE attention: served as native (bitwise).
+        needed = len(row) + request.max_new_tokens
+        rope = RopeConfig.native() if needed <= scheme.chunk_len else RopeConfig((), limit, scheme)
+        resolved = {"name": self.name, "chunk_size": chunk_size, "local_window": local_window}
+        return ExecutionPlan(rope=rope, rows=[row], max_total_tokens=limit, resolved=resolved)
