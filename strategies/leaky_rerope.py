@@ -1,7 +1,9 @@
 """`leaky_rerope`: Leaky ReRoPE (bojone/rerope): beyond the window, relative positions grow with slope 1/k.
 
 A score at distance i - j >= w sees w + (i - j - w)/k, so distances stay below the native window L0
-for rows up to w + k (L0 - 1 - w) + 1. Defaults as in bojone's patch: w = 512, k = 16, log-n on.
+for rows up to w + k (L0 - 1 - w) + 1. k = 16 and log-n as in bojone's patch; its w = 512 was for
+a 4k Llama, so the default w is half the model's native window (w = 4096 on the bundled model: 4/5
+passkeys at 12k and 16k).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from strategies.window import WindowParams, WindowStrategy, window_field
 
 
 class LeakyReropeParams(WindowParams):
-    window: int = window_field(512, "w: exact relative positions below it (< the native window)")
+    window: int | None = window_field(
+        "w: exact relative positions below it (< the native window); default half the native window"
+    )
     leak: float = Field(default=16.0, ge=1.0, le=1024.0, description="k: beyond the window, positions grow by 1/k")
     logn: bool = logn_field(True)
 
@@ -30,10 +34,13 @@ class LeakyReropeStrategy(WindowStrategy[LeakyReropeParams]):
     )
     Params = LeakyReropeParams
 
-    def scheme(self, model: ModelFacts) -> AttentionScheme:
-        p = self.params
-        return AttentionScheme("leaky_rerope", window=p.window, leak=p.leak, logn_window=self.logn_window(model))
+    def settings(self, model: ModelFacts, needed: int) -> LeakyReropeParams:
+        return self.params.model_copy(update={"window": self.params.window or model.native_window // 2})
 
-    def longest(self, model: ModelFacts) -> int | None:
-        p = self.params
+    def scheme(self, p: LeakyReropeParams, model: ModelFacts) -> AttentionScheme:
+        assert p.window is not None
+        return AttentionScheme("leaky_rerope", window=p.window, leak=p.leak, logn_window=self.logn_window(p, model))
+
+    def longest(self, p: LeakyReropeParams, model: ModelFacts) -> int | None:
+        assert p.window is not None
         return p.window + math.floor(p.leak * (model.native_window - 1 - p.window)) + 1

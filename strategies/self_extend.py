@@ -4,8 +4,13 @@ grouped attention beyond it.
 A key at distance i - j >= W is scored at (i // G + W - W // G) - j // G: positions beyond the
 neighbour window W are floor-divided by the group size G, then shifted so the two parts meet.
 The largest distance a row of n tokens sees is (n - 1) // G + W - W // G, below the native window
-L0 up to n = G (L0 - W + W // G). Defaults as in LongLM: G = 8, W = 1024, no log-n. W must be a
-multiple of G (LongLM's prefill and decode paths agree only then).
+L0 up to n = G (L0 - W + W // G). W must be a multiple of G (LongLM's prefill and decode paths
+agree only then).
+
+Defaults: LongLM sizes G so that the extended length holds the target (its README), so a request
+without `group` gets the smallest of 4, 8, 16, ... that holds it (G = 4 retrieved best on the
+bundled model); W defaults to a quarter of the native window (2048 on the bundled model; LongLM's
+1024 was for a 4k Llama). No log-n, as LongLM.
 """
 
 from __future__ import annotations
@@ -13,21 +18,37 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from server.engines.base import AttentionScheme
-from strategies.base import ModelFacts
+from strategies.base import ModelFacts, StrategyError
 from strategies.rope import logn_field
 from strategies.window import WindowParams, WindowStrategy, window_field
 
+SMALLEST_DEFAULT_GROUP = 4
+MAX_GROUP = 256
+
 
 class SelfExtendParams(WindowParams):
-    window: int = window_field(1024, "W: the neighbour window, exact relative positions below it (< the native window)")
-    group: int = Field(default=8, ge=1, le=256, description="G: beyond the window, positions are grouped by G")
+    window: int | None = window_field(
+        "W: the neighbour window, exact relative positions below it (< the native window); "
+        "default a quarter of the native window"
+    )
+    group: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_GROUP,
+        description="G: beyond the window, positions are grouped by G; default the smallest of 4, 8, 16, ... "
+        "whose length G (L0 - W + W / G) holds the request",
+    )
     logn: bool = logn_field(False)
 
     @model_validator(mode="after")
     def _window_is_a_multiple_of_group(self) -> SelfExtendParams:
-        if self.window % self.group:
+        if self.window is not None and self.group is not None and self.window % self.group:
             raise ValueError(f"window ({self.window}) must be a multiple of group ({self.group})")
         return self
+
+
+def extended_length(window: int, group: int, model: ModelFacts) -> int:
+    return group * (model.native_window - window + window // group)
 
 
 class SelfExtendStrategy(WindowStrategy[SelfExtendParams]):
@@ -38,10 +59,25 @@ class SelfExtendStrategy(WindowStrategy[SelfExtendParams]):
     )
     Params = SelfExtendParams
 
-    def scheme(self, model: ModelFacts) -> AttentionScheme:
-        p = self.params
-        return AttentionScheme("self_extend", window=p.window, group=p.group, logn_window=self.logn_window(model))
+    def settings(self, model: ModelFacts, needed: int) -> SelfExtendParams:
+        window = self.params.window or model.native_window // 4
+        group = self.params.group
+        if group is None:
+            group = SMALLEST_DEFAULT_GROUP
+            while group < MAX_GROUP and extended_length(window, group, model) < needed:
+                group *= 2
+            if window % group:
+                raise StrategyError(
+                    f"strategy.window: {window} must be a multiple of the group size {group} that holds "
+                    f"{needed} tokens; give `group` too",
+                    field="strategy.window",
+                )
+        return self.params.model_copy(update={"window": window, "group": group})
 
-    def longest(self, model: ModelFacts) -> int | None:
-        p = self.params
-        return p.group * (model.native_window - p.window + p.window // p.group)
+    def scheme(self, p: SelfExtendParams, model: ModelFacts) -> AttentionScheme:
+        assert p.window is not None and p.group is not None
+        return AttentionScheme("self_extend", window=p.window, group=p.group, logn_window=self.logn_window(p, model))
+
+    def longest(self, p: SelfExtendParams, model: ModelFacts) -> int | None:
+        assert p.window is not None and p.group is not None
+        return extended_length(p.window, p.group, model)

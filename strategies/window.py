@@ -5,7 +5,9 @@ or group (Self-Extend) them beyond it, so no score sees a distance the model was
 (server/engines/base.py `AttentionScheme` has the formulas; docs/design/window-attention.md the
 sources). The engine computes such rows' attention itself from unrotated cached keys; a request
 whose whole length fits in the window is plain RoPE attention, so it is planned as `native` and
-is exactly native.
+is exactly native. Parameters a client leaves out are derived from the model's window: the papers'
+values are for a 4k Llama-2, and were measured too small on the bundled model (README *Window
+strategies*).
 
     >>> from strategies.base import PlanContext, StrategyRequest
     >>> from strategies.registry import default_registry
@@ -14,9 +16,9 @@ is exactly native.
     >>> model = ModelFacts("m", native_window=8192, rope_parameters={"rope_theta": 1e5}, head_dim=64,
     ...                    vocab_size=100, max_context_tokens=32768)
     >>> context = PlanContext(model, tokenize=lambda text: [1] * 20_000, resolve=registry.resolve)
-    >>> plan = registry.resolve({"name": "rerope", "window": 2048}).plan(StrategyRequest("q"), context)
-    >>> plan.rope.label(), plan.max_total_tokens
-    ('native+rerope-w2048-logn', 32768)
+    >>> plan = registry.resolve("rerope").plan(StrategyRequest("q"), context)
+    >>> plan.rope.label(), plan.max_total_tokens, plan.resolved
+    ('native+rerope-w4096-logn', 32768, {'name': 'rerope', 'window': 4096, 'logn': True})
 """
 
 from __future__ import annotations
@@ -44,12 +46,12 @@ from strategies.base import (
 MAX_WINDOW = 131072
 
 
-def window_field(default: int, description: str) -> Any:
-    return Field(default=default, ge=1, le=MAX_WINDOW, description=description)
+def window_field(description: str) -> Any:
+    return Field(default=None, ge=1, le=MAX_WINDOW, description=description)
 
 
 class WindowParams(StrategyParams):
-    window: int
+    window: int | None
     logn: bool
 
 
@@ -60,32 +62,42 @@ class WindowStrategy(Strategy[WP]):
     """One window scheme: exact positions inside `window`, the scheme's own beyond it."""
 
     @abstractmethod
-    def scheme(self, model: ModelFacts) -> AttentionScheme:
+    def settings(self, model: ModelFacts, needed: int) -> WP:
+        """The parameters for `model` and a request of `needed` tokens: the client's, with what it
+        left out derived from the model's window (and, where the paper sizes it so, the length)."""
+
+    @abstractmethod
+    def scheme(self, p: WP, model: ModelFacts) -> AttentionScheme:
         """The attention scheme the engine runs (logn_window set when `logn`)."""
 
     @abstractmethod
-    def longest(self, model: ModelFacts) -> int | None:
+    def longest(self, p: WP, model: ModelFacts) -> int | None:
         """The longest row whose farthest relative position stays within the native window
         (None: any length)."""
 
-    def max_total_tokens(self, model: ModelFacts) -> int:
-        limits = [n for n in (self.longest(model), model.max_context_tokens) if n is not None]
+    def max_total_tokens(self, p: WP, model: ModelFacts) -> int:
+        limits = [n for n in (self.longest(p, model), model.max_context_tokens) if n is not None]
         return min(limits) if limits else 16 * model.native_window
 
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
         model = context.model
-        if self.params.window >= model.native_window:
+        row = request.plain_prompt_ids(context.tokenize)
+        needed = len(row) + request.max_new_tokens
+        p = self.settings(model, needed)
+        assert p.window is not None  # settings() fills it
+        if p.window >= model.native_window:
             raise StrategyError(
-                f"strategy.window: {self.params.window} must be < the model's native window ({model.native_window})",
+                f"strategy.window: {p.window} must be < the model's native window ({model.native_window})",
                 field="strategy.window",
             )
-        row = request.plain_prompt_ids(context.tokenize)
-        limit = self.max_total_tokens(model)
+        limit = self.max_total_tokens(p, model)
         check_fits(len(row), request.max_new_tokens, limit, self.name)
-        needed = len(row) + request.max_new_tokens
         # Every pair inside the window is plain RoPE attention: served as native (bitwise).
-        rope = RopeConfig.native() if needed <= self.params.window else RopeConfig((), limit, self.scheme(model))
-        return ExecutionPlan(rope=rope, rows=[row], max_total_tokens=limit, resolved=self.resolved())
+        rope = RopeConfig.native() if needed <= p.window else RopeConfig((), limit, self.scheme(p, model))
+        return ExecutionPlan(
+            rope=rope, rows=[row], max_total_tokens=limit, resolved={"name": self.name, **p.model_dump()}
+        )
 
-    def logn_window(self, model: ModelFacts) -> int | None:
-        return model.native_window if self.params.logn else None
+    @staticmethod
+    def logn_window(p: WindowParams, model: ModelFacts) -> int | None:
+        return model.native_window if p.logn else None

@@ -47,6 +47,7 @@ BUILTINS = {
     "rerope": "strategies.rerope:ReropeStrategy",
     "leaky_rerope": "strategies.leaky_rerope:LeakyReropeStrategy",
     "self_extend": "strategies.self_extend:SelfExtendStrategy",
+    "dca": "strategies.dca:DcaStrategy",
     "nbce": "strategies.nbce:NbceStrategy",
     "auto": "strategies.auto:AutoStrategy",
 }
@@ -96,7 +97,8 @@ def test_every_builtin_is_registered_once_with_a_schema() -> None:
             assert factor["minimum"] == 1.0 and factor["maximum"] == 16.0
             assert schema["properties"]["logn"]["default"] is False
         if name in ("rerope", "leaky_rerope", "self_extend"):
-            window = schema["properties"]["window"]
+            # Optional (null: derived from the model's window): the integer variant holds the bounds.
+            window = next(v for v in schema["properties"]["window"]["anyOf"] if v["type"] == "integer")
             assert window["minimum"] == 1 and window["maximum"] == 131072
             assert set(schema["properties"]) >= {"window", "logn"}
     # Processors for the engine: NBCE's, once.

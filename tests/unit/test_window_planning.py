@@ -21,16 +21,31 @@ def plan(spec: object, prompt_tokens: int, new_tokens: int = 16):  # type: ignor
 @pytest.mark.parametrize(
     ("spec", "scheme"),
     [
-        ("rerope", AttentionScheme("rerope", window=512, logn_window=8192)),
-        ("leaky_rerope", AttentionScheme("leaky_rerope", window=512, leak=16.0, logn_window=8192)),
-        ("self_extend", AttentionScheme("self_extend", window=1024, group=8)),
+        ("rerope", AttentionScheme("rerope", window=4096, logn_window=8192)),
+        ("leaky_rerope", AttentionScheme("leaky_rerope", window=4096, leak=16.0, logn_window=8192)),
+        ("self_extend", AttentionScheme("self_extend", window=2048, group=4)),
         ({"name": "rerope", "window": 2048, "logn": False}, AttentionScheme("rerope", window=2048)),
     ],
 )
-def test_defaults_are_the_papers(spec: object, scheme: AttentionScheme) -> None:
+def test_defaults_follow_the_models_window(spec: object, scheme: AttentionScheme) -> None:
+    """What a client gets without parameters on a model with an 8k window: the windows measured to
+    work on the bundled model (half or a quarter of it), not the papers' for a 4k Llama-2."""
     planned = plan(spec, 20_000)
     assert planned.rope == RopeConfig((), planned.max_total_tokens, scheme)
     assert planned.rope.parameters == ()  # the model's own frequencies: slot 0 of the table
+    assert planned.resolved["window"] == scheme.window
+
+
+def test_self_extend_sizes_its_group_to_the_request_as_longlm_does() -> None:
+    """G (L0 - W + W/G) must hold the request: G = 4 up to 26,624 tokens with W = 2048, then 8."""
+    assert plan("self_extend", 26_600, new_tokens=16).rope.attention == AttentionScheme("self_extend", 2048, group=4)
+    longer = plan("self_extend", 26_700, new_tokens=16)
+    assert longer.rope.attention == AttentionScheme("self_extend", 2048, group=8)
+    assert longer.resolved == {"name": "self_extend", "window": 2048, "group": 8, "logn": False}
+    assert plan({"name": "self_extend", "group": 4}, 20_000).max_total_tokens == 26_624
+    small = ModelFacts("s", 4096, {"rope_theta": 1e4}, head_dim=8, vocab_size=10, max_context_tokens=40_000)
+    defaults = plan_for("self_extend", StrategyRequest("q", max_new_tokens=1), small, lambda _t: [1] * 9000)  # type: ignore[arg-type]
+    assert defaults.rope.attention == AttentionScheme("self_extend", 1024, group=4)
 
 
 @pytest.mark.parametrize("spec", ["rerope", {"name": "self_extend", "window": 2048, "group": 4}, "leaky_rerope"])
