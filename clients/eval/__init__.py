@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="eval-results", help="directory for results.json, PNGs, results.md")
     parser.add_argument("--write-policy", help="also write the measured policy for `auto` to this file")
     parser.add_argument("--from-results", help="redraw plots / policy from a results.json, no server")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the cells and curves already in --out's results.json and measure only the missing ones "
+        "(new strategies and lengths are added to it)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800.0)
 
@@ -73,19 +79,27 @@ def measure(args: argparse.Namespace) -> EvalResults:
         info = client.get("/info").json()
         native = int(info["native_context_window"])
         results = EvalResults(str(info.get("model_id", "model")), native, labels, specs, lengths)
+        previous = Path(args.out) / "results.json"
+        if args.resume and previous.exists():
+            results = EvalResults.load(previous).extended(labels, specs, lengths)
         cells = len(specs) * len(lengths) * len(tasks) + (len(specs) if ppl_tokens else 0)
         with Progress() as progress:
             bar = progress.add_task("evaluating", total=cells)
             for spec, name in zip(specs, labels, strict=True):
                 for task in tasks:
                     for length in lengths:
+                        if results.has(task, name, length):
+                            progress.advance(bar)
+                            continue
                         progress.update(bar, description=f"{task} {name} {length:,}")
                         results.tasks.setdefault(task, {}).setdefault(name, {})[str(length)] = _cell(
                             args, client, task, spec, length, native, count, tokenizer, str(info.get("model_id"))
                         )
                         progress.advance(bar)
                         results.save(Path(args.out) / "results.json")  # a partial run keeps what it measured
-                if ppl_tokens:
+                if ppl_tokens and name in results.perplexity and results.perplexity[name].tokens >= ppl_tokens:
+                    progress.advance(bar)
+                elif ppl_tokens:
                     progress.update(bar, description=f"perplexity {name}")
                     results.perplexity[name] = _curve(args, client, spec, ppl_tokens, native, tokenizer)
                     results.perplexity_text = args.text

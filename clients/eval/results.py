@@ -52,6 +52,20 @@ class EvalResults:
     def score(self, task: str, strategy: str, length: int) -> Score:
         return self.tasks.setdefault(task, {}).setdefault(strategy, {}).setdefault(str(length), Score())
 
+    def has(self, task: str, strategy: str, length: int) -> bool:
+        """Whether the cell was measured (or refused) already."""
+        cell = self.tasks.get(task, {}).get(strategy, {}).get(str(length))
+        return cell is not None and (cell.trials > 0 or cell.refused is not None)
+
+    def extended(self, labels: list[str], specs: list[dict[str, Any]], lengths: list[int]) -> EvalResults:
+        """These results with the strategies and lengths of another run added (a resumed run)."""
+        for name, spec in zip(labels, specs, strict=True):
+            if name not in self.strategies:
+                self.strategies.append(name)
+                self.specs.append(spec)
+        self.lengths = sorted(set(self.lengths) | set(lengths))
+        return self
+
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1) + "\n")
 

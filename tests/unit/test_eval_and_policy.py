@@ -135,3 +135,15 @@ def test_the_shipped_policy_is_valid_and_for_the_bundled_model() -> None:
         for choice in band.ranked:
             registry.resolve(choice.strategy)  # every choice is a valid strategy spec
     assert json.loads(SHIPPED_POLICY.read_text())["source"].startswith("ropeserve eval")
+
+
+def test_a_resumed_run_keeps_what_was_measured_and_adds_the_rest(tmp_path: Path) -> None:
+    """`ropeserve eval --resume`: cells already in results.json (measured or refused) are not run
+    again; new strategies and lengths join the table."""
+    synthetic_results().save(tmp_path / "results.json")
+    resumed = EvalResults.load(tmp_path / "results.json").extended(
+        ["dynamic_ntk", "dca"], [{"name": "dynamic_ntk"}, {"name": "dca"}], [16000, 32000]
+    )
+    assert resumed.strategies == ["native", "dynamic_ntk", "nbce", "dca"] and resumed.lengths == [4000, 16000, 32000]
+    assert resumed.has("passkey", "dynamic_ntk", 16000) and resumed.has("passkey", "native", 16000)  # refused
+    assert not resumed.has("passkey", "dca", 16000) and not resumed.has("passkey", "dynamic_ntk", 32000)
