@@ -30,7 +30,7 @@ class LeakyReropeStrategy(WindowStrategy[LeakyReropeParams]):
     name = "leaky_rerope"
     description = (
         "Leaky ReRoPE: exact relative positions inside a window, growing with slope 1/k beyond it "
-        "(attention computed by the engine from unrotated cached keys)."
+        "(attention computed by the engine from the cached keys)."
     )
     Params = LeakyReropeParams
 

@@ -25,7 +25,7 @@ class ReropeStrategy(WindowStrategy[ReropeParams]):
     name = "rerope"
     description = (
         "ReRoPE: exact relative positions inside a window, clamped to the window beyond it "
-        "(attention computed by the engine from unrotated cached keys)."
+        "(attention computed by the engine from the cached keys)."
     )
     Params = ReropeParams
 

@@ -55,7 +55,7 @@ class SelfExtendStrategy(WindowStrategy[SelfExtendParams]):
     name = "self_extend"
     description = (
         "Self-Extend: neighbour attention inside a window, grouped positions (floor(i / G)) beyond it "
-        "(attention computed by the engine from unrotated cached keys)."
+        "(attention computed by the engine from the cached keys)."
     )
     Params = SelfExtendParams
 

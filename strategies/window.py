@@ -3,7 +3,7 @@
 They keep exact relative positions inside a window and clamp (ReRoPE), compress (Leaky ReRoPE)
 or group (Self-Extend) them beyond it, so no score sees a distance the model was not trained on
 (server/engines/base.py `AttentionScheme` has the formulas; docs/design/window-attention.md the
-sources). The engine computes such rows' attention itself from unrotated cached keys; a request
+sources). The engine computes such rows' attention itself from the cached keys; a request
 whose whole length fits in the window is plain RoPE attention, so it is planned as `native` and
 is exactly native. Parameters a client leaves out are derived from the model's window: the papers'
 values are for a 4k Llama-2, and were measured too small on the bundled model (README *Window

@@ -1,7 +1,10 @@
 """The served window-attention kernel (server/engines/window_attention/) against the reference
-written from the papers' formulas (tests/support/window_reference.py): two full score matrices and
-a `where`, recomputed from scratch. Float64 inputs; the reference takes its softmax in float32 (as
-bojone's code does), hence 1e-6."""
+written from the papers' code (tests/support/window_reference.py): a score matrix per case and a
+`where`, recomputed from scratch. Float64 inputs; the reference takes its softmax in float32 (as
+bojone's code does), hence 1e-6.
+
+The kernel takes what the engine hands it: queries and keys rotated at their own positions
+(rotated here with the reference's own `rotate`); the reference takes them unrotated."""
 
 from __future__ import annotations
 
@@ -25,6 +28,15 @@ SCHEMES = [
 ]
 
 
+def served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, scheme: AttentionScheme) -> torch.Tensor:
+    """The kernel on the last queries from `first`, q and k rotated at their positions as the engine's are."""
+    n = k.shape[1]
+    positions = torch.arange(n)
+    q_in = ref.rotate(q.transpose(0, 1), positions, THETA).transpose(0, 1)[first:]
+    k_in = ref.rotate(k, positions, THETA)
+    return kernel.two_band_attention(q_in, k_in, v, first, scheme, inverse_frequencies(THETA, D), D**-0.5)
+
+
 def reference_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: AttentionScheme) -> torch.Tensor:
     """The reference over all n positions; q [n, heads, d], k/v [kv_heads, n, d] -> [n, heads, d]."""
     group = HEADS // KV_HEADS
@@ -45,7 +57,7 @@ def test_two_band_equals_the_two_matrix_reference(
     k = torch.randn(KV_HEADS, n, D, generator=gen, dtype=torch.float64)
     v = torch.randn(KV_HEADS, n, D, generator=gen, dtype=torch.float64)
     expected = reference_output(q, k, v, scheme)[n - queries :]
-    got = kernel.two_band_attention(q[n - queries :], k, v, n - queries, scheme, inverse_frequencies(THETA, D), D**-0.5)
+    got = served(q, k, v, n - queries, scheme)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -54,9 +66,7 @@ def test_a_window_covering_the_row_is_plain_rope_attention() -> None:
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(n, HEADS, D, generator=gen, dtype=torch.float64)
     k, v = torch.randn(2, KV_HEADS, n, D, generator=gen, dtype=torch.float64)
-    got = kernel.two_band_attention(
-        q, k, v, 0, AttentionScheme("rerope", window=n), inverse_frequencies(THETA, D), D**-0.5
-    )
+    got = served(q, k, v, 0, AttentionScheme("rerope", window=n))
     native = reference_output(q, k, v, AttentionScheme("rerope", window=10**6))
     torch.testing.assert_close(got, native, rtol=1e-5, atol=1e-6)
 
@@ -68,7 +78,7 @@ def test_the_far_part_changes_the_result() -> None:
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(n, HEADS, D, generator=gen, dtype=torch.float64)
     k, v = torch.randn(2, KV_HEADS, n, D, generator=gen, dtype=torch.float64)
-    got = kernel.two_band_attention(q, k, v, 0, SCHEMES[0], inverse_frequencies(THETA, D), D**-0.5)
+    got = served(q, k, v, 0, SCHEMES[0])
     native = reference_output(q, k, v, AttentionScheme("rerope", window=10**6))
     assert (got - native).abs().max() > 1e-3
 

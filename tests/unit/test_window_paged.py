@@ -59,8 +59,8 @@ def test_row_copies_grow_step_by_step_and_restart_after_preemption(isa: str) -> 
     for first, n in steps:
         got = cache.read("row", 0, key_cache, value_cache, blocks, first, n, "transposed")
         assert torch.equal(got.keys, k[:, :n]) and torch.equal(got.values, v[:, :n]), (first, n)
-        assert got.far_keys is got.keys  # no far rotation asked: rerope's far keys are the keys
-    assert far_rotation(AttentionScheme("rerope", window=16), torch.ones(4)) is None
+        assert got.far_keys is got.keys  # no far rotation asked (DCA's case): the keys themselves
+    assert far_rotation(AttentionScheme("dca", chunk_size=16, local_window=4), torch.ones(4)) is None
     assert cache.rows() == 1
     cache.drop(["row", "unknown"])
     assert cache.rows() == 0

@@ -11,8 +11,7 @@ package. It changes two things:
   (KV placement, causal masks, sequence lengths) sees a shifted position.
 
 Rows with an attention scheme (window kinds, DCA, log-n; server/engines/window_attention/) are
-published to the attention impls for the step; window rows' tokens are rotated at position 0
-(unrotated: their attention rotates queries and keys itself), DCA rows' at i mod c.
+published to the attention impls for the step; DCA rows' tokens are rotated at i mod c.
 
 It also hands logits processors that declare `StepAware` (server/engines/base.py) the rows that
 are mid-prefill this step (vLLM's `discard_request_mask`), e.g. NBCE's processor.
@@ -105,10 +104,8 @@ class MultiRopeRunner:
             offsets = torch.from_numpy(np.repeat(np.asarray(bases, dtype=np.int64), counts))
             shifted[: len(offsets)] += offsets.to(shifted.device, non_blocking=True)
         if plan is not None:
-            # Window rows are rotated by the attention kernel, at two positions per pair: the table
-            # rotates them at position 0 (cos 1, sin 0: the identity), so their queries reach
-            # attention and their keys the paged cache unrotated. DCA rows at i mod c (their keys
-            # stay in the paged cache as every part reads them).
+            # DCA rows are rotated at i mod c, so their keys enter the paged cache where every part
+            # of their attention reads them (window rows stay at their own positions).
             ends = np.cumsum(counts)
             for r in plan.window_rows():
                 tokens = slice(ends[r] - counts[r], ends[r])

@@ -1,15 +1,14 @@
-"""vLLM 0.32's CPU attention impl, with window and log-n rows computed by the two-band kernel.
+"""vLLM 0.32's CPU attention impl, with window, DCA and log-n rows computed by the kernels here.
 
-The runner has rotated window rows' tokens at position 0 (the identity), so their queries arrive
-unrotated and the paged cache holds their keys unrotated, which is what the kernel needs: no key
-is ever re-encoded; a step appends the row's new keys, read back from the paged cache, to the row's
-contiguous copy (row_cache.py; with their far rotation b(j) where the scheme has one), and the
-kernel reads that. Per step:
+Every row's keys enter the paged cache as the model's rotary rotated them: window rows at their own
+positions, DCA rows at i mod c (the runner hands the rotary those positions). A step appends the
+row's new keys, read back from the paged cache, to the row's contiguous copy (row_cache.py; with
+their far rotation b(j) where the scheme has one, rotated once), and the kernel reads that. Per step:
 
 - rows with log-n only (a RoPE strategy with `logn`): their queries are scaled by s(i) before
-  vLLM's kernel, which is the same score as scaling the unrotated query (rotation is linear);
-- window rows: vLLM's kernel runs for the other rows only (a compacted sub-batch with its own
-  scheduler metadata), and each window row's output is computed from its keys and values.
+  vLLM's kernel (rotation is linear, so this is the score of the scaled unrotated query);
+- window and DCA rows: vLLM's kernel runs for the other rows only (a compacted sub-batch with its
+  own scheduler metadata), and each such row's output is computed from its keys and values.
 
 Steps without such rows go to vLLM's kernel untouched.
 """

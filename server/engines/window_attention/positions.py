@@ -35,12 +35,13 @@ def outside_positions(scheme: AttentionScheme, i: torch.Tensor, j: torch.Tensor)
 
 
 def table_positions(scheme: AttentionScheme, positions: torch.Tensor) -> torch.Tensor:
-    """Where the model's rotary rotates a row's tokens under `scheme`: DCA at i mod c, so its keys
-    enter the paged cache where every part reads them; the window kinds at 0 (the identity), so
-    their queries and keys stay unrotated for the kernel to rotate."""
+    """Where the model's rotary rotates a row's tokens under `scheme`, so that the paged cache holds
+    the keys where the attention reads them: DCA at i mod c (every part reads a key there); the
+    window kinds at i itself (their band reads keys there; far keys are rotated on once, when the
+    row copy appends them)."""
     if scheme.kind == "dca":
         return positions % scheme.chunk_len
-    return torch.zeros_like(positions)
+    return positions
 
 
 def logn_scale(scheme: AttentionScheme, positions: torch.Tensor) -> torch.Tensor | None:

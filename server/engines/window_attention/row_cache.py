@@ -9,11 +9,12 @@ Rows are dropped when vLLM finishes or preempts them (the runner tells `drop`). 
 after preemption starts again from position 0; a step whose first position is below what the
 buffer holds truncates it there.
 
-A scheme whose far keys are rotated (self_extend at floor(j/G), leaky_rerope at j/k) also keeps
-them rotated: b(j) depends on j alone, so each key is rotated once, when appended, instead of all
-of them in every layer of every decode step (that was 96 ms a layer at 32k: 3 s a token).
-Memory: at most a second copy of the window rows' KV (46 KB per token for SmolLM2 in float32),
-and half as much again for rotated far keys (one more set of keys), released with the row.
+A window scheme also keeps its far keys (rerope unrotated, self_extend at floor(j/G), leaky_rerope
+at j/k): b(j) depends on j alone, so each key is rotated once, when appended, instead of all of
+them in every layer of every decode step (that was 96 ms a layer at 32k: 3 s a token). DCA needs
+none: the paged cache holds its keys where every part reads them.
+Memory: at most a second copy of the rows' KV (46 KB per token for SmolLM2 in float32), and half
+as much again for far keys (one more set of keys), released with the row.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ FarKeys = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 class RowKV(NamedTuple):
-    keys: torch.Tensor  # [kv_heads, n, head_dim], unrotated
+    keys: torch.Tensor  # [kv_heads, n, head_dim], as the paged cache holds them
     values: torch.Tensor
-    far_keys: torch.Tensor  # the keys rotated at b(j); the keys themselves when b = 0 (rerope)
+    far_keys: torch.Tensor  # the keys rotated at b(j); the keys themselves when no far rotation is kept
 
 
 @dataclass
