@@ -21,6 +21,7 @@ import pytest
 
 from clients.bench_scaling import haproxy
 from tests.conftest import RunningServer, start_server, stop_server
+from tests.support.documents import report
 from tests.support.metrics_text import scrape
 
 
@@ -42,8 +43,8 @@ pytestmark = [
 ]
 
 LOGPROB_TOLERANCE = 1e-3
-# ~3k tokens of documentation: past nothing's window, but every strategy's rotation differs.
-DOCUMENT = (Path(__file__).resolve().parents[2] / "README.md").read_text()[:12_000]
+# ~3k tokens: past nothing's window, but every strategy's rotation differs.
+DOCUMENT = report(280, seed=7)
 STRATEGIES: list[Any] = [
     "native",
     {"name": "linear", "factor": 2},
@@ -87,7 +88,7 @@ def _assert_same_answer(one: dict[str, Any], two: dict[str, Any]) -> None:
 
 def _answer(url: str, strategy: Any) -> dict[str, Any]:
     body = {
-        "inputs": "Question: what does ropeserve let a client choose per request?\nAnswer:",
+        "inputs": "Question: what did the night clerk inspect?\nAnswer:",
         "context": DOCUMENT,
         "parameters": {"max_new_tokens": 16, "details": True},
         "strategy": strategy,
