@@ -21,7 +21,8 @@ from tests.conftest import RunningServer, start_server, stop_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
-EXAMPLES_PER_OPERATION = 25
+# The default tier fuzzes every operation with fewer examples; the long tier with more.
+EXAMPLES_PER_OPERATION = {"default": 10, "long": 25}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
     stop_server(server)
 
 
-def test_the_api_conforms_and_never_answers_5xx(fuzz_server: RunningServer) -> None:
+@pytest.mark.parametrize("tier", [pytest.param("default"), pytest.param("long", marks=pytest.mark.long_tier)])
+def test_the_api_conforms_and_never_answers_5xx(fuzz_server: RunningServer, tier: str) -> None:
     from hypothesis import given
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -58,9 +60,9 @@ def test_the_api_conforms_and_never_answers_5xx(fuzz_server: RunningServer) -> N
 
         @given(case=operation.as_strategy())
         @settings(
-            max_examples=EXAMPLES_PER_OPERATION,
+            max_examples=EXAMPLES_PER_OPERATION[tier],
             deadline=None,
-            derandomize=True,
+            derandomize=tier == "default",
             suppress_health_check=list(HealthCheck),
         )
         def conforms(case) -> None:

@@ -1,6 +1,6 @@
 """One engine, every RoPE configuration: exact against a plain vLLM engine per configuration.
 
-Real engines, one after the other in one subprocess (tests/support/engine_tokens.py), float32:
+Real engines in subprocesses, one per core (tests/support/engine_tokens.py), float32:
 - `multi`: the one engine (slot table), every strategy's configuration; the rows one at a time,
   then all at once in one continuous batch;
 - `fixed-*`: a plain vLLM engine started under each configuration (`hf_overrides`), the reference;
@@ -21,9 +21,6 @@ both tiers when long tests are selected, so no engine runs twice).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ from clients.bench_passkey import make_case
 from server.engines.base import ModelFacts, RopeConfig
 from strategies.base import StrategyRequest
 from strategies.registry import default_registry
+from tests.support.engine_tokens import run_engines
 from tests.support.planning import plan_for
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
@@ -62,19 +60,6 @@ STRATEGIES: dict[str, Any] = {
     "llama3": {"name": "llama3", "factor": 4},
     "dynamic_ntk": {"name": "dynamic_ntk", "factor": 4},
 }
-
-
-def run_engines(spec: dict[str, Any], timeout: int = 1800) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.support.engine_tokens"],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def model_path() -> str:

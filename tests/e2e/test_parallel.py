@@ -114,11 +114,27 @@ def test_tp2_reports_its_ranks_in_info_and_metrics(tp2_server: RunningServer) ->
     assert "world_size=2" in log  # vLLM's own account of the ranks it started
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s if isinstance(s, str) else s["name"])
+def _strategy_id(strategy: Any) -> str:
+    return strategy if isinstance(strategy, str) else strategy["name"]
+
+
+# The default tier: the one-rank answer of a plain row, a RoPE-scaled one, dynamic_ntk's own base,
+# NBCE's rows and auto; the long tier adds the other scalings.
+DEFAULT_TIER = ("native", "dynamic_ntk", "yarn", "nbce", "auto")
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        pytest.param(s, id=_strategy_id(s), marks=() if _strategy_id(s) in DEFAULT_TIER else pytest.mark.long_tier)
+        for s in STRATEGIES
+    ],
+)
 def test_tp2_serves_the_single_rank_greedy_tokens(strategy: Any, tp2_server: RunningServer, base_url: str) -> None:
     _assert_same_answer(_single_rank_answer(base_url, strategy), _answer(tp2_server.url, strategy))
 
 
+@pytest.mark.long_tier
 def test_tp2_on_the_ray_backend_serves_every_strategy_and_leaves_no_ray_behind(base_url: str, tmp_path: Path) -> None:
     """vLLM's Ray executor on a local Ray instance the server starts (server/engines/cpu_ray.py)."""
     env = {"ROPESERVE_TENSOR_PARALLEL_SIZE": "2", "ROPESERVE_DISTRIBUTED_EXECUTOR_BACKEND": "ray"}
@@ -139,6 +155,7 @@ def test_tp2_on_the_ray_backend_serves_every_strategy_and_leaves_no_ray_behind(b
     assert not leftovers, [p.info["cmdline"] for p in leftovers]
 
 
+@pytest.mark.long_tier
 def test_two_replicas_behind_haproxy_serve_any_strategy(
     tp2_server: RunningServer, base_url: str, tmp_path: Path
 ) -> None:

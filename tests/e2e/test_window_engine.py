@@ -2,7 +2,7 @@
 float32) against the reference written from the papers' code (tests/support/window_reference.py: a
 plain-PyTorch Llama with a score matrix per case, recomputed from scratch for every position).
 
-Small windows (64-128) and chunks (c = 110) on ~1,100-token prompts, prefilled in chunks of 256,
+Small windows (64-128) and chunks (c = 110) on 880-token prompts, prefilled in chunks of 256,
 so scores inside and beyond the window, across chunk boundaries and in decode steps (keys read back
 from the paged cache) are all exercised; each row alone, then all of them in one batch with a
 native row.
@@ -19,13 +19,14 @@ import pytest
 import torch
 
 from server.engines.base import AttentionScheme
-from tests.e2e.test_multi_rope_engine import model_path, prompt_ids, run_engines
+from tests.e2e.test_multi_rope_engine import model_path, prompt_ids
 from tests.support import window_reference as ref
+from tests.support.engine_tokens import run_engines
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 NEW_TOKENS = 12
-PROMPT = 1_100
+PROMPT = 880  # 8 DCA chunks of 110: decode starts a new chunk
 CHUNK = 256
 ENGINE_LEN = 4_096
 LOGPROB_TOLERANCE = 1e-4  # measured: <= 3e-5 for every row, the native one included
@@ -37,7 +38,7 @@ SCHEMES: dict[str, AttentionScheme] = {
     "self_extend": AttentionScheme("self_extend", window=128, group=4),
     "ntk_logn": AttentionScheme(logn_window=512),
     # c = 110: chunk boundaries fall inside the 256-token prefill chunks, and decode (positions
-    # 1,100-1,111) starts a new chunk.
+    # 880-891) starts a new chunk.
     "dca": AttentionScheme("dca", chunk_size=150, local_window=40),
 }
 
@@ -78,8 +79,19 @@ def weights() -> ref.LlamaWeights:
     return ref.LlamaWeights.load(model_path())
 
 
+_references: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
+
+
 def reference(weights: ref.LlamaWeights, name: str, prompt: list[int], tokens: list[int]) -> dict[str, Any]:
-    """The reference's greedy tokens and their logprobs, teacher-forced on the served tokens."""
+    """The reference's greedy tokens and their logprobs, teacher-forced on the served tokens
+    (computed once per scheme and sequence: a row served alone and batched usually agrees)."""
+    key = (name, tuple(prompt + tokens))
+    if key not in _references:
+        _references[key] = _reference(weights, name, prompt, tokens)
+    return _references[key]
+
+
+def _reference(weights: ref.LlamaWeights, name: str, prompt: list[int], tokens: list[int]) -> dict[str, Any]:
     if name == "ntk_logn":
         rope = dict(weights.config.get("rope_parameters") or {})  # type: ignore[call-overload]
         weights = ref.LlamaWeights(
