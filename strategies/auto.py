@@ -186,7 +186,8 @@ class AutoStrategy(Strategy[AutoParams]):
                 "name": self.name,
                 "chosen": plan.resolved,
                 "reason": f"{needed} tokens fall in the measured band up to {band.up_to_tokens}; "
-                f"'{choice.label}' ranks {rank} there (score {choice.score:g}: {measured})",
+                f"'{choice.label}' ranks {rank} there, measured at {band.up_to_tokens} tokens: {measured} "
+                f"(score {choice.score:g}; {policy.source or policy.path})",
                 "policy": {"band_up_to_tokens": band.up_to_tokens, "rank": rank, "score": choice.score,
                            "tasks": choice.tasks, "source": policy.path},
             }  # fmt: skip

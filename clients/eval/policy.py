@@ -1,6 +1,7 @@
 """The measured policy `auto` follows: per length band, the strategies ranked by their mean
-accuracy over the evaluated tasks (ties: the order they were evaluated in, e.g. native first —
-request times on a shared machine are too noisy to break ties).
+accuracy over the tasks measured at that length (a strategy is a candidate when it was measured on
+all of them; ties: the order they were evaluated in, e.g. native first — request times on a shared
+machine are too noisy to break ties).
 
 Format (read by strategies/auto_policy.py):
 
@@ -20,12 +21,26 @@ from clients.bench_passkey import spec_for_length
 from clients.eval.results import EvalResults
 
 
+def measured_tasks(results: EvalResults, length: int) -> list[str]:
+    """The tasks some strategy was measured on at this length (a grid may measure a task at some
+    lengths only, e.g. passkey alone at 64k)."""
+    return [
+        task
+        for task, by_strategy in results.tasks.items()
+        if any(
+            (cell := cells.get(str(length))) is not None and cell.accuracy is not None for cells in by_strategy.values()
+        )
+    ]
+
+
 def measured_policy(results: EvalResults, source: str) -> dict[str, Any]:
     bands = []
     for length in sorted(results.lengths):
         ranked = []
+        tasks = measured_tasks(results, length)
         for order, (label, spec) in enumerate(zip(results.strategies, results.specs, strict=True)):
-            scores = {task: by.get(label, {}).get(str(length)) for task, by in results.tasks.items()}
+            # A candidate of the band was measured on every task measured there.
+            scores = {task: results.tasks[task].get(label, {}).get(str(length)) for task in tasks}
             if not scores or any(s is None or s.accuracy is None for s in scores.values()):
                 continue  # refused, or not measured at this length: not a candidate
             measured = {task: s for task, s in scores.items() if s is not None}

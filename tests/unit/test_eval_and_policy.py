@@ -147,3 +147,22 @@ def test_a_resumed_run_keeps_what_was_measured_and_adds_the_rest(tmp_path: Path)
     assert resumed.strategies == ["native", "dynamic_ntk", "nbce", "dca"] and resumed.lengths == [4000, 16000, 32000]
     assert resumed.has("passkey", "dynamic_ntk", 16000) and resumed.has("passkey", "native", 16000)  # refused
     assert not resumed.has("passkey", "dca", 16000) and not resumed.has("passkey", "dynamic_ntk", 32000)
+
+
+def test_a_band_measured_on_fewer_tasks_ranks_what_was_measured_there() -> None:
+    """A grid that measures only passkey at 64k (for dca and nbce) still gets a 64k band, ranked by
+    passkey; at 16k a strategy without the RULER cell the others have is no candidate."""
+    results = synthetic_results()
+    results.lengths.append(64000)
+    results.strategies.append("dca")
+    results.specs.append({"name": "dca"})
+    for name, (correct, trials) in {"dca": (3, 3), "nbce": (1, 3)}.items():
+        cell = results.score("passkey", name, 64000)
+        cell.correct, cell.trials, cell.seconds = correct, trials, 9.0
+    only_passkey = results.score("passkey", "dca", 16000)
+    only_passkey.correct, only_passkey.trials = 5, 5
+    policy = measured_policy(results, source="test")
+    bands = {band["up_to_tokens"]: band for band in policy["bands"]}
+    assert [c["label"] for c in bands[64000]["ranked"]] == ["dca", "nbce"]
+    assert bands[64000]["ranked"][0]["tasks"] == {"passkey": "3/3"}
+    assert "dca" not in [c["label"] for c in bands[16000]["ranked"]]
