@@ -79,7 +79,7 @@ def _assert_same_answer(one: dict[str, Any], two: dict[str, Any]) -> None:
     assert one["strategy"] == two["strategy"]
     tokens_one = [t["id"] for t in one["details"]["tokens"]]
     tokens_two = [t["id"] for t in two["details"]["tokens"]]
-    assert tokens_one == tokens_two and len(tokens_one) == 16
+    assert tokens_one == tokens_two and len(tokens_one) >= 8  # 16, or an end of sequence after 8 or more
     if one["strategy"]["name"] == "nbce":
         return  # NBCE's combined tokens carry no logprobs
     for a, b in zip(one["details"]["tokens"], two["details"]["tokens"], strict=True):
