@@ -40,29 +40,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def one_request(
     client: httpx.Client, strategy: dict[str, Any], context: str, question: str, new_tokens: int
 ) -> dict[str, Any]:
+    """One streamed OpenAI completion (greedy, exactly `new_tokens` tokens: end of sequence ignored)."""
     body = {
-        "inputs": question,
+        "prompt": question,
         "context": context,
         "strategy": strategy,
-        "parameters": {"max_new_tokens": new_tokens, "ignore_eos": True},
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
     }
     started = time.monotonic()
     first: float | None = None
-    tokens = 0
-    with client.stream("POST", "/generate_stream", json=body) as reply:
+    chunks = 0
+    with client.stream("POST", "/v1/completions", json=body) as reply:
         if reply.status_code != 200:
             reply.read()
             return {"error": f"{reply.status_code}: {reply.text[:300]}"}
         for line in reply.iter_lines():
-            if not line.startswith("data:"):
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
                 continue
             event = json.loads(line[5:])
             if "error" in event:
-                return {"error": event["error"]}
+                return {"error": str(event["error"])}
             if first is None:
                 first = time.monotonic() - started
-            tokens += 1
-    return {"ttft_s": first, "seconds": time.monotonic() - started, "tokens": tokens}
+            chunks += 1
+    return {"ttft_s": first, "seconds": time.monotonic() - started, "chunks": chunks}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
