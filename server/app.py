@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from server import __version__
 from server.body_limit import BodyLimitMiddleware
+from server.body_timeout import BodyTimeoutMiddleware
 from server.errors import install_error_handlers
 from server.http_chat import router as chat_router
 from server.http_meta import router as meta_router
@@ -48,6 +49,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory | None = None
     app.state.service = None
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_s)
     app.include_router(meta_router)
     app.include_router(tgi_router)
     app.include_router(openai_router)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engines.base import EngineBusy, EngineDown
-from server.schemas import ErrorResponse, ErrorType
+from server.schemas import MAX_REPORTED_ERRORS, ErrorResponse, ErrorType, clipped
 from server.service import DeadlineExceeded, Draining, Overloaded
 from server.sse import ClientDisconnected
 from strategies.base import StrategyError
@@ -51,9 +51,12 @@ def error_response(
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "none"}
+# Characters of one error line at most: a field path or message may quote client input.
+MAX_ERROR_CHARS = 300
 
 
 def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
+    """One line per error ("field: what is wrong"), the first MAX_REPORTED_ERRORS and a count."""
     parts = []
     for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
@@ -68,8 +71,11 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
                 where, msg = msg.split(": ", 1)
         if err.get("type") == "json_invalid":
             where, msg = "body", f"malformed JSON ({err.get('ctx', {}).get('error', 'parse error')})"
-        parts.append(f"{where}: {msg}")
-    return "; ".join(dict.fromkeys(parts))
+        parts.append(clipped(f"{where}: {msg}", MAX_ERROR_CHARS))
+    distinct = list(dict.fromkeys(parts))
+    shown = "; ".join(distinct[:MAX_REPORTED_ERRORS])
+    more = len(distinct) - MAX_REPORTED_ERRORS
+    return shown + (f"; and {more} more errors" if more > 0 else "")
 
 
 def as_api_error(exc: BaseException) -> ApiError:

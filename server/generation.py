@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from server.engines.base import EngineStep, FinishReason, SamplingOptions, TokenEvent
 from server.errors import validation_error
 from server.schemas import ChatCompletionRequest, CompletionRequest, GenerateParameters, GenerateRequest
+from server.service import Job
 from server.settings import Settings
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
@@ -36,13 +37,13 @@ def check_limits(settings: Settings, max_new_tokens: int, field_name: str, texts
 
 
 def tgi_sampling(params: GenerateParameters, settings: Settings) -> SamplingOptions:
-    """TGI samples when do_sample is set or any warper is set (temperature != 1, top_k, top_p < 1, typical_p < 1)."""
+    """TGI samples when do_sample is set or any warper is set (temperature != 1, top_k, top_p < 1;
+    typical_p is refused: vLLM has none)."""
     max_new = params.max_new_tokens or min(TGI_DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens_limit)
     warped = (
         (params.temperature is not None and params.temperature != 1.0)
         or params.top_k is not None
         or (params.top_p is not None and params.top_p < 1.0)
-        or (params.typical_p is not None and params.typical_p < 1.0)
     )
     return SamplingOptions(
         max_new_tokens=max_new,
@@ -103,6 +104,26 @@ def openai_sampling(
         top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs,
     )
+
+
+def refuse_combined_logprobs(job: Job, wanted: bool, field_name: str = "logprobs") -> None:
+    """A multi-row plan's tokens come from its combiner, not from one distribution of the model:
+    there are no logprobs to report, and nulls where a client expects numbers would mislead."""
+    if wanted and len(job.plan.rows) > 1:
+        raise validation_error(
+            f"{field_name}: '{job.strategy_name}' chooses each token from {len(job.plan.rows)} rows combined; "
+            f"it has no per-token logprobs (leave out {field_name.rsplit('.', 1)[-1]}, or use a single-row strategy)"
+        )
+
+
+def refuse_combined_echo(job: Job, echo: bool) -> None:
+    """A multi-row plan reads its documents in several rows, not as one prompt: there is no prompt
+    to echo (CONTRACT.md: NBCE refuses `echo`), with or without its logprobs."""
+    if echo and len(job.plan.rows) > 1:
+        raise validation_error(
+            f"echo: '{job.strategy_name}' reads {len(job.plan.rows)} rows combined, not one prompt; there is "
+            "no prompt to echo (leave out echo, or use a single-row strategy)"
+        )
 
 
 @dataclass

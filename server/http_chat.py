@@ -16,10 +16,9 @@ from fastapi.responses import StreamingResponse
 from server.deps import get_service, get_settings_dep, require_api_key
 from server.engines.base import TokenEvent
 from server.errors import as_api_error, error_body, validation_error
-from server.generation import collect, documents_of, openai_sampling
-from server.http_openai import LOGPROB_FLOOR, finish, logprob, model_name, refuse_combined_logprobs, usage
+from server.generation import collect, documents_of, openai_sampling, refuse_combined_logprobs
+from server.http_openai import ERRORS, LOGPROB_FLOOR, finish, logprob, served_model, usage
 from server.schemas import (
-    GENERATION_ERRORS,
     STREAM_TOO,
     ChatChoice,
     ChatChunkChoice,
@@ -71,15 +70,15 @@ async def _prepare(body: ChatCompletionRequest, service: GenerationService, sett
     return job
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses={**GENERATION_ERRORS, **STREAM_TOO})
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **STREAM_TOO})
 async def chat_completions(
     request: Request,
     body: ChatCompletionRequest,
     service: GenerationService = Depends(get_service),
     settings: Settings = Depends(get_settings_dep),
 ) -> ChatCompletionResponse | StreamingResponse:
+    model = served_model(service, settings, body.model)
     job = await _prepare(body, service, settings)
-    model = body.model or model_name(service, settings)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(service, job, body, model, include_usage)

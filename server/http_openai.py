@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.deps import get_service, get_settings_dep, require_api_key
 from server.engines.base import FinishReason, TokenEvent
-from server.errors import as_api_error, error_body, validation_error
-from server.generation import GenerationResult, collect, documents_of, openai_sampling
+from server.errors import ApiError, as_api_error, error_body
+from server.generation import (
+    GenerationResult,
+    collect,
+    documents_of,
+    openai_sampling,
+    refuse_combined_echo,
+    refuse_combined_logprobs,
+)
 from server.schemas import (
     GENERATION_ERRORS,
     STREAM_TOO,
@@ -25,16 +32,22 @@ from server.schemas import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     Usage,
+    clipped,
 )
 from server.service import GenerationService, Job
 from server.settings import Settings
 from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
-ERRORS = GENERATION_ERRORS
+# The OpenAI routes' errors: the generation routes' and vLLM's 404 for a model it does not serve.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    **GENERATION_ERRORS,
+    404: {"model": ErrorResponse, "description": "`model` names a model this server does not serve"},
+}
 # JSON has no -inf: the floor OpenAI and vLLM report instead.
 LOGPROB_FLOOR = -9999.0
 
@@ -61,14 +74,15 @@ def model_name(service: GenerationService, settings: Settings) -> str:
     return settings.served_model_name or service.model.model_id
 
 
-def refuse_combined_logprobs(job: Job, wanted: bool) -> None:
-    """A multi-row plan's tokens come from its combiner, not from one distribution of the model:
-    there are no logprobs to report, and nulls where OpenAI promises numbers would mislead."""
-    if wanted and len(job.plan.rows) > 1:
-        raise validation_error(
-            f"logprobs: '{job.strategy_name}' chooses each token from {len(job.plan.rows)} rows combined; "
-            "it has no per-token logprobs (leave out logprobs, or use a single-row strategy)"
+def served_model(service: GenerationService, settings: Settings, asked: str | None) -> str:
+    """The served model's name, which a request's `model` must be when it gives one (left out or
+    empty: the served model, as vLLM does); any other is a 404, with vLLM's message."""
+    served = model_name(service, settings)
+    if asked and asked != served:
+        raise ApiError(
+            404, f"model: The model `{clipped(asked)}` does not exist; this server serves `{served}`", "validation"
         )
+    return served
 
 
 def completion_logprobs(tokens: list[TokenEvent], first_offset: int = 0) -> CompletionLogprobs:
@@ -104,6 +118,7 @@ async def _prepare(body: CompletionRequest, service: GenerationService, settings
     sampling = openai_sampling(body, settings, inputs)
     job = await service.prepare(inputs, documents, sampling, body.strategy, body.deadline_s, prompt_token_ids=ids)
     refuse_combined_logprobs(job, body.logprobs is not None)
+    refuse_combined_echo(job, body.echo)
     service.check_capacity(job)
     return job
 
@@ -115,10 +130,10 @@ async def completions(
     service: GenerationService = Depends(get_service),
     settings: Settings = Depends(get_settings_dep),
 ) -> CompletionResponse | StreamingResponse:
+    model = served_model(service, settings, body.model)
     job = await _prepare(body, service, settings)
     # The echoed prompt: the text the model reads (documents, blank line, prompt).
     prompt_text = job.request.plain_prompt()
-    model = body.model or model_name(service, settings)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(service, job, body, prompt_text, model, include_usage)

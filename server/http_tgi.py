@@ -1,8 +1,14 @@
-"""TGI-compatible routes: /generate, /generate_stream and / (CONTRACT.md)."""
+"""TGI-compatible routes: /generate, /generate_stream and / (CONTRACT.md).
+
+TGI's parameters keep TGI's meanings: `truncate` keeps the last N tokens of the prompt the model
+reads (then a token-id prompt), `return_full_text` puts that prompt (as sent) before
+`generated_text`, and `top_n_tokens` reports the likeliest tokens at each generated position.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
@@ -10,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from server.deps import get_service, get_settings_dep, require_api_key
 from server.engines.base import TokenEvent
 from server.errors import as_api_error, error_body
-from server.generation import GenerationResult, collect, tgi_request_values
+from server.generation import GenerationResult, collect, refuse_combined_logprobs, tgi_request_values
 from server.schemas import (
     GENERATION_ERRORS,
     STREAM_TOO,
@@ -31,18 +37,46 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 ERRORS = GENERATION_ERRORS
 
 
-async def _prepare(body: GenerateRequest, service: GenerationService, settings: Settings) -> Job:
+@dataclass(frozen=True)
+class Reply:
+    """What a TGI reply adds around the generated tokens: `return_full_text`'s prefix, and
+    `top_n_tokens` (0: none) with the tokenizer's special ids to mark them."""
+
+    prefix: str = ""
+    top_n: int = 0
+    special: frozenset[int] = frozenset()
+
+    def top_tokens(self, event: TokenEvent) -> list[Token]:
+        """The `top_n` likeliest tokens at the event's position, likeliest first (the engine's
+        list also holds the chosen token, which may rank lower)."""
+        ranked = sorted(event.top, key=lambda t: t.logprob, reverse=True)[: self.top_n]
+        return [Token(id=t.id, text=t.text, logprob=t.logprob, special=t.id in self.special) for t in ranked]
+
+
+async def _prepare(body: GenerateRequest, service: GenerationService, settings: Settings) -> tuple[Job, Reply]:
     documents, sampling = tgi_request_values(body, settings)
-    job = await service.prepare(body.inputs, documents, sampling, body.strategy, body.deadline_s)
+    params = body.parameters
+    reply = Reply(
+        prefix=service.plain_prompt(body.inputs, documents) if params.return_full_text else "",
+        top_n=params.top_n_tokens or 0,
+        special=frozenset(service.tokenizer.all_special_ids),
+    )
+    inputs, ids = body.inputs, None
+    if params.truncate is not None:
+        ids = await service.last_prompt_tokens(inputs, documents, params.truncate)
+    if ids is not None:  # cut: its last tokens are the prompt, as token ids
+        inputs, documents = service.tokenizer.decode(ids), ()
+    job = await service.prepare(inputs, documents, sampling, body.strategy, body.deadline_s, prompt_token_ids=ids)
+    refuse_combined_logprobs(job, reply.top_n > 0, "parameters.top_n_tokens")
     service.check_capacity(job)
-    return job
+    return job, reply
 
 
 def _token(event: TokenEvent) -> Token:
     return Token(id=event.id, text=event.text, logprob=event.logprob, special=event.special)
 
 
-def _response(job: Job, result: GenerationResult, with_details: bool) -> GenerateResponse:
+def _response(job: Job, reply: Reply, result: GenerationResult, with_details: bool) -> GenerateResponse:
     details = None
     if with_details:
         details = Details(
@@ -52,19 +86,20 @@ def _response(job: Job, result: GenerationResult, with_details: bool) -> Generat
             input_length=job.plan.prompt_tokens,
             prefill=[PrefillToken(id=t.id, text=t.text, logprob=t.logprob) for t in result.prompt_logprobs or []],
             tokens=[_token(t) for t in result.tokens],
+            top_tokens=[reply.top_tokens(t) for t in result.tokens] if reply.top_n else None,
         )
-    return GenerateResponse(generated_text=result.text, details=details, strategy=job.describe())
+    return GenerateResponse(generated_text=reply.prefix + result.text, details=details, strategy=job.describe())
 
 
 async def _generate(
     request: Request, body: GenerateRequest, service: GenerationService, settings: Settings
 ) -> GenerateResponse:
-    job = await _prepare(body, service, settings)
+    job, reply = await _prepare(body, service, settings)
     result = await until_disconnect(request, collect(service.run(job)))
-    return _response(job, result, body.parameters.details)
+    return _response(job, reply, result, body.parameters.details)
 
 
-async def _stream_events(service: GenerationService, job: Job) -> AsyncIterator[str]:
+async def _stream_events(service: GenerationService, job: Job, reply: Reply) -> AsyncIterator[str]:
     result = GenerationResult()
     index = 0
     try:
@@ -73,22 +108,27 @@ async def _stream_events(service: GenerationService, job: Job) -> AsyncIterator[
             for i, event in enumerate(step.tokens):
                 index += 1
                 last = step.finished and i == len(step.tokens) - 1
-                yield sse_event(_stream_response(job, result, index, _token(event), last))
+                top = reply.top_tokens(event) if reply.top_n else None
+                yield sse_event(_stream_response(job, reply, result, index, _token(event), top, last))
             if step.finished and not step.tokens:
                 index += 1
-                yield sse_event(_stream_response(job, result, index, Token(id=-1, text="", special=True), True))
+                end = Token(id=-1, text="", special=True)
+                yield sse_event(_stream_response(job, reply, result, index, end, [] if reply.top_n else None, True))
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band, as TGI does
         err = as_api_error(exc)
         yield sse_event(error_body(err.message, err.error_type))
 
 
-def _stream_response(job: Job, result: GenerationResult, index: int, token: Token, last: bool) -> StreamResponse:
+def _stream_response(
+    job: Job, reply: Reply, result: GenerationResult, index: int, token: Token, top: list[Token] | None, last: bool
+) -> StreamResponse:
     if not last:
-        return StreamResponse(index=index, token=token)
+        return StreamResponse(index=index, token=token, top_tokens=top)
     return StreamResponse(
         index=index,
         token=token,
-        generated_text=result.text,
+        top_tokens=top,
+        generated_text=reply.prefix + result.text,
         details=StreamDetails(
             finish_reason=result.finish_reason,
             generated_tokens=len(result.tokens),
@@ -100,8 +140,8 @@ def _stream_response(job: Job, result: GenerationResult, index: int, token: Toke
 
 
 async def _stream(body: GenerateRequest, service: GenerationService, settings: Settings) -> StreamingResponse:
-    job = await _prepare(body, service, settings)
-    return StreamingResponse(_stream_events(service, job), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    job, reply = await _prepare(body, service, settings)
+    return StreamingResponse(_stream_events(service, job, reply), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=ERRORS)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from itertools import islice
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
@@ -20,6 +22,32 @@ MAX_TOP_K = 2**31 - 1
 MAX_DEADLINE_S = 86_400.0
 # vLLM's default max_logprobs.
 MAX_LOGPROBS = 20
+# TGI's default max_top_n_tokens.
+MAX_TOP_N_TOKENS = 5
+# An invalid body is answered with at most this many errors and a count of the rest: a body of
+# many bad items must not cost a second of the event loop and megabytes of reply.
+MAX_REPORTED_ERRORS = 10
+
+# Lists stop at their first bad item (pydantic's fail_fast): one error for a list of a million bad
+# items, not a million errors, each built in Python and then written into the reply.
+Texts = Annotated[list[str], Field(fail_fast=True)]
+TokenIds = Annotated[list[int], Field(fail_fast=True)]
+StopList = Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES, fail_fast=True)]
+
+
+def clipped(text: str, limit: int = 64) -> str:
+    """Client text quoted in an error message, cut to `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _encodable(value: Any) -> bool:
+    """Whether all text in a JSON value is valid Unicode, checked in C: walking a body of millions
+    of items in Python (to find where the bad text is) takes seconds."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, TypeError, ValueError):
+        return False
+    return True
 
 
 def _unencodable(value: Any, path: str) -> str | None:
@@ -51,8 +79,23 @@ class RequestBody(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
+        if _encodable(data):
+            return data
         if (path := _unencodable(data, "")) is not None:
             raise ValueError(f"{path or 'body'}: text with an unpaired surrogate (not valid Unicode)")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_unknown_fields(cls, data: Any) -> Any:
+        """Many unknown fields are one error, not one each (pydantic names a few itself)."""
+        if not isinstance(data, dict):
+            return data
+        unknown = len(data.keys() - cls.model_fields.keys())
+        if unknown > MAX_REPORTED_ERRORS:
+            first = islice((key for key in data if key not in cls.model_fields), MAX_REPORTED_ERRORS)
+            shown = ", ".join(repr(clipped(str(key))) for key in first)
+            raise ValueError(f"{unknown} unknown fields, not allowed (the first: {shown})")
         return data
 
 
@@ -74,7 +117,11 @@ GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
     },
     413: {"model": ErrorResponse, "description": "the body is over the server's size limit (refused unread)"},
-    408: {"model": ErrorResponse, "description": "the request's deadline (`deadline_s`, `request_timeout_s`) passed"},
+    408: {
+        "model": ErrorResponse,
+        "description": "the request's deadline (`deadline_s`, `request_timeout_s`) passed, or its body did not "
+        "arrive in time (`body_timeout_s`)",
+    },
     422: {"model": ErrorResponse, "description": "invalid input; the message names the field and the limit"},
     424: {"model": ErrorResponse, "description": "the engine failed while generating"},
     429: {
@@ -94,18 +141,21 @@ class GenerateParameters(RequestBody):
     temperature: float | None = Field(default=None, gt=0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, gt=0, le=MAX_TOP_K)
-    typical_p: float | None = Field(default=None, gt=0, le=1)
+    typical_p: float | None = None
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    stop: StopList = Field(default_factory=list)
     details: StrictBool = False
     decoder_input_details: StrictBool = False
+    # The prompt the model reads, then the generated text, in `generated_text`.
     return_full_text: StrictBool | None = False
+    # Only the last `truncate` tokens of the prompt the model reads are kept.
     truncate: int | None = Field(default=None, ge=1)
     watermark: StrictBool = False
     best_of: int | None = Field(default=None, ge=1, le=1)
-    top_n_tokens: int | None = Field(default=None, ge=0, le=5)
+    # The likeliest tokens at each generated position: `details.top_tokens`, a stream event's `top_tokens`.
+    top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_TOP_N_TOKENS)
     grammar: Any | None = None
     adapter_id: str | None = None
 
@@ -123,6 +173,13 @@ class GenerateParameters(RequestBody):
             raise ValueError(f"{info.field_name} is not supported by ropeserve")
         return value
 
+    @field_validator("typical_p")
+    @classmethod
+    def _no_typical_p(cls, value: float | None) -> float | None:
+        if value is not None:
+            raise ValueError("typical sampling is not supported by ropeserve (vLLM has no typical_p); leave it out")
+        return value
+
     @field_validator("watermark")
     @classmethod
     def _no_watermark(cls, value: bool) -> bool:
@@ -135,7 +192,7 @@ class GenerateRequest(RequestBody):
     """Body of POST /generate, /generate_stream and / (TGI)."""
 
     inputs: str = Field(min_length=1)
-    context: str | list[str] | None = None
+    context: str | Texts | None = None
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     strategy: StrategySpec | None = None
     stream: StrictBool = False
@@ -177,6 +234,8 @@ class Details(BaseModel):
     input_length: int
     prefill: list[PrefillToken] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
+    # With `top_n_tokens`: the likeliest tokens at each generated position, likeliest first.
+    top_tokens: list[list[Token]] | None = None
 
 
 class StreamDetails(BaseModel):
@@ -264,16 +323,18 @@ class OpenAIRequest(RequestBody):
     n: int = Field(default=1, ge=1, le=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    # A string is one stop sequence; the limit counts a list's items.
+    stop: str | StopList | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     ignore_eos: StrictBool = False
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    # Refused unless empty: its values are not checked one by one.
+    logit_bias: dict[str, Any] | None = None
     strategy: StrategySpec | None = None
-    context: str | list[str] | None = None
+    context: str | Texts | None = None
     deadline_s: float | None = Field(
         default=None,
         gt=0,
@@ -283,7 +344,7 @@ class OpenAIRequest(RequestBody):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+    def _no_logit_bias(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value:
             raise ValueError("logit_bias is not supported by ropeserve")
         return value
@@ -294,6 +355,13 @@ class OpenAIRequest(RequestBody):
         if stop is not None and any(not s for s in ([stop] if isinstance(stop, str) else stop)):
             raise ValueError("stop sequences must be non-empty strings")
         return stop
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> OpenAIRequest:
+        # vLLM answers this with a 400: there is no stream for the options to shape.
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: can only be given with stream: true")
+        return self
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -308,7 +376,7 @@ class CompletionRequest(OpenAIRequest):
     `echo` with `logprobs: N` returns the prompt's tokens and logprobs before the completion's, as
     vLLM does; `max_tokens: 0` (only with `echo`) returns the prompt alone."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    prompt: str | Texts | TokenIds | Annotated[list[TokenIds], Field(fail_fast=True)] = Field(min_length=1)
     max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
@@ -405,7 +473,7 @@ class TextPart(RequestBody):
 
 class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(fail_fast=True)] | None = None
     name: str | None = None
     tool_call_id: str | None = None
 
@@ -421,7 +489,7 @@ class ChatCompletionRequest(OpenAIRequest):
     The messages go through the model's chat template (with the assistant's turn opened); the
     `context` documents come before that text as for every route (CONTRACT.md's join)."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], Field(fail_fast=True)] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: StrictBool = False

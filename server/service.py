@@ -24,7 +24,15 @@ from server.engines.base import (
     Tokenizer,
 )
 from server.metrics import UNKNOWN_STRATEGY, Metrics
-from strategies.base import ExecutionPlan, PlanContext, Strategy, StrategyError, StrategyRequest, StrategySpec
+from strategies.base import (
+    ExecutionPlan,
+    PlanContext,
+    Strategy,
+    StrategyError,
+    StrategyRequest,
+    StrategySpec,
+    too_many_rows,
+)
 from strategies.registry import StrategyRegistry
 
 log = logging.getLogger("ropeserve.access")
@@ -133,6 +141,21 @@ class GenerationService:
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
+    @staticmethod
+    def plain_prompt(inputs: str, documents: tuple[str, ...]) -> str:
+        """The text the plain strategies read (CONTRACT.md): documents, blank line, inputs."""
+        return StrategyRequest(inputs=inputs, documents=documents).plain_prompt()
+
+    async def last_prompt_tokens(self, inputs: str, documents: tuple[str, ...], keep: int) -> list[int] | None:
+        """TGI's `truncate`: the last `keep` tokens of the prompt the model reads; None when it
+        holds no more than that (nothing to cut)."""
+        text = self.plain_prompt(inputs, documents)
+        if len(text) >= TOKENIZE_IN_THREAD_CHARS:
+            ids = await asyncio.to_thread(self.tokenize, text)
+        else:
+            ids = self.tokenize(text)
+        return ids[-keep:] if len(ids) > keep else None
+
     def plan_context(self) -> PlanContext:
         return PlanContext(
             model=self.model,
@@ -140,6 +163,7 @@ class GenerationService:
             resolve=self.resolve_strategy,
             options=self.strategy_options,
             refuse_rope=self.engine.refuse_rope,
+            max_rows=self.engine.max_rows_per_step,
         )
 
     def resolve_strategy(self, spec: StrategySpec | None) -> Strategy[Any]:
@@ -248,11 +272,7 @@ class GenerationService:
         """Rows decoded in lockstep must all be in the batch at once, and in the KV cache at once."""
         rows, limit = len(plan.rows), self.engine.max_rows_per_step
         if rows > limit:
-            raise StrategyError(
-                f"context: this strategy needs {rows} rows (one per document or chunk, plus one), more than "
-                f"the {limit} rows the engine runs in one step; send fewer, longer documents",
-                field="context",
-            )
+            raise too_many_rows(rows, limit)
         needed, capacity = plan.prompt_tokens + rows * max_new_tokens, self.engine.kv_capacity_tokens
         if capacity is not None and needed > capacity:
             raise StrategyError(

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=32 * 2**20, ge=1024, description="request bodies over this many bytes are refused with 413 unread"
     )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a request's body must arrive within this many seconds of its headers, else 408 "
+        "(a client that stops half-way through its body cannot hold a connection)",
+    )
     max_concurrent_requests: int = Field(default=256, ge=1)
     request_timeout_s: float | None = Field(
         default=None, gt=0, description="abort a request this many seconds after it arrived (408); none: no limit"

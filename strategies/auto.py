@@ -18,6 +18,11 @@ A scoring request (the client reads the prompt's own log-probabilities: `echo`,
 instead: the window strategies, which score text past the window best (perplexity, README
 "Window strategies") but retrieve worse than `dynamic_ntk`.
 
+`rope` and `scoring` name strategies of the server's registry; they are checked on every request,
+used or not (errors name `strategy.rope`, `strategy.scoring[i]`). A request that chooses its RoPE
+scaling (`rope` or `rope_factor`) is planned by the thresholds: the measured policy would choose
+another one.
+
 The response's `strategy` field says what was chosen and why: `{"name": "auto", "chosen": {...},
 "reason": "..."}`.
 """
@@ -40,7 +45,7 @@ from strategies.base import (
     StrategySpec,
     Tokenize,
 )
-from strategies.rope import smallest_power_of_two_factor, suggest_rope_strategy
+from strategies.rope import SUGGESTION_ORDER, RopeStrategy, smallest_power_of_two_factor, suggest_rope_strategy
 
 # Passkey measurements on the bundled model (README "Strategies", 5 keys per cell at 12k/16k/24k):
 # dynamic_ntk 13/15, llama3 12/15, ntk at the smallest factor 9/15 (it retrieves only well inside
@@ -69,7 +74,9 @@ class AutoParams(StrategyParams):
         description="longest stretch (x native window) served by RoPE scaling; longer prompts use nbce",
     )
     rope: str | None = Field(
-        default=None, description="RoPE strategy to use (default: the best measured, strategies.rope.SUGGESTION_ORDER)"
+        default=None,
+        description="RoPE strategy to use (default: the best measured, strategies.rope.SUGGESTION_ORDER); "
+        "given, or with rope_factor, the thresholds choose, not the measured policy",
     )
     rope_factor: float = Field(
         default=DEFAULT_ROPE_FACTOR,
@@ -88,6 +95,14 @@ class AutoParams(StrategyParams):
         "order, the first that plans and that the engine serves is used (measured: lowest perplexity first); "
         "[]: score like any request",
     )
+
+
+def _resolve_named(context: PlanContext, spec: StrategySpec, where: str) -> Strategy[Any]:
+    """`spec` resolved in the server's registry; its refusal names `where` (not `strategy`)."""
+    try:
+        return context.resolve(spec)
+    except StrategyError as exc:
+        raise StrategyError(where + exc.message.removeprefix("strategy")) from None
 
 
 def _memo(tokenize: Tokenize) -> Tokenize:
@@ -111,6 +126,7 @@ class AutoStrategy(Strategy[AutoParams]):
     Params = AutoParams
 
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
+        self._check_strategies(context)
         # The chosen strategy tokenizes the same prompt again: once is enough.
         context = context.with_tokenize(_memo(context.tokenize))
         model, tokenize, p = context.model, context.tokenize, self.params
@@ -121,7 +137,7 @@ class AutoStrategy(Strategy[AutoParams]):
             if planned is not None:
                 return planned
         policy = context.options.get("auto_policy")
-        if p.use_policy and isinstance(policy, AutoPolicy):
+        if p.use_policy and not self._rope_chosen() and isinstance(policy, AutoPolicy):
             planned = self._follow_policy(policy, request, context, needed)
             if planned is not None:
                 return planned
@@ -161,6 +177,32 @@ class AutoStrategy(Strategy[AutoParams]):
         plan.resolved = {"name": self.name, "chosen": plan.resolved, "reason": reason}
         return plan
 
+    def _rope_chosen(self) -> bool:
+        """The request names its RoPE scaling (`rope` or `rope_factor`)."""
+        return self.params.rope is not None or "rope_factor" in self.params.model_fields_set
+
+    def _check_strategies(self, context: PlanContext) -> None:
+        """`rope` and every `scoring` spec resolve in the server's registry, used or not."""
+        p = self.params
+        if p.rope is not None:
+            if not isinstance(_resolve_named(context, p.rope, "strategy.rope"), RopeStrategy):
+                raise StrategyError(
+                    f"strategy.rope: '{p.rope}' is not a RoPE scaling with a factor (e.g. {', '.join(SUGGESTION_ORDER)})"
+                )
+            _resolve_named(context, {"name": p.rope, "factor": p.rope_factor}, "strategy.rope")
+            if "use_policy" in p.model_fields_set and p.use_policy:
+                raise StrategyError(
+                    "strategy.use_policy: the measured policy chooses its own RoPE scaling; with `rope` or "
+                    "`rope_factor` leave out use_policy (or set it false)"
+                )
+        for i, spec in enumerate(p.scoring):
+            where = f"strategy.scoring[{i}]"
+            if spec.get("name") in ("auto", "nbce"):
+                raise StrategyError(
+                    f"{where}: '{spec.get('name')}' does not score a prompt; name a single-row strategy"
+                )
+            _resolve_named(context, spec, where)
+
     def _follow_policy(
         self, policy: AutoPolicy, request: StrategyRequest, context: PlanContext, needed: int
     ) -> ExecutionPlan | None:
@@ -197,7 +239,7 @@ class AutoStrategy(Strategy[AutoParams]):
     def _plan_scoring(self, request: StrategyRequest, context: PlanContext, needed: int) -> ExecutionPlan | None:
         """The first of `scoring` that plans one row the engine serves; None: none does."""
         for spec in self.params.scoring:
-            strategy = context.resolve(spec)  # an unknown name or bad parameters: the client's 422
+            strategy = context.resolve(spec)  # checked by _check_strategies
             try:
                 plan = strategy.plan(request, context)
             except StrategyError:  # this request does not fit it: the next one

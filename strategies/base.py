@@ -21,9 +21,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 # The engine-facing types live with the engine API; strategies produce them (and plugins import
 # them from here).
@@ -42,9 +43,13 @@ __all__ = [
     "StrategySpec",
     "Tokenize",
     "check_fits",
+    "clipped",
+    "too_many_rows",
 ]
 
 DOCUMENT_SEPARATOR = "\n\n"
+# A refusal lists at most this many problems with a strategy's parameters, and a count of the rest.
+MAX_REPORTED_ERRORS = 10
 
 Tokenize = Callable[[str], list[int]]
 
@@ -85,11 +90,25 @@ StrategySpec = str | dict[str, Any]
 
 
 class StrategyParams(BaseModel):
-    """Base for parameter models: unknown keys are errors, not silently ignored, and numbers are
+    """Base for parameter models: unknown keys are errors, not silently ignored, numbers are
     finite (every field also has finite bounds, so a value reaches the engine only if it can
-    build something from it)."""
+    build something from it), and types are strict like the request body's: no "2" for 2, no
+    "yes" or 1 for true, no 2.0 for an integer (an integer is a float, as in JSON)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_unknown_parameters(cls, data: Any) -> Any:
+        """Many unknown keys are one error, not one each (pydantic names a few itself)."""
+        if not isinstance(data, dict):
+            return data
+        unknown = len(data.keys() - cls.model_fields.keys())
+        if unknown > MAX_REPORTED_ERRORS:
+            first = islice((key for key in data if key not in cls.model_fields), MAX_REPORTED_ERRORS)
+            shown = ", ".join(repr(clipped(str(key))) for key in first)
+            raise ValueError(f"{unknown} unknown parameters, not allowed (the first: {shown})")
+        return data
 
 
 @dataclass(frozen=True)
@@ -106,6 +125,9 @@ class PlanContext:
     # Why the serving engine cannot run a RoPE configuration (None: it can), for strategies that
     # choose between others (`auto`); the default accepts everything.
     refuse_rope: Callable[[RopeConfig], str | None] = field(default=lambda rope: None)
+    # Rows the engine runs in one step: the most rows a plan decoded in lockstep may have (None:
+    # no limit), known before planning so that a strategy can count before it tokenizes.
+    max_rows: int | None = None
 
     def with_tokenize(self, tokenize: Tokenize) -> PlanContext:
         return replace(self, tokenize=tokenize)
@@ -141,6 +163,20 @@ class Strategy(ABC, Generic[P]):
 
     def resolved(self) -> dict[str, Any]:
         return {"name": self.name, **self.params.model_dump()}
+
+
+def too_many_rows(rows: int, limit: int) -> StrategyError:
+    """The refusal of a plan whose `rows` decoded in lockstep are more than one engine step runs."""
+    return StrategyError(
+        f"context: this strategy needs {rows} rows (one per document or chunk, plus one), more than "
+        f"the {limit} rows the engine runs in one step; send fewer, longer documents",
+        field="context",
+    )
+
+
+def clipped(text: str, limit: int = 64) -> str:
+    """Client text quoted in an error message, cut to `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def check_fits(prompt_tokens: int, max_new_tokens: int, limit: int, strategy: str, hint: str = "") -> None:

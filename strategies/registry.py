@@ -10,9 +10,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from strategies.base import Strategy, StrategyError, StrategySpec
+from strategies.base import MAX_REPORTED_ERRORS, Strategy, StrategyError, StrategySpec, clipped
 
 ENTRY_POINT_GROUP = "ropeserve.strategies"
+# Characters of one error line at most: a parameter's name or message may quote client input.
+MAX_ERROR_CHARS = 300
 
 # Built-ins are imported directly so they exist even when the package is not installed.
 BUILTIN_STRATEGIES = (
@@ -81,7 +83,9 @@ class StrategyRegistry:
         try:
             return self._classes[name]
         except KeyError:
-            raise StrategyError(f"strategy: unknown strategy '{name}'; known: {', '.join(self.names())}") from None
+            raise StrategyError(
+                f"strategy: unknown strategy '{clipped(name)}'; known: {', '.join(self.names())}"
+            ) from None
 
     def engine_logits_processors(self) -> tuple[str, ...]:
         """Every registered strategy's in-engine processors ("module:Class"), each once."""
@@ -107,11 +111,14 @@ class StrategyRegistry:
 
 
 def _describe(exc: ValidationError, prefix: str) -> str:
+    """ "strategy.<param>: what is wrong", the first MAX_REPORTED_ERRORS and a count of the rest."""
     parts = []
-    for err in exc.errors():
+    for err in exc.errors()[:MAX_REPORTED_ERRORS]:
         loc = ".".join(str(p) for p in (prefix, *err["loc"]))
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(clipped(f"{loc}: {msg}", MAX_ERROR_CHARS))
+    more = exc.error_count() - MAX_REPORTED_ERRORS
+    return "; ".join(parts) + (f"; and {more} more errors" if more > 0 else "")
 
 
 def default_registry() -> StrategyRegistry:

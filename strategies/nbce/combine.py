@@ -11,10 +11,19 @@ row 0 the question alone:
     merged  = (1 + beta) * logp[k] - beta * logp[0]    where logp[0] > -100, else logp[k]
 
 then the token is drawn from `merged` (greedy: argmax).
+
+`mean` pooling averages the context rows' log-probabilities (a product of the rows' distributions:
+a token must be likely in every row). With `top_p` each row keeps only its nucleus, so a token
+outside any one row's nucleus gets -inf; when the nuclei have no token in common, every pooled
+score would be -inf and no token could be chosen (greedy would take token 0, sampling would fail
+inside the engine). That step then pools by the rows' average *probability* over their nuclei
+instead (a mixture: a token likely in some row), which keeps every row's nucleus candidates and
+is never empty, since every nucleus holds at least one token.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -37,6 +46,15 @@ def top_p_filter(scores: torch.Tensor, top_p: float | None) -> torch.Tensor:
     return scores.masked_fill(remove_sorted.scatter(-1, order, remove_sorted), float("-inf"))
 
 
+def mean_pool(logp: torch.Tensor) -> torch.Tensor:
+    """The context rows' (rows × vocab) mean log-probability; where that is -inf for every token
+    (top_p nuclei without a common token), the log of their mean probability (module docstring)."""
+    pooled = logp.mean(dim=0)
+    if torch.isfinite(pooled).any():
+        return pooled
+    return torch.logsumexp(logp, dim=0) - math.log(logp.shape[0])
+
+
 def combine(
     logits: torch.Tensor, combination: Combination, prev_k: int | None = None
 ) -> tuple[torch.Tensor, int | None]:
@@ -46,7 +64,7 @@ def combine(
     logp = top_p_filter(torch.log_softmax(logits.float(), dim=-1), combination.top_p)
     k: int | None = None
     if combination.pooling == "mean":
-        pooled = logp[1:].mean(dim=0)
+        pooled = mean_pool(logp[1:])
     elif combination.pooling == "max_prob":
         score = logp[1:].amax(dim=-1)
         if prev_k is not None:
@@ -70,12 +88,19 @@ def choose_token(merged: torch.Tensor, draw: Draw, job: str, position: int) -> i
     that a group resubmitted after falling out of step draws the same token again."""
     if draw.greedy:
         return int(torch.argmax(merged))
-    scores = merged.float().cpu() / max(draw.temperature, 1e-5)
+    merged = merged.float().cpu()
+    merged = merged.masked_fill(merged.isnan(), float("-inf"))
+    scores = merged / max(draw.temperature, 1e-5)
     if draw.top_k:
         kth = torch.topk(scores, min(draw.top_k, scores.numel())).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     scores = top_p_filter(scores, draw.top_p)
+    if not torch.isfinite(scores).any():
+        # Nothing to draw from (combine() always leaves a finite score; NaN logits would not), and
+        # torch.multinomial would raise inside the engine core: take the greedy choice.
+        return int(torch.argmax(merged))
     seed = draw.seed if draw.seed is not None else zlib.crc32(job.encode())
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed * 1_000_003 + position)
+    # Within the 64 bits a generator's seed holds: a client's seed goes up to 2**63 - 1.
+    generator.manual_seed((seed * 1_000_003 + position) % 2**64)
     return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))

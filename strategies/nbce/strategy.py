@@ -8,7 +8,9 @@ The documents become rows that decode in lockstep (CONTRACT.md, "NBCE rows"):
   unconditioned row), each tokenized as one string;
 * at every step the rows' next-token log-probabilities are pooled (`min_entropy` as the
   reference: the row of least entropy; `max_prob`: the row whose best token is most likely;
-  `mean`: the average log-probability of the context rows), the unconditioned row is subtracted
+  `mean`: the average log-probability of the context rows, or, at a step where `top_p` leaves
+  their nuclei no token in common, the log of their average probability, so that a token is
+  always one some row finds likely: combine.py), the unconditioned row is subtracted
   as `(beta + 1) * pooled - beta * uncond`, the token is chosen from that, and appended to every row.
 
 The rows run under a RoPE strategy of their own (`rope`, default `native`) resolved through the
@@ -34,7 +36,7 @@ from strategies.base import (
     StrategyParams,
     StrategyRequest,
     StrategySpec,
-    Tokenize,
+    too_many_rows,
 )
 from strategies.nbce.chunking import row_text, split_document
 from strategies.nbce.protocol import Combination, Pooling
@@ -131,7 +133,14 @@ class NbceStrategy(Strategy[NbceParams]):
         if p.split != "context" and not request.documents:
             request = split_prompt(request, "\n\n" if p.split == "last_paragraph" else "\n")
         if not request.documents or not any(d.strip() for d in request.documents):
-            raise StrategyError("context: nbce needs a context (a document or a list of documents)", field="context")
+            raise StrategyError(
+                "context: nbce needs a context (a document or a list of documents); a token-id prompt, or one "
+                "cut by `truncate`, has none",
+                field="context",
+            )
+        documents = sum(1 for d in request.documents if d.strip())
+        if len(request.documents) > 1 and context.max_rows is not None and documents + 1 > context.max_rows:
+            raise too_many_rows(documents + 1, context.max_rows)  # counted before any is tokenized
         rope_strategy = resolve_rope_strategy(p.rope, context)
         # The RoPE plan for the question alone gives the row window.
         probe = rope_plan_for(rope_strategy, request.inputs, request.max_new_tokens, context)
@@ -148,7 +157,7 @@ class NbceStrategy(Strategy[NbceParams]):
                 field="strategy",
             )
 
-        rows, texts = self._rows(request, uncond, chunk_tokens, row_limit, rope_strategy.name, tokenize)
+        rows, texts = self._rows(request, uncond, chunk_tokens, row_limit, rope_strategy.name, context)
 
         rope: RopeConfig = probe.rope
         max_total = row_limit
@@ -188,9 +197,10 @@ class NbceStrategy(Strategy[NbceParams]):
         chunk_tokens: int,
         row_limit: int,
         rope_name: str,
-        tokenize: Tokenize,
+        context: PlanContext,
     ) -> tuple[list[list[int]], list[str]]:
         """[uncond, row_1, ...] and the documents of rows 1..n."""
+        tokenize = context.tokenize
         if len(request.documents) > 1:
             texts = [d for d in request.documents if d.strip()]
             rows = [uncond]
@@ -210,6 +220,8 @@ class NbceStrategy(Strategy[NbceParams]):
             # Chunks are sized piece by piece; tokenization beside the question is not quite
             # additive, so when a row overshoots, chunk again with a budget smaller by the excess.
             texts = split_document(request.documents[0], budget, tokenize)
+            if context.max_rows is not None and len(texts) + 1 > context.max_rows:
+                raise too_many_rows(len(texts) + 1, context.max_rows)  # before the rows are tokenized
             rows = [uncond] + [tokenize(row_text(doc, request.inputs)) for doc in texts]
             over = max(len(r) + request.max_new_tokens - row_limit for r in rows)
             if over <= 0:

@@ -109,3 +109,23 @@ def test_info_health_strategies_models(http):
     assert "vllm" in native["engines"]
     models = http.get("/v1/models").json()
     assert models["data"][0]["max_model_len"] == 8192
+
+
+def test_tgi_truncate_return_full_text_and_top_n_tokens(http, tokenizer):
+    """TGI's meanings: the last `truncate` tokens of the prompt are read (the same as sending them
+    as token ids), the prompt comes before the generated text, and the likeliest tokens at each
+    position are reported, the greedy token first."""
+    text = "Some words nobody needs to read. The capital of France is"
+    tail = tokenizer.encode(text)[-6:]
+    parameters = {"max_new_tokens": 3, "details": True, "truncate": 6, "return_full_text": True, "top_n_tokens": 2}
+    data = http.post("/generate", json={"inputs": text, "parameters": parameters}).json()
+    as_ids = http.post("/v1/completions", json={"prompt": tail, "max_tokens": 3, "temperature": 0}).json()
+    assert data["details"]["input_length"] == 6
+    assert data["generated_text"] == text + as_ids["choices"][0]["text"]
+    tops = data["details"]["top_tokens"]
+    assert len(tops) == data["details"]["generated_tokens"] and all(len(top) == 2 for top in tops)
+    for token, top in zip(data["details"]["tokens"], tops, strict=True):
+        assert top[0]["id"] == token["id"] and top[0]["logprob"] >= top[1]["logprob"]
+    events = stream_events(http, "/generate_stream", {"inputs": text, "parameters": parameters})
+    assert [[t["id"] for t in e["top_tokens"]] for e in events] == [[t["id"] for t in top] for top in tops]
+    assert events[-1]["generated_text"] == data["generated_text"]

@@ -53,6 +53,11 @@ def _assert_422(reply, *words):
             ["strategy.original_max_position_embeddings"],
         ),
         ('{"inputs": "x", "parameters": {"details": 0}}', ["parameters.details", "boolean"]),
+        ('{"inputs": "x", "parameters": {"typical_p": 0.5}}', ["parameters.typical_p", "not supported"]),
+        ('{"inputs": "x", "strategy": {"name": "yarn", "factor": "2"}}', ["strategy.factor"]),
+        ('{"inputs": "x", "strategy": {"name": "rerope", "logn": "yes"}}', ["strategy.logn"]),
+        ('{"inputs": "x", "strategy": {"name": "auto", "rope": "nope"}}', ["strategy.rope", "nope"]),
+        ('{"inputs": "x", "strategy": {"name": "auto", "scoring": [{"name": "nope"}]}}', ["strategy.scoring[0]"]),
     ],
 )
 def test_generate_rejects(http, raw, words):
@@ -88,6 +93,9 @@ def test_window_counts_max_new_tokens(http):
         ({"prompt": "x", "top_k": 2**70}, ["top_k"]),
         ('{"prompt": "x", "model": "\\ud800"}', ["model", "surrogate"]),  # raw: a client cannot encode it
         ({"prompt": "x", "ignore_eos": 0}, ["ignore_eos", "boolean"]),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, ["stream_options", "stream"]),
+        ({"prompt": "x", "stop": ["s"] * 17}, ["stop", "16"]),
+        ({"prompt": "Q?", "echo": True, "max_tokens": 1, "strategy": "nbce", "context": ["a", "b"]}, ["echo"]),
     ],
 )
 def test_completions_reject(http, body, words):
@@ -168,3 +176,32 @@ def test_a_deadline_aborts_the_engine_work(http):
     assert http.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
     assert scrape(http, "ropeserve_requests_running", engine="vllm") == 0
     assert scrape(http, "ropeserve_requests_total", strategy="native", status="timeout") >= 1
+
+
+def test_a_stop_string_longer_than_sixteen_characters_is_one_stop_sequence(http):
+    body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 3, "temperature": 0, "stop": "a stop sequence past sixteen"}
+    assert http.post("/v1/completions", json=body).status_code == 200
+
+
+def test_the_openai_routes_serve_only_the_served_model(http):
+    served = http.get("/v1/models").json()["data"][0]["id"]
+    for path, body in (
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 1, "temperature": 0}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}),
+    ):
+        refused = http.post(path, json={**body, "model": "gpt-4" * 40_000})
+        assert refused.status_code == 404 and set(refused.json()) == {"error", "error_type"}
+        assert refused.json()["error"].startswith("model: The model `gpt-4") and len(refused.content) < 500
+        served_reply = http.post(path, json={**body, "model": served})
+        assert served_reply.status_code == 200 and served_reply.json()["model"] == served
+
+
+def test_a_body_of_many_bad_items_gets_a_short_error_at_once(http):
+    """It was a 16.7 MB error after 8.2 s, /health waiting meanwhile."""
+    import time
+
+    started = time.monotonic()
+    reply = http.post("/generate", json={"inputs": "x", "context": [1] * 350_000})
+    _assert_422(reply, "context")
+    assert len(reply.content) < 4096 and time.monotonic() - started < 3
+    assert http.get("/health").status_code == 200

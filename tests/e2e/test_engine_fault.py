@@ -36,13 +36,13 @@ def test_a_killed_engine_gives_503s_and_is_restarted(tmp_path) -> None:
                 first_core = engine_core(server.process.pid)
                 first_core.send_signal(signal.SIGKILL)
                 reply = in_flight.result(timeout=60)  # an answer, not a hang
-            assert reply.status_code == 503, reply.text
+            assert reply.status_code == 503, (reply.text, server.log()[-3000:])
             assert reply.json()["error_type"] == "generation"
 
             health = http.get("/health")
-            assert health.status_code == 503 and health.json()["error_type"] == "generation"
+            assert health.status_code == 503 and health.json()["error_type"] == "generation", health.text
             refused = http.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
-            assert refused.status_code == 503, refused.text
+            assert refused.status_code == 503, (refused.text, server.log()[-3000:])
 
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline and http.get("/health").status_code != 200:

@@ -314,3 +314,21 @@ def test_passkey_30k_while_others_are_served(base_url, tokenizer, strategy):
     else:
         assert body["strategy"]["name"] == "auto" and body["strategy"]["reason"]
         assert body["strategy"]["chosen"]["name"] == "nbce", body["strategy"]
+
+
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True}, {"do_sample": True, "seed": 2**63 - 1}])
+def test_mean_pooling_with_a_tiny_top_p_never_breaks_the_engine(http, sampling):
+    """Rows whose nuclei share no token left every score -inf: greedy took token 0 and sampling
+    raised inside the engine core. Now such a step pools the rows' average probability. (These
+    rows' first nuclei are one token each, three different ones, on the bundled model.) The
+    largest seed a request may carry overflowed the draw's generator, also in the engine core."""
+    body = {
+        "inputs": "Your one-word answer:",
+        "context": ["Answer with the word apple.", "Answer with the word zebra.", "Say only: ninety"],
+        "strategy": {"name": "nbce", "pooling": "mean", "top_p": 0.01},
+        "parameters": {"max_new_tokens": 4, "details": True, **sampling},
+    }
+    reply = http.post("/generate", json=body)
+    assert reply.status_code == 200, reply.text
+    assert 0 not in [t["id"] for t in reply.json()["details"]["tokens"]]
+    assert http.get("/health").status_code == 200

@@ -13,7 +13,7 @@ import torch
 from openai import OpenAI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.model_store import default_checkpoint_dir
+from server.model_store import DEFAULT_MODEL_NAME, default_checkpoint_dir
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
@@ -141,10 +141,10 @@ def test_openai_chat_client_unchanged(client, http, tokenizer, strategy):
     combined = strategy == {"name": "nbce"}  # tokens of combined rows: no per-token logprobs (422)
     if combined:
         with pytest.raises(openai.UnprocessableEntityError) as refused:
-            client.chat.completions.create(model="any", messages=messages, logprobs=True, extra_body=extra)
+            client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=messages, logprobs=True, extra_body=extra)
         assert refused.value.response.json()["error"].startswith("logprobs")
     reply = client.chat.completions.create(
-        model="any",
+        model=DEFAULT_MODEL_NAME,
         messages=messages,
         max_tokens=12,
         temperature=0,
@@ -166,7 +166,7 @@ def test_openai_chat_client_unchanged(client, http, tokenizer, strategy):
     assert plain["choices"][0]["text"] == choice.message.content
     # Streaming, with usage at the end.
     stream = client.chat.completions.create(
-        model="any",
+        model=DEFAULT_MODEL_NAME,
         messages=messages,
         max_completion_tokens=12,
         temperature=0,

@@ -13,6 +13,7 @@ from server.engines.base import (
     RowRequest,
     StepStream,
     TokenEvent,
+    TopToken,
 )
 from server.metrics import Metrics
 from server.service import GenerationService
@@ -85,8 +86,13 @@ class FakeEngine:
                 raise
             token = row.prompt_token_ids[i % len(row.prompt_token_ids)]
             done = i == n - 1
+            # Like vLLM's: the token itself and the `top_logprobs` likeliest (here: the next ids).
+            top = tuple(
+                TopToken((token + k) % 256, chr((token + k) % 256), -0.5 - k)
+                for k in range(row.sampling.top_logprobs + 1)
+            )
             yield EngineStep(
-                tokens=[TokenEvent(token, chr(token), -0.5, False)],
+                tokens=[TokenEvent(token, chr(token), -0.5, False, top if row.sampling.top_logprobs else ())],
                 text=chr(token),
                 finished=done,
                 finish_reason="length" if done else None,

@@ -13,7 +13,7 @@ from clients.eval.policy import measured_policy
 from clients.eval.results import Curve, EvalResults
 from server.engines.base import ModelFacts
 from strategies.auto_policy import SHIPPED_POLICY, AutoPolicy, load_policy
-from strategies.base import StrategyRequest
+from strategies.base import StrategyError, StrategyRequest
 from strategies.registry import default_registry
 from tests.support.planning import plan_context
 
@@ -166,3 +166,35 @@ def test_a_band_measured_on_fewer_tasks_ranks_what_was_measured_there() -> None:
     assert [c["label"] for c in bands[64000]["ranked"]] == ["dca", "nbce"]
     assert bands[64000]["ranked"][0]["tasks"] == {"passkey": "3/3"}
     assert "dca" not in [c["label"] for c in bands[16000]["ranked"]]
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"rope": "no_such"}, "strategy.rope: unknown strategy 'no_such'"),
+        ({"rope": "native"}, "strategy.rope: 'native' is not a RoPE scaling"),
+        ({"rope": "nbce"}, "strategy.rope: 'nbce' is not a RoPE scaling"),
+        ({"rope": "yarn", "use_policy": True}, "strategy.use_policy"),
+        ({"scoring": [{"name": "rerope"}, {"name": "nope"}]}, "strategy.scoring[1]: unknown strategy 'nope'"),
+        ({"scoring": [{"name": "rerope", "window": -1}]}, "strategy.scoring[0].window"),
+        ({"scoring": [{"window": 4096}]}, "strategy.scoring[0].name"),
+        ({"scoring": [{"name": "nbce"}]}, "strategy.scoring[0]: 'nbce'"),
+    ],
+)
+def test_auto_checks_rope_and_scoring_on_every_request(params, named) -> None:
+    """A short request uses neither `rope` nor `scoring`: they are checked anyway, and the error
+    names them, not `strategy`."""
+    with pytest.raises(StrategyError) as err:
+        auto_plan(None, StrategyRequest("Q?", ("short",), 8), **params)
+    assert err.value.message.startswith(named), err.value.message
+
+
+def test_a_rope_the_request_names_is_not_overridden_by_the_policy() -> None:
+    policy = policy_with((20000, [{"name": "yarn", "factor": 2.0}]))
+    request = StrategyRequest(document(12_000), (), 8)
+    assert auto_plan(policy, request).resolved["chosen"]["name"] == "yarn"
+    for params in ({"rope": "llama3"}, {"rope": "llama3", "use_policy": False}):
+        chosen = auto_plan(policy, request, **params).resolved
+        assert "policy" not in chosen and chosen["chosen"]["name"] == "llama3", chosen
+    factored = auto_plan(policy, request, rope_factor=4).resolved
+    assert "policy" not in factored and factored["chosen"] == {**factored["chosen"], "name": "dynamic_ntk", "factor": 4}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -227,3 +228,190 @@ def test_a_draining_server_refuses_new_requests_with_503_and_fails_readiness():
         assert client.get("/info").status_code == 200  # metadata and /metrics stay up while draining
         assert client.get("/metrics").status_code == 200
         assert service.active_requests == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "names"),
+    [
+        ("/generate", {"inputs": "x", "context": [1] * 350_000}, "context.0"),
+        ("/generate", {"inputs": "x", "parameters": {"stop": [1] * 350_000}}, "parameters.stop.0"),
+        ("/generate", {"inputs": "x", **{f"k{i}": 1 for i in range(70_000)}}, "70000 unknown fields"),
+        ("/generate", {"inputs": "x", "parameters": {f"k{i}": 1 for i in range(70_000)}}, "parameters: 70000 unknown"),
+        (
+            "/generate",
+            {"inputs": "x", "strategy": {"name": "yarn", **{f"k{i}": 1 for i in range(70_000)}}},
+            "strategy: 70000",
+        ),
+        ("/v1/completions", {"prompt": [[1, "a"]] * 100_000}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {str(i): "x" for i in range(70_000)}}, "logit_bias"),
+        ("/v1/chat/completions", {"messages": [{"role": "bogus", "content": 1}] * 50_000}, "messages.0.role"),
+    ],
+)
+def test_a_body_of_many_bad_items_gets_a_short_error_at_once(path, body, names):
+    """One error per bad item made a 700 KB body a 16.7 MB reply after 8 s, the event loop held."""
+    with _client() as client:
+        started = time.monotonic()
+        reply = client.post(path, json=body)
+        took = time.monotonic() - started
+        assert reply.status_code == 422, reply.text[:500]
+        assert set(reply.json()) == {"error", "error_type"} and names in reply.json()["error"]
+        assert len(reply.content) < 4096 and took < 2.0, (len(reply.content), took)
+
+
+def test_validation_errors_are_capped_with_a_count_of_the_rest():
+    from server.errors import describe_validation_errors
+
+    errors = [{"loc": ("body", f"field{i}"), "msg": "x" * 1000, "type": "missing"} for i in range(25)]
+    message = describe_validation_errors(errors)
+    assert message.count("field") == 10 and message.endswith("; and 15 more errors")
+    assert len(message) < 10 * 340  # each line cut to 300 characters and its length
+
+
+def test_an_nbce_request_with_a_hundred_thousand_documents_is_refused_before_tokenizing():
+    with _client() as client:
+        body = {"inputs": "Q?", "strategy": "nbce", "context": [f"d{i}" for i in range(100_000)]}
+        started = time.monotonic()
+        reply = client.post("/generate", json=body)
+        assert reply.status_code == 422, reply.text
+        assert reply.json()["error"].startswith("context: ") and "100001 rows" in reply.json()["error"]
+        assert time.monotonic() - started < 2
+
+
+def test_a_stop_string_is_one_sequence_of_any_length_and_the_limit_counts_a_lists_items():
+    with _client() as client:
+        long_stop = {"prompt": "abc", "max_tokens": 2, "stop": "a stop sequence of forty characters long"}
+        assert client.post("/v1/completions", json=long_stop).status_code == 200
+        assert client.post("/v1/completions", json={**long_stop, "stop": [long_stop["stop"]] * 16}).status_code == 200
+        many = client.post("/v1/completions", json={**long_stop, "stop": ["x"] * 17})
+        assert many.status_code == 422 and "stop" in many.json()["error"] and "16" in many.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_model_this_server_does_not_serve_is_a_404(path):
+    body = {"max_tokens": 2, "temperature": 0}
+    body |= {"prompt": "abc"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    with _client() as client:
+        for model in ("gpt-4", "x" * 200_000):
+            reply = client.post(path, json={**body, "model": model})
+            assert reply.status_code == 404, reply.text[:300]
+            assert set(reply.json()) == {"error", "error_type"} and len(reply.content) < 500
+            assert reply.json()["error"].startswith("model: The model `") and "does not exist" in reply.json()["error"]
+        for model in ("fake", None, ""):  # the served name, or none: the served model
+            reply = client.post(path, json={**body, "model": model})
+            assert reply.status_code == 200 and reply.json()["model"] == "fake", reply.text
+        streamed = client.post(path, json={**body, "model": "gpt-4", "stream": True})
+        assert streamed.status_code == 404
+    with _client(served_model_name="house-model") as client:
+        assert client.post(path, json={**body, "model": "house-model"}).json()["model"] == "house-model"
+        assert client.post(path, json={**body, "model": "fake"}).status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stream_options_need_stream(path):
+    body = {"max_tokens": 2, "stream_options": {"include_usage": True}}
+    body |= {"prompt": "abc"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    with _client() as client:
+        reply = client.post(path, json=body)
+        assert reply.status_code == 422 and reply.json()["error"].startswith("stream_options: "), reply.text
+        assert client.post(path, json={**body, "stream": True}).status_code == 200
+
+
+def test_echo_with_a_multi_row_strategy_is_refused_with_or_without_logprobs():
+    with _client() as client:
+        body = {"prompt": "Q?", "max_tokens": 1, "echo": True, "strategy": "nbce", "context": ["one", "two"]}
+        for extra in ({}, {"logprobs": 1}):
+            reply = client.post("/v1/completions", json={**body, **extra})
+            assert reply.status_code == 422 and reply.json()["error"].startswith("echo: "), reply.text
+
+
+def test_tgi_truncate_keeps_the_last_tokens_of_the_prompt():
+    with _client() as client:  # the fake engine echoes the prompt's bytes
+        params = {"max_new_tokens": 3, "details": True}
+        reply = client.post("/generate", json={"inputs": "abcdef", "parameters": {**params, "truncate": 3}}).json()
+        assert reply["generated_text"] == "def" and reply["details"]["input_length"] == 3
+        cut = {"inputs": "xyz", "context": ["one", "two"], "parameters": {**params, "truncate": 4}}
+        assert client.post("/generate", json=cut).json()["generated_text"] == "\nxy"  # of "one\n\ntwo\n\nxyz"
+        longer = client.post("/generate", json={"inputs": "abc", "parameters": {**params, "truncate": 50}}).json()
+        assert longer["generated_text"] == "abc" and longer["details"]["input_length"] == 3
+
+
+def test_tgi_return_full_text_puts_the_prompt_before_the_generated_text():
+    with _client() as client:
+        body = {"inputs": "abc", "context": "doc", "parameters": {"max_new_tokens": 2, "return_full_text": True}}
+        assert client.post("/generate", json=body).json()["generated_text"] == "doc\n\nabcdo"
+        with client.stream("POST", "/generate_stream", json=body) as stream:
+            events = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
+        assert events[-1]["generated_text"] == "doc\n\nabcdo"
+        plain = {**body, "parameters": {"max_new_tokens": 2}}
+        assert client.post("/generate", json=plain).json()["generated_text"] == "do"
+
+
+def test_tgi_top_n_tokens_reports_the_likeliest_tokens_at_each_position():
+    with _client() as client:
+        body = {"inputs": "abc", "parameters": {"max_new_tokens": 2, "details": True, "top_n_tokens": 2}}
+        details = client.post("/generate", json=body).json()["details"]
+        assert [[t["text"] for t in top] for top in details["top_tokens"]] == [["a", "b"], ["b", "c"]]
+        assert all(top[0]["logprob"] >= top[1]["logprob"] for top in details["top_tokens"])
+        with client.stream("POST", "/generate_stream", json=body) as stream:
+            events = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
+        assert [[t["id"] for t in e["top_tokens"]] for e in events] == [[97, 98], [98, 99]]
+        without = {**body, "parameters": {"max_new_tokens": 2, "details": True}}
+        assert "top_tokens" not in client.post("/generate", json=without).json()["details"]
+        nbce = {**body, "strategy": "nbce", "context": ["one", "two"]}
+        refused = client.post("/generate", json=nbce)
+        assert refused.status_code == 422 and refused.json()["error"].startswith("parameters.top_n_tokens: ")
+
+
+def test_tgi_typical_p_is_refused_not_ignored():
+    with _client() as client:
+        reply = client.post("/generate", json={"inputs": "abc", "parameters": {"typical_p": 0.5}})
+        assert reply.status_code == 422 and reply.json()["error"].startswith("parameters.typical_p: "), reply.text
+        assert "not supported" in reply.json()["error"]
+        unset = {"inputs": "abc", "parameters": {"typical_p": None, "max_new_tokens": 2}}
+        assert client.post("/generate", json=unset).status_code == 200
+
+
+@pytest.fixture
+def live_server():
+    """The app with the fake engine under a real uvicorn (a raw socket needs a real server), its
+    body timeout short."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(Settings(body_timeout_s=0.5), fake_service_factory())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_a_body_that_stops_half_way_gets_408_and_the_connection_closes(live_server):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", live_server), timeout=10) as conn:
+        body = b'{"inputs": "abc", "parameters": {"max_new_tokens": 2}}'
+        head = f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        started = time.monotonic()
+        conn.sendall(head.encode() + body[:10])  # and then nothing
+        reply = b""
+        while chunk := conn.recv(65536):  # until the server closes the connection
+            reply += chunk
+        took = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408 ") and b"connection: close" in reply.lower(), reply[:300]
+    error = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert error["error_type"] == "validation" and "ROPESERVE_BODY_TIMEOUT_S" in error["error"]
+    assert 0.4 < took < 3  # closed with the reply, not after uvicorn's keep-alive timeout (5 s)
+    # A body that arrives in time is served, also one sent in pieces.
+    with socket.create_connection(("127.0.0.1", live_server), timeout=10) as conn:
+        conn.sendall(head.encode() + body[:10])
+        time.sleep(0.2)
+        conn.sendall(body[10:])
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")

@@ -3,6 +3,7 @@ the combination against the published formulas written out here."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from server.model_store import default_checkpoint_dir
 from strategies.base import ModelFacts, PlanContext, StrategyError, StrategyRequest
 from strategies.nbce import NbceParams, NbceStrategy
 from strategies.nbce.chunking import split_document
-from strategies.nbce.combine import combine, top_p_filter
+from strategies.nbce.combine import choose_token, combine, top_p_filter
 from strategies.nbce.protocol import Combination, Draw, RowTag
 from strategies.nbce.runner import NbceCombiner
 from strategies.registry import default_registry
@@ -215,6 +216,8 @@ def published_step(
     k: int | None
     if pooling == "mean":
         k, pooled = None, sum(rows[1:]) / (len(rows) - 1)
+        if not torch.isfinite(pooled).any():  # no token in every nucleus: their average probability
+            pooled = torch.log(sum(r.exp() for r in rows[1:]) / (len(rows) - 1))
     elif pooling == "max_prob":
         scores = [float(r.max()) + (eta if prev == i + 1 else 0.0) for i, r in enumerate(rows[1:])]
         k = scores.index(max(scores)) + 1
@@ -254,3 +257,54 @@ def test_top_p_filter_keeps_the_smallest_nucleus():
     kept = torch.isfinite(top_p_filter(logp, 0.8)).tolist()
     assert kept == [True, True, False, False]
     assert torch.isfinite(top_p_filter(logp, None)).all()
+
+
+def test_mean_pooling_over_nuclei_without_a_common_token_pools_their_mixture():
+    """Each context row is sure of a different token, so with top_p 0.5 no token is in every
+    nucleus: the mean of log-probabilities is -inf everywhere. The step pools the rows' average
+    probability instead, and the token is one of the rows' nucleus tokens, greedy or sampled."""
+    logits = torch.zeros(3, 50)
+    logits[0, 7] = 5.0  # the unconditioned row
+    logits[1, 10] = 12.0
+    logits[2, 20] = 10.0
+    merged, k = combine(logits, Combination(pooling="mean", top_p=0.5))
+    assert k is None
+    assert torch.isfinite(merged).nonzero().flatten().tolist() == [10, 20]
+    # Outside the unconditioned row's nucleus (token 7) nothing is subtracted: merged = pooled.
+    probs = logits.softmax(dim=-1)
+    torch.testing.assert_close(merged[[10, 20]], torch.log(torch.stack([probs[1, 10], probs[2, 20]]) / 2))
+    assert choose_token(merged, Draw(), "job", 0) == 10
+    sampled = {choose_token(merged, Draw(greedy=False, top_k=5, top_p=0.9), "job", i) for i in range(40)}
+    assert sampled <= {10, 20}
+    # Where the nuclei do share a token, mean pooling stays the plain average of log-probabilities.
+    logits[2, 10] = 11.0
+    merged, _ = combine(logits, Combination(pooling="mean", top_p=0.5))
+    logp = top_p_filter(logits.log_softmax(dim=-1), 0.5)
+    pooled = logp[1:].mean(0)
+    torch.testing.assert_close(merged, torch.where(logp[0] > -100, 1.25 * pooled - 0.25 * logp[0], pooled))
+
+
+def test_choose_token_never_raises_inside_the_engine():
+    for scores in (torch.full((8,), float("-inf")), torch.full((8,), float("nan"))):
+        assert 0 <= choose_token(scores, Draw(greedy=False, top_p=0.5), "job", 0) < 8
+    # The largest seed a request may carry (it overflowed the generator's 64-bit seed).
+    assert 0 <= choose_token(torch.randn(8), Draw(greedy=False, seed=2**63 - 1), "job", 7) < 8
+
+
+def test_more_documents_than_one_engine_step_runs_are_refused_before_any_is_tokenized(tokenizer, context):
+    tokenized: list[str] = []
+
+    def tokenize(text: str) -> list[int]:
+        tokenized.append(text)
+        return tokenizer.encode(text)
+
+    limited = dataclasses.replace(context, tokenize=tokenize, max_rows=8)
+    with pytest.raises(StrategyError, match="needs 100001 rows") as err:
+        nbce_plan(limited, StrategyRequest("Q?", tuple(f"doc {i}" for i in range(100_000)), 8))
+    assert err.value.field == "context" and "8 rows" in err.value.message and tokenized == []
+    # A string context: its chunks are counted before the rows are tokenized.
+    tokenized.clear()
+    with pytest.raises(StrategyError, match="rows"):
+        nbce_plan(limited, StrategyRequest("Q?", (essay(60),), 8), chunk_tokens=32)
+    assert not any(t.endswith("\n\nQ?") and t != "\n\nQ?" for t in tokenized)
+    assert len(nbce_plan(limited, StrategyRequest("Q?", tuple(f"doc {i}" for i in range(7)), 8)).rows) == 8

@@ -71,3 +71,24 @@ def test_auto_policy_helper() -> None:
     assert suggest_rope_strategy(12_000, MODEL) == {"name": "dynamic_ntk", "factor": 2.0}
     assert suggest_rope_strategy(20_000, MODEL, "yarn") == {"name": "yarn", "factor": 4.0}
     assert suggest_rope_strategy(50_000, dataclasses.replace(MODEL, max_context_tokens=40_000)) is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"name": "yarn", "factor": "2"}, "strategy.factor"),
+        ({"name": "yarn", "logn": "yes"}, "strategy.logn"),
+        ({"name": "rerope", "logn": 1}, "strategy.logn"),
+        ({"name": "rerope", "window": 4096.0}, "strategy.window"),
+        ({"name": "nbce", "beta": "0.5"}, "strategy.beta"),
+        ({"name": "auto", "use_policy": "false"}, "strategy.use_policy"),
+    ],
+)
+def test_strategy_parameters_are_strict_like_the_body(spec, field) -> None:
+    with pytest.raises(StrategyError) as err:
+        default_registry().resolve(spec, "native")
+    assert err.value.message.startswith(field), err.value.message
+
+
+def test_an_integer_is_a_float_parameter_as_in_json() -> None:
+    assert default_registry().resolve({"name": "yarn", "factor": 2}, "native").params.factor == 2.0
