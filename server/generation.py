@@ -118,7 +118,7 @@ def refuse_combined_logprobs(job: Job, wanted: bool, field_name: str = "logprobs
 
 def refuse_combined_echo(job: Job, echo: bool) -> None:
     """A multi-row plan reads its documents in several rows, not as one prompt: there is no prompt
-    to echo (CONTRACT.md: NBCE refuses `echo`), with or without its logprobs."""
+    to echo (docs/CONTRACT.md: NBCE refuses `echo`), with or without its logprobs."""
     if echo and len(job.plan.rows) > 1:
         raise validation_error(
             f"echo: '{job.strategy_name}' reads {len(job.plan.rows)} rows combined, not one prompt; there is "

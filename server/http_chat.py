@@ -1,7 +1,7 @@
 """OpenAI-compatible /v1/chat/completions; `strategy` and `context` are extra body fields.
 
 The messages become one prompt through the model's own chat template (the assistant's turn
-opened); the `context` documents come before it, joined as on every route (CONTRACT.md), so every
+opened); the `context` documents come before it, joined as on every route (docs/CONTRACT.md), so every
 strategy reads `documents + "\\n\\n" + templated conversation`.
 """
 

@@ -1,4 +1,4 @@
-"""TGI-compatible routes: /generate, /generate_stream and / (CONTRACT.md).
+"""TGI-compatible routes: /generate, /generate_stream and / (docs/CONTRACT.md).
 
 TGI's parameters keep TGI's meanings: `truncate` keeps the last N tokens of the prompt the model
 reads (then a token-id prompt), `return_full_text` puts that prompt (as sent) before

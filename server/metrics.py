@@ -1,4 +1,4 @@
-"""Prometheus metrics (names per CONTRACT.md). Labels stay bounded: strategy names, statuses and
+"""Prometheus metrics (names per docs/CONTRACT.md). Labels stay bounded: strategy names, statuses and
 engine names (RoPE type and factor), never parameter values or prompts.
 
 Two sources feed this room:

@@ -1,4 +1,4 @@
-"""Every request and response body of the HTTP API (see CONTRACT.md), in one typed module."""
+"""Every request and response body of the HTTP API (see docs/CONTRACT.md), in one typed module."""
 
 from __future__ import annotations
 
@@ -487,7 +487,7 @@ class ChatCompletionRequest(OpenAIRequest):
     """Body of POST /v1/chat/completions.
 
     The messages go through the model's chat template (with the assistant's turn opened); the
-    `context` documents come before that text as for every route (CONTRACT.md's join)."""
+    `context` documents come before that text as for every route (docs/CONTRACT.md's join)."""
 
     messages: Annotated[list[ChatMessage], Field(fail_fast=True)] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)

@@ -143,7 +143,7 @@ class GenerationService:
 
     @staticmethod
     def plain_prompt(inputs: str, documents: tuple[str, ...]) -> str:
-        """The text the plain strategies read (CONTRACT.md): documents, blank line, inputs."""
+        """The text the plain strategies read (docs/CONTRACT.md): documents, blank line, inputs."""
         return StrategyRequest(inputs=inputs, documents=documents).plain_prompt()
 
     async def last_prompt_tokens(self, inputs: str, documents: tuple[str, ...], keep: int) -> list[int] | None:

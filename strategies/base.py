@@ -77,7 +77,7 @@ class StrategyRequest:
     scoring: bool = False
 
     def plain_prompt(self) -> str:
-        """The text the plain strategies read (CONTRACT.md): documents, blank line, inputs."""
+        """The text the plain strategies read (docs/CONTRACT.md): documents, blank line, inputs."""
         return DOCUMENT_SEPARATOR.join((*self.documents, self.inputs))
 
     def plain_prompt_ids(self, tokenize: Tokenize) -> list[int]:

@@ -1,6 +1,6 @@
 """`nbce`: Naive Bayes-based Context Extension (Su Jianlin, 2023) — parallel-context decoding.
 
-The documents become rows that decode in lockstep (CONTRACT.md, "NBCE rows"):
+The documents become rows that decode in lockstep (docs/CONTRACT.md, "NBCE rows"):
 
 * a list `context` gives one row per document; a string `context` is split into chunks of at
   most `chunk_tokens` tokens, on paragraph or sentence boundaries when one is near;

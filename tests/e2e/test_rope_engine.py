@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
 ROPE = ("linear", "ntk", "dynamic_ntk", "yarn", "llama3")
 # A prompt longer than the native window (8192). ~10k keeps this test within minutes on a busy
-# 2-core CPU host; ROPESERVE_TEST_PASSKEY_TOKENS=12000 reproduces the README's 12k cell.
+# 2-core CPU host; ROPESERVE_TEST_PASSKEY_TOKENS=12000 reproduces the 12k cell of docs/evaluation.md.
 PASSKEY_TOKENS = int(os.environ.get("ROPESERVE_TEST_PASSKEY_TOKENS", "10000"))
 
 
@@ -39,7 +39,7 @@ def test_long_passkey_refused_natively_answered_with_ntk(http: httpx.Client) -> 
     too_short = http.post("/generate", json={**body, "strategy": {"name": "yarn", "factor": 1}})
     assert too_short.status_code == 422, too_short.text
 
-    # Measured: ntk x2 retrieved the key at 12k (README "Strategies"); a new engine starts for it.
+    # Measured: ntk x2 retrieved the key at 12k (docs/evaluation.md); a new engine starts for it.
     answered = http.post("/generate", json={**body, "strategy": {"name": "ntk", "factor": 2}}, timeout=1800)
     assert answered.status_code == 200, answered.text
     reply = answered.json()

@@ -179,7 +179,7 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU (run on the GPU host; README: Scaling out)")
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU (run on the GPU host; docs/scaling.md)")
 def test_gpu_memory_gauges_follow_the_device() -> None:
     import torch
 
