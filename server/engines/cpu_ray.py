@@ -26,15 +26,14 @@ import sys
 log = logging.getLogger(__name__)
 
 RANK_CPUS_ENV = "VLLM_CPU_OMP_THREADS_BIND"
-CPU_PLATFORM = "vllm.platforms.cpu.CpuPlatform"
 RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 def platform_plugin() -> str | None:
     """vLLM's platform-plugin hook: our CPU platform where vLLM would pick its plain CPU one."""
-    from vllm.platforms import cpu_platform_plugin
+    from server.engines.vllm_adapter.platform_plugin import CPU_PLATFORM, builtin_cpu_platform
 
-    if cpu_platform_plugin() != CPU_PLATFORM:
+    if builtin_cpu_platform() != CPU_PLATFORM:
         return None
     return "server.engines.cpu_ray_platform.RayCpuPlatform"
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from vllm.platforms.cpu import CpuPlatform
+from server.engines.vllm_adapter.platform import VllmCpuPlatform
 
 
-class RayCpuPlatform(CpuPlatform):
+class RayCpuPlatform(VllmCpuPlatform):
     # A logical Ray resource, one per rank: Ray refuses "CPU" as a custom resource name.
     ray_device_key: str = "GPU"
     # Ray would set CUDA_VISIBLE_DEVICES for "GPU" actors; there are no CUDA devices to hide.

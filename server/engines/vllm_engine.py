@@ -43,6 +43,7 @@ from server.engines.base import (
 from server.engines.cpu_ray import RANK_CPUS_ENV, start_local_ray, stop_local_ray
 from server.engines.multi_rope import CONFIG_KEY, WORKER_CLASSES
 from server.engines.rope_slots import ROPE_EXTRA_KEY, RopeSlots
+from server.engines.vllm_adapter.runner import prefer_v1_runner
 from server.engines.window_attention.step import ATTENTION_EXTRA_KEY
 
 log = logging.getLogger(__name__)
@@ -215,36 +216,6 @@ class EngineAborted(RuntimeError):
     pass
 
 
-def _silent_prometheus_logger() -> type:
-    """A `PrometheusStatLogger` that registers and records nothing.
-
-    vLLM appends its Prometheus logger to the stat loggers unless one of them already is one; ours
-    (server/metrics.py) exports what we need under `ropeserve_` names, so vLLM's stays off.
-    """
-    from vllm.v1.metrics.loggers import PrometheusStatLogger
-
-    class _SilentPrometheusStatLogger(PrometheusStatLogger):
-        def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
-            self.engine_indexes = engine_indexes or [0]
-
-        def record(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def record_sleep_state(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def record_admission_rejection(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-        def log(self) -> None:
-            pass
-
-    return _SilentPrometheusStatLogger
-
-
 class VllmEngine:
     kind = "vllm"
 
@@ -275,7 +246,8 @@ class VllmEngine:
     def start(self) -> None:
         """Build the AsyncLLM (blocking: tens of seconds). Call from a worker thread if needed."""
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from server.engines.vllm_adapter.engine import AsyncLLM, silent_prometheus_logger
 
         started = time.monotonic()
         cpu = is_cpu_build()
@@ -315,7 +287,7 @@ class VllmEngine:
         )
         # Our collector feeds the stats listener. vLLM adds its own Prometheus logger (metric names
         # with colons, in prometheus_client's global registry) unless one is given: give a silent one.
-        stat_loggers = [self._stat_logger_factory(), _silent_prometheus_logger()]
+        stat_loggers = [self._stat_logger_factory(), silent_prometheus_logger()]
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)
         self._tokenizer = self._llm.get_tokenizer()
         self._special_ids = frozenset(getattr(self._tokenizer, "all_special_ids", ()) or ())
@@ -330,7 +302,7 @@ class VllmEngine:
             return {"hf_overrides": overrides}
         if not cpu:
             # The slot hooks live in vLLM's V1 runner; a GPU host runs V2 by default.
-            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+            prefer_v1_runner()
         return {
             "worker_cls": WORKER_CLASSES["cpu" if cpu else "gpu"],
             # vLLM caps max_model_len by the config's positions; the slot table covers them all.
@@ -367,23 +339,12 @@ class VllmEngine:
             self._ray_holder = None
 
     def _stat_logger_factory(self) -> Callable[..., Any]:
-        from vllm.v1.metrics.loggers import StatLoggerBase
+        from server.engines.vllm_adapter.engine import recording_stat_logger
 
-        engine = self
+        def record(scheduler_stats: Any, iteration_stats: Any) -> None:
+            self.record_iteration(iteration_from_vllm(scheduler_stats, iteration_stats))
 
-        class _Collector(StatLoggerBase):
-            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-                pass
-
-            def record(
-                self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
-            ) -> None:
-                engine.record_iteration(iteration_from_vllm(scheduler_stats, iteration_stats))
-
-            def log_engine_initialized(self) -> None:
-                pass
-
-        return _Collector
+        return recording_stat_logger(record)
 
     def record_iteration(self, iteration: EngineIteration) -> None:
         """After every vLLM iteration (on the event loop): keep the scheduler's figures, tell the listener."""
@@ -455,14 +416,13 @@ class VllmEngine:
             return "window attention and log-n scaling run on the CPU engine only (vLLM's CPU attention backend)"
         if self._llm is None:
             return "the engine is not started"
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
+        from server.engines.vllm_adapter.cpu_attention import attention_isa
         from server.engines.window_attention.paged import probe_layout
 
         vllm_config = self._llm.vllm_config
         dtype = vllm_config.model_config.dtype
         block_size = int(vllm_config.cache_config.block_size)
-        isa = _get_attn_isa(dtype, block_size, self.model.head_dim)
+        isa = attention_isa(dtype, block_size, self.model.head_dim)
         if probe_layout(isa, dtype, self.model.head_dim, block_size) is None:
             return f"window attention cannot read this host's KV cache layout (CPU attention ISA {isa})"
         return ""
@@ -501,7 +461,7 @@ class VllmEngine:
             self.slots.release(slot)
 
     async def generate(self, row: RowRequest) -> StepStream:
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from server.engines.vllm_adapter.engine import EngineDeadError
 
         if not self.alive:
             raise EngineDown("the engine is down; it is being restarted, retry later")
@@ -539,22 +499,17 @@ class VllmEngine:
         """
         import asyncio
 
+        from server.engines.vllm_adapter.engine import RequestQueue, add_request, scheduler_paused
+
         if self._group_lock is None:
             self._group_lock = asyncio.Lock()
-        admitted: list[tuple[Any, RowRequest, int]] = []
-        async with self._group_lock:
-            core = self._llm.engine_core
-            paused = False
-            try:
-                await core.pause_scheduler_async(mode="keep", clear_cache=False)
-                paused = True
-            except Exception:  # an engine without pause: the rows are still sent back to back
-                log.debug("could not pause the scheduler for a row group", exc_info=True)
+        admitted: list[tuple[RequestQueue, RowRequest, int]] = []
+        async with self._group_lock, scheduler_paused(self._llm):
             try:
                 for row in rows:
                     sampling, slot = self._admit(row)
                     try:
-                        queue = await self._llm.add_request(row.request_id, _tokens_prompt(row), sampling)
+                        queue = await add_request(self._llm, row.request_id, _tokens_prompt(row), sampling)
                     except BaseException:
                         self._release(slot)
                         raise
@@ -564,22 +519,14 @@ class VllmEngine:
                 for _, _, slot in admitted:
                     self._release(slot)
                 raise
-            finally:
-                if paused:
-                    await asyncio.shield(core.resume_scheduler_async())
         return [self._follow(queue, row, slot) for queue, row, slot in admitted]
 
     async def _follow(self, queue: Any, row: RowRequest, slot: int) -> StepStream:
-        from vllm.outputs import STREAM_FINISHED
-
         try:
-            finished = False
-            while not finished:
-                output = queue.get_nowait() or await queue.get()
-                finished = output.finished
-                if output is STREAM_FINISHED:
-                    break
+            while (output := await queue.next_output()) is not None:
                 yield self._step(output, row)
+                if output.finished:
+                    break
         except BaseException:  # closed early (GeneratorExit), cancelled, or failed: free the row
             import asyncio
 

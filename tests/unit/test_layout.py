@@ -48,6 +48,11 @@ def test_engine_api_depends_on_nothing_of_the_project() -> None:
     assert not [m for m in imports(ROOT / "server/engines/base.py") if under(m, *PROJECT)]
 
 
+def test_the_vllm_adapter_depends_on_nothing_else_of_the_project() -> None:
+    # vLLM's private names live there alone (tests/unit/test_vllm_adapter.py); the rest of the project uses it.
+    assert offending("server/engines/vllm_adapter", allowed=("server.engines.vllm_adapter",)) == {}
+
+
 def test_strategies_see_only_the_engine_api_and_vllm_only_inside_the_engine() -> None:
     assert offending("strategies", allowed=("strategies", "server.engines.base"), banned=("fastapi",)) == {}
     with_vllm = {str(p.relative_to(ROOT)) for p in files("strategies") if any(under(m, "vllm") for m in imports(p))}

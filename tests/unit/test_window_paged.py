@@ -1,5 +1,6 @@
 """Reading window rows' keys and values back from vLLM's paged CPU cache, written by vLLM's own
-`cpu_attn_reshape_and_cache` (the op the engine uses), and the rows' contiguous copies."""
+cache-write op (the one the engine uses, through server/engines/vllm_adapter/), and the rows'
+contiguous copies."""
 
 from __future__ import annotations
 
@@ -17,21 +18,21 @@ BLOCK, KV_HEADS, HEAD_DIM = 32, 3, 64
 
 @pytest.fixture(scope="module")
 def isa() -> str:
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    from server.engines.vllm_adapter.cpu_attention import attention_isa
 
-    return str(_get_attn_isa(torch.float32, BLOCK, HEAD_DIM))
+    return attention_isa(torch.float32, BLOCK, HEAD_DIM)
 
 
 def paged_row(isa: str, n: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A cache of 12 blocks holding one row of n tokens in `blocks` (scattered), and its k/v."""
-    from vllm import _custom_ops as ops
+    from server.engines.vllm_adapter.cpu_attention import reshape_and_cache
 
     gen = torch.Generator().manual_seed(n)
     key, value = torch.randn(2, n, KV_HEADS, HEAD_DIM, generator=gen)
     cache = torch.zeros(12, KV_HEADS, 2 * BLOCK, HEAD_DIM)
     key_cache, value_cache = cache.chunk(2, dim=2)
     slots = torch.tensor([blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)])
-    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+    reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
     return key_cache, value_cache, key.transpose(0, 1), value.transpose(0, 1)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from vllm.v1.worker.gpu_worker import Worker
+# First, as in cpu_worker.py: vLLM's worker module before the runner's imports of vLLM's layers.
+from server.engines.vllm_adapter.gpu_worker import VllmGpuWorker
+
+# isort: split
 
 from server.engines.multi_rope.runner import use_multi_rope_runner
 
 
-class MultiRopeGPUWorker(Worker):
+class MultiRopeGPUWorker(VllmGpuWorker):
     def init_device(self) -> None:
         super().init_device()
         use_multi_rope_runner(self.model_runner)

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from vllm.model_executor.layers.rotary_embedding import _ROPE_DICT as VLLM_ROPE_CACHE
-from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding, get_rope
+
+from server.engines.vllm_adapter.rotary import InPlaceTableRotaryEmbedding, RotaryEmbedding, build_rope, is_plain_rotary
 
 log = logging.getLogger(__name__)
 
@@ -37,34 +37,23 @@ def vllm_rope_table(
     configuration (yarn: original x factor; linear: max_position x factor): ask for `rows` and
     take `rows`, so every type covers the allowed length.
     """
-    rotary = get_rope(head_size, rows, is_neox_style, dict(parameters), dtype)
-    # get_rope memoizes modules by their arguments; a table per request length (dynamic_ntk) must
-    # not pile up there.
-    for cache_key in [k for k, v in VLLM_ROPE_CACHE.items() if v is rotary]:
-        del VLLM_ROPE_CACHE[cache_key]
+    rotary = build_rope(head_size, rows, is_neox_style, parameters, dtype)
     table = rotary.cos_sin_cache
     if table.shape[0] < rows:
         raise ValueError(f"vLLM's {type(rotary).__name__} table has {table.shape[0]} rows, fewer than {rows}")
     return table[:rows]
 
 
-class SlotTableRotaryEmbedding(RotaryEmbedding):
-    """vLLM's `RotaryEmbedding` whose `cos_sin_cache` is the whole slot table.
+class SlotTableRotaryEmbedding(InPlaceTableRotaryEmbedding):
+    """vLLM's `RotaryEmbedding` whose `cos_sin_cache` is the whole slot table (one buffer, never
+    replaced: the slots are written into it).
 
     The forward passes (CPU op, CUDA op, native) are vLLM's own; only the table differs, and the
     positions it receives are already shifted into their row's slot.
     """
 
     def __init__(self, template: RotaryEmbedding, slots: int, slot_rows: int) -> None:
-        super().__init__(
-            template.head_size,
-            template.rotary_dim,
-            slots * slot_rows,
-            template.base,
-            template.is_neox_style,
-            template.dtype,
-            init_cache=False,
-        )
+        super().__init__(template, slots * slot_rows)
         native = template.cos_sin_cache
         table = torch.empty((slots * slot_rows, native.shape[1]), dtype=native.dtype, device=native.device)
         rows = min(slot_rows, native.shape[0])
@@ -72,14 +61,6 @@ class SlotTableRotaryEmbedding(RotaryEmbedding):
         self.register_buffer("cos_sin_cache", table, persistent=False)
         self.slots = slots
         self.slot_rows = slot_rows
-
-    def _match_cos_sin_cache_dtype(self, query: torch.Tensor) -> torch.Tensor:
-        # vLLM's version replaces the buffer with a converted copy when dtypes differ; the slot
-        # table must stay the one buffer the slots are written into.
-        table = self.cos_sin_cache
-        if table.device == query.device and table.dtype == query.dtype:
-            return table
-        return table.to(query.device, dtype=query.dtype)
 
     def fill_slot(self, slot: int, parameters: dict[str, Any], rows: int) -> None:
         """Write configuration `parameters`'s table into `slot` (its first `rows` rows)."""
@@ -92,17 +73,6 @@ class SlotTableRotaryEmbedding(RotaryEmbedding):
             raise ValueError(f"RoPE parameters {parameters} give a rotary dim other than the model's")
         start = slot * self.slot_rows
         self.cos_sin_cache[start : start + rows].copy_(table)
-
-
-def _plain_rotary(module: Any) -> bool:
-    """vLLM rotaries whose forward is `RotaryEmbedding`'s (a table lookup by position): the ones a
-    slot table can stand in for. M-RoPE, dual-chunk, Deepseek and others have forwards of their own."""
-    if not isinstance(module, RotaryEmbedding):
-        return False
-    kind = type(module)
-    return all(
-        getattr(kind, f) is getattr(RotaryEmbedding, f) for f in ("forward_native", "forward_cpu", "forward_cuda")
-    )
 
 
 def install_slot_table(model: nn.Module, slots: int, slot_rows: int) -> SlotTableRotaryEmbedding:
@@ -118,7 +88,7 @@ def install_slot_table(model: nn.Module, slots: int, slot_rows: int) -> SlotTabl
     if len(templates) != 1:
         raise ValueError(f"{type(model).__name__}: {len(templates)} different rotary embeddings; one is needed")
     (template,) = templates.values()
-    if not _plain_rotary(template):
+    if not is_plain_rotary(template):
         raise ValueError(f"{type(model).__name__}: {type(template).__name__} has its own forward")
     table = SlotTableRotaryEmbedding(template, slots, slot_rows)
     for owner, _ in owners:

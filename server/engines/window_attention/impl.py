@@ -15,16 +15,13 @@ Steps without such rows go to vLLM's kernel untouched.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
 import torch
 from torch import nn
-from vllm import envs as vllm_envs
-from vllm._custom_ops import cpu_attn_get_scheduler_metadata
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
+from server.engines.vllm_adapter import cpu_attention as vllm_cpu
 from server.engines.window_attention import step
 from server.engines.window_attention.dual_chunk import dual_chunk_attention
 from server.engines.window_attention.kernel import far_rotation, two_band_attention
@@ -35,7 +32,7 @@ from server.engines.window_attention.row_cache import ROW_CACHE
 log = logging.getLogger(__name__)
 
 
-class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # vLLM is untyped here
+class WindowCPUAttentionImpl(vllm_cpu.CpuAttentionImpl):  # type: ignore[misc]  # vLLM is untyped here
     def forward(
         self,
         layer: Any,
@@ -53,8 +50,8 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )
-        starts = attn_metadata.query_start_loc.tolist()
-        seq_lens = attn_metadata.seq_lens.tolist()
+        starts = vllm_cpu.query_starts(attn_metadata)
+        seq_lens = vllm_cpu.row_lengths(attn_metadata)
         schemes = plan.schemes[: len(starts) - 1]
         window_rows = [r for r in plan.window_rows() if r < len(schemes)]
         query = self._scale_logn_rows(query, schemes, starts, seq_lens)
@@ -72,15 +69,15 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
             sub_output = output.new_empty((len(tokens), *output.shape[1:]))
             super().forward(layer, query[tokens], key, value, kv_cache, sub_metadata, sub_output)
             output[tokens] = sub_output
-        num_blocks, kv_heads, block_size, _ = kv_cache.shape
-        key_cache, value_cache = kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1).chunk(2, dim=2)
-        layout = probe_layout(layer.isa, kv_cache.dtype, self.head_size, block_size)
+        key_cache, value_cache = vllm_cpu.split_kv_cache(kv_cache)
+        isa = vllm_cpu.layer_isa(layer)
+        layout = probe_layout(isa, kv_cache.dtype, self.head_size, key_cache.shape[2])
         if layout is None:
-            raise RuntimeError(f"window attention cannot read the {layer.isa} KV cache layout")
+            raise RuntimeError(f"window attention cannot read the {isa} KV cache layout")
         for r in window_rows:
             start, stop, n = starts[r], starts[r + 1], seq_lens[r]
             first = n - (stop - start)
-            block_ids = attn_metadata.block_table[r]
+            block_ids = vllm_cpu.block_ids(attn_metadata, r)
             scheme = schemes[r]
             assert scheme is not None
             far = far_rotation(scheme, plan.inv_freq)
@@ -102,39 +99,11 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
     ) -> tuple[torch.Tensor, Any]:
         """The tokens of the rows that are not window rows, and vLLM metadata for them alone (a
         compacted sub-batch), so vLLM's kernel spends nothing on the window rows' tokens."""
-        starts = attn_metadata.query_start_loc.tolist()
+        starts = vllm_cpu.query_starts(attn_metadata)
         skip = set(window_rows)
         keep = [r for r in range(len(starts) - 1) if r not in skip]
         tokens = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in keep])
-        lengths = torch.tensor([starts[r + 1] - starts[r] for r in keep], dtype=attn_metadata.query_start_loc.dtype)
-        query_start_loc = torch.zeros(len(keep) + 1, dtype=lengths.dtype)
-        torch.cumsum(lengths, 0, out=query_start_loc[1:])
-        seq_lens = attn_metadata.seq_lens[keep]
-        scheduler_metadata = cpu_attn_get_scheduler_metadata(
-            num_reqs=len(keep),
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_size,
-            seq_lens=seq_lens,
-            dtype=dtype,
-            query_start_loc=query_start_loc,
-            causal=attn_metadata.causal,
-            sliding_window_size=self.sliding_window,
-            isa=layer.isa,
-            enable_kv_split=vllm_envs.VLLM_CPU_ATTN_SPLIT_KV,
-            kv_cache_dtype=self.kv_cache_dtype,
-        )
-        sub = dataclasses.replace(
-            attn_metadata,
-            num_actual_tokens=len(tokens),
-            max_query_len=int(lengths.max()),
-            query_start_loc=query_start_loc,
-            max_seq_len=int(seq_lens.max()),
-            seq_lens=seq_lens,
-            block_table=attn_metadata.block_table[keep],
-            scheduler_metadata=scheduler_metadata,
-        )
-        return tokens, sub
+        return tokens, vllm_cpu.rows_metadata(self, layer, dtype, attn_metadata, keep)
 
     @staticmethod
     def _scale_logn_rows(
@@ -157,11 +126,6 @@ class WindowCPUAttentionImpl(CPUAttentionBackendImpl):  # type: ignore[misc]  # 
 def install(model: nn.Module) -> int:
     """Make every CPU attention impl of `model` a `WindowCPUAttentionImpl`; returns how many.
     Other backends (GPU) are left alone: the API process refuses window schemes there."""
-    count = 0
-    for module in model.modules():
-        impl = getattr(module, "impl", None)
-        if type(impl) is CPUAttentionBackendImpl:
-            impl.__class__ = WindowCPUAttentionImpl
-            count += 1
+    count = vllm_cpu.swap_attention_impls(model, WindowCPUAttentionImpl)
     log.info("window attention: installed in %d attention layers", count)
     return count

@@ -1,10 +1,11 @@
 """One row's keys and values, read back from vLLM's paged CPU KV cache.
 
 vLLM 0.32's CPU backend keeps the cache as [blocks, kv_heads, 2 x block_size, head_dim] and splits
-it into keys and values along the third axis. How a (block, head)'s keys lie in memory depends on
-the kernel ISA: `vec` and `vec16` store them transposed ([head_dim, block_size]), values plain. The
-layout is not part of any API, so `probe_layout` writes known keys with vLLM's own
-`cpu_attn_reshape_and_cache` and looks: a layout it does not recognise is refused, never guessed.
+it into keys and values along the third axis (`split_kv_cache`, server/engines/vllm_adapter/). How a
+(block, head)'s keys lie in memory depends on the kernel ISA: `vec` and `vec16` store them
+transposed ([head_dim, block_size]), values plain. The layout is not part of any API, so
+`probe_layout` writes known keys with vLLM's own cache-write op (`reshape_and_cache`) and looks: a
+layout it does not recognise is refused, never guessed.
 """
 
 from __future__ import annotations
@@ -19,17 +20,17 @@ KeyLayout = Literal["transposed", "plain"]
 
 @functools.cache
 def probe_layout(isa: str, dtype: torch.dtype, head_dim: int, block_size: int) -> KeyLayout | None:
-    """How `cpu_attn_reshape_and_cache` with `isa` lays out a block's keys (None: neither way known)."""
-    from vllm import _custom_ops as ops
+    """How vLLM's cache-write op with `isa` lays out a block's keys (None: neither way known)."""
+    from server.engines.vllm_adapter.cpu_attention import reshape_and_cache, split_kv_cache
 
     kv_heads, blocks = 2, 2
     tokens = block_size + 3
     key = torch.randn(tokens, kv_heads, head_dim).to(dtype)
     value = torch.randn(tokens, kv_heads, head_dim).to(dtype)
-    cache = torch.zeros(blocks, kv_heads, 2 * block_size, head_dim, dtype=dtype)
-    key_cache, value_cache = cache.chunk(2, dim=2)
+    cache = torch.zeros(blocks, kv_heads, block_size, 2 * head_dim, dtype=dtype)
+    key_cache, value_cache = split_kv_cache(cache)
     try:
-        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, torch.arange(tokens), isa)
+        reshape_and_cache(key, value, key_cache, value_cache, torch.arange(tokens), isa)
     except Exception:  # noqa: BLE001 - an ISA this build cannot run: no layout
         return None
     row_k, row_v = read_row(key_cache, value_cache, torch.arange(blocks), tokens, "transposed")
