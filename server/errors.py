@@ -11,10 +11,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engines.base import EngineBusy, EngineDown
-from server.schemas import MAX_REPORTED_ERRORS, ErrorResponse, ErrorType, clipped
+from server.schemas import ErrorResponse, ErrorType
 from server.service import DeadlineExceeded, Draining, Overloaded
 from server.sse import ClientDisconnected
-from strategies.base import StrategyError
+from strategies.base import MAX_REPORTED_ERRORS, StrategyError, clipped
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-from itertools import islice
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+from strategies.base import clipped as clipped  # quoted client text, for the HTTP layer's messages
+from strategies.base import refuse_many_unknown
 
 StrategySpec = str | dict[str, Any]
 
@@ -24,20 +26,12 @@ MAX_DEADLINE_S = 86_400.0
 MAX_LOGPROBS = 20
 # TGI's default max_top_n_tokens.
 MAX_TOP_N_TOKENS = 5
-# An invalid body is answered with at most this many errors and a count of the rest: a body of
-# many bad items must not cost a second of the event loop and megabytes of reply.
-MAX_REPORTED_ERRORS = 10
 
 # Lists stop at their first bad item (pydantic's fail_fast): one error for a list of a million bad
 # items, not a million errors, each built in Python and then written into the reply.
 Texts = Annotated[list[str], Field(fail_fast=True)]
 TokenIds = Annotated[list[int], Field(fail_fast=True)]
 StopList = Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES, fail_fast=True)]
-
-
-def clipped(text: str, limit: int = 64) -> str:
-    """Client text quoted in an error message, cut to `limit` characters."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _encodable(value: Any) -> bool:
@@ -89,14 +83,7 @@ class RequestBody(BaseModel):
     @classmethod
     def _few_unknown_fields(cls, data: Any) -> Any:
         """Many unknown fields are one error, not one each (pydantic names a few itself)."""
-        if not isinstance(data, dict):
-            return data
-        unknown = len(data.keys() - cls.model_fields.keys())
-        if unknown > MAX_REPORTED_ERRORS:
-            first = islice((key for key in data if key not in cls.model_fields), MAX_REPORTED_ERRORS)
-            shown = ", ".join(repr(clipped(str(key))) for key in first)
-            raise ValueError(f"{unknown} unknown fields, not allowed (the first: {shown})")
-        return data
+        return refuse_many_unknown(data, cls.model_fields.keys(), "fields")
 
 
 class ErrorResponse(BaseModel):

@@ -19,7 +19,7 @@ them. The engine runs plans; it never sees strategies.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any, ClassVar, Generic, TypeVar
@@ -44,11 +44,13 @@ __all__ = [
     "Tokenize",
     "check_fits",
     "clipped",
+    "refuse_many_unknown",
     "too_many_rows",
 ]
 
 DOCUMENT_SEPARATOR = "\n\n"
-# A refusal lists at most this many problems with a strategy's parameters, and a count of the rest.
+# A refusal lists at most this many problems (of a body or a strategy's parameters) and a count of
+# the rest: a body of many bad items must not cost a second of the event loop and megabytes of reply.
 MAX_REPORTED_ERRORS = 10
 
 Tokenize = Callable[[str], list[int]]
@@ -100,15 +102,7 @@ class StrategyParams(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _few_unknown_parameters(cls, data: Any) -> Any:
-        """Many unknown keys are one error, not one each (pydantic names a few itself)."""
-        if not isinstance(data, dict):
-            return data
-        unknown = len(data.keys() - cls.model_fields.keys())
-        if unknown > MAX_REPORTED_ERRORS:
-            first = islice((key for key in data if key not in cls.model_fields), MAX_REPORTED_ERRORS)
-            shown = ", ".join(repr(clipped(str(key))) for key in first)
-            raise ValueError(f"{unknown} unknown parameters, not allowed (the first: {shown})")
-        return data
+        return refuse_many_unknown(data, cls.model_fields.keys(), "parameters")
 
 
 @dataclass(frozen=True)
@@ -177,6 +171,20 @@ def too_many_rows(rows: int, limit: int) -> StrategyError:
 def clipped(text: str, limit: int = 64) -> str:
     """Client text quoted in an error message, cut to `limit` characters."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def refuse_many_unknown(data: Any, known: Iterable[str], what: str) -> Any:
+    """A model's `before` validator: many unknown keys of a JSON object are one error naming the
+    first few, not one error each (pydantic itself reports each)."""
+    if not isinstance(data, dict):
+        return data
+    fields = set(known)
+    unknown = len(data.keys() - fields)
+    if unknown > MAX_REPORTED_ERRORS:
+        first = islice((key for key in data if key not in fields), MAX_REPORTED_ERRORS)
+        shown = ", ".join(repr(clipped(str(key))) for key in first)
+        raise ValueError(f"{unknown} unknown {what}, not allowed (the first: {shown})")
+    return data
 
 
 def check_fits(prompt_tokens: int, max_new_tokens: int, limit: int, strategy: str, hint: str = "") -> None:
