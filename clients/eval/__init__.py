@@ -22,7 +22,7 @@ import httpx
 
 from clients.bench_passkey import label, load_token_counter, parse_length, spec_for_length, split_strategies
 from clients.eval import passkey, perplexity, plots, probe, ruler
-from clients.eval.policy import measured_policy
+from clients.eval.policy import merged_policy
 from clients.eval.results import EvalResults
 
 DEFAULT_TASKS = "passkey,niah_single_1"
@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="eval-results", help="directory for results.json, PNGs, results.md")
     parser.add_argument("--write-policy", help="also write the measured policy for `auto` to this file")
     parser.add_argument("--from-results", help="redraw plots / policy from a results.json, no server")
+    parser.add_argument(
+        "--policy-also",
+        default="",
+        help="comma-separated results.json of other grids of this model whose bands join the written policy "
+        "(a length this run measured replaces theirs)",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -152,7 +158,10 @@ def cli(args: argparse.Namespace) -> int:
     for path in plots.write_all(results, out):
         print(path)
     if args.write_policy:
-        policy = measured_policy(results, source=f"ropeserve eval ({out / 'results.json'})")
+        others = [Path(p.strip()) for p in args.policy_also.split(",") if p.strip()]
+        grids = [EvalResults.load(p) for p in others] + [results]
+        sources = ", ".join(str(p) for p in [*others, out / "results.json"])
+        policy = merged_policy(grids, source=f"ropeserve eval ({sources})")
         Path(args.write_policy).write_text(json.dumps(policy, indent=1) + "\n")
         print(args.write_policy)
     print(plots.markdown(results))

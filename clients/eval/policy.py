@@ -11,6 +11,8 @@ Format (read by strategies/auto_policy.py):
                             "tasks": {"passkey": "5/5", "niah_single_1": "4/5"}}, ...]}, ...]}
 
 A request of `n` tokens (prompt + max_new_tokens) uses the first band with `up_to_tokens >= n`.
+Grids measured apart (e.g. docs/eval to 16k, docs/eval/long from 16k to 64k) join in one policy
+through `merged_policy`: a length measured by a later grid replaces an earlier grid's band.
 """
 
 from __future__ import annotations
@@ -61,3 +63,21 @@ def measured_policy(results: EvalResults, source: str) -> dict[str, Any]:
         if ranked:
             bands.append({"up_to_tokens": length, "ranked": [entry for _, entry in sorted(ranked, key=lambda r: r[0])]})
     return {"model": results.model, "native_window": results.native_window, "source": source, "bands": bands}
+
+
+def merged_policy(grids: list[EvalResults], source: str) -> dict[str, Any]:
+    """One policy from several grids of the same model, band by band; where two grids measured the
+    same length, the later one's band is kept (its cells are the newer measurement)."""
+    if len({(g.model, g.native_window) for g in grids}) > 1:
+        raise ValueError("the grids were measured on different models")
+    bands: dict[int, dict[str, Any]] = {}
+    for grid in grids:
+        for band in measured_policy(grid, source)["bands"]:
+            bands[band["up_to_tokens"]] = band
+    first = grids[0]
+    return {
+        "model": first.model,
+        "native_window": first.native_window,
+        "source": source,
+        "bands": [bands[length] for length in sorted(bands)],
+    }

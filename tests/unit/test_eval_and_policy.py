@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from clients.eval import plots
-from clients.eval.policy import measured_policy
+from clients.eval.policy import measured_policy, merged_policy
 from clients.eval.results import Curve, EvalResults
 from server.engines.base import ModelFacts
 from strategies.auto_policy import SHIPPED_POLICY, AutoPolicy, load_policy
@@ -166,6 +166,24 @@ def test_a_band_measured_on_fewer_tasks_ranks_what_was_measured_there() -> None:
     assert [c["label"] for c in bands[64000]["ranked"]] == ["dca", "nbce"]
     assert bands[64000]["ranked"][0]["tasks"] == {"passkey": "3/3"}
     assert "dca" not in [c["label"] for c in bands[16000]["ranked"]]
+
+
+def test_grids_measured_apart_join_band_by_band_and_the_later_grid_wins() -> None:
+    short_grid = synthetic_results()  # 4k and 16k
+    long_grid = EvalResults("m", 8192, ["dca", "nbce"], [{"name": "dca"}, {"name": "nbce"}], [16000, 32000])
+    for (name, length), (correct, trials) in {
+        ("dca", 16000): (5, 5), ("nbce", 16000): (4, 5), ("dca", 32000): (5, 5), ("nbce", 32000): (2, 5),
+    }.items():  # fmt: skip
+        cell = long_grid.score("passkey", name, length)
+        cell.correct, cell.trials, cell.seconds = correct, trials, 3.0
+    policy = AutoPolicy.model_validate(merged_policy([short_grid, long_grid], source="test"))
+    assert [b.up_to_tokens for b in policy.bands] == [4000, 16000, 32000]
+    assert [c.label for c in policy.bands[0].ranked] == ["native", "dynamic_ntk", "nbce"]  # the short grid's
+    assert [c.label for c in policy.bands[1].ranked] == ["dca", "nbce"]  # the long grid replaced it
+    assert policy.bands[2].ranked[0].tasks == {"passkey": "5/5"}
+    other_model = EvalResults("other", 4096, [], [], [])
+    with pytest.raises(ValueError, match="different models"):
+        merged_policy([short_grid, other_model], source="test")
 
 
 @pytest.mark.parametrize(
