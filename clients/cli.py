@@ -62,6 +62,7 @@ BENCHMARKS = {
     "scaling": "TP=1 vs TP=2 on a long prompt; one vs two replicas behind HAProxy (starts its own servers)",
     "soak": "minutes of mixed traffic at twice the capacity: every request answered or 429, memory after",
     "cost": "per-request time of position-changing strategies against dynamic_ntk, fresh documents, side by side",
+    "priority": "TTFT of short requests while a long document is prefilled, with and without `priority`",
 }
 
 
