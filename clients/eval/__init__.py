@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="keep the cells and curves already in --out's results.json and measure only the missing ones "
-        "(new strategies and lengths are added to it)",
+        "(new strategies and lengths are added to it; a cell measured under another --seed gains this seed's trials)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800.0)
@@ -94,13 +94,17 @@ def measure(args: argparse.Namespace) -> EvalResults:
             for spec, name in zip(specs, labels, strict=True):
                 for task in tasks:
                     for length in lengths:
-                        if results.has(task, name, length):
+                        # RULER's samples are lm-eval's own, the same under every seed.
+                        seed = args.seed if task == "passkey" else 0
+                        if results.has(task, name, length, seed):
                             progress.advance(bar)
                             continue
                         progress.update(bar, description=f"{task} {name} {length:,}")
-                        results.tasks.setdefault(task, {}).setdefault(name, {})[str(length)] = _cell(
+                        score = _cell(
                             args, client, task, spec, length, native, count, tokenizer, str(info.get("model_id"))
                         )
+                        score.seeds = [seed]
+                        results.record(task, name, length, score)
                         progress.advance(bar)
                         results.save(Path(args.out) / "results.json")  # a partial run keeps what it measured
                 if ppl_tokens and name in results.perplexity and results.perplexity[name].tokens >= ppl_tokens:

@@ -1,7 +1,8 @@
 """The measured policy `auto` follows: per length band, the strategies ranked by their mean
 accuracy over the tasks measured at that length (a strategy is a candidate when it was measured on
-all of them; ties: the order they were evaluated in, e.g. native first — request times on a shared
-machine are too noisy to break ties).
+all of them; ties: more trials first — a cell measured under two seeds is the stronger evidence —
+then the order they were evaluated in, e.g. native first: request times on a shared machine are
+too noisy to break ties).
 
 Format (read by strategies/auto_policy.py):
 
@@ -48,9 +49,10 @@ def measured_policy(results: EvalResults, source: str) -> dict[str, Any]:
             measured = {task: s for task, s in scores.items() if s is not None}
             accuracy = sum(s.accuracy or 0.0 for s in measured.values()) / len(measured)
             seconds = sum(s.seconds for s in measured.values()) / len(measured)
+            trials = sum(s.trials for s in measured.values())
             ranked.append(
                 (
-                    (-accuracy, order),
+                    (-accuracy, -trials, order),
                     {
                         "strategy": spec_for_length(spec, length, results.native_window),
                         "label": label,

@@ -18,10 +18,21 @@ class Score:
     seconds: float = 0.0
     refused: str | None = None  # the server's 422 message: the strategy cannot serve this length
     strategy: dict[str, Any] = field(default_factory=dict)  # the spec actually sent
+    # The `--seed`s whose cases were run (a cell measured again under another seed adds its trials).
+    seeds: list[int] = field(default_factory=lambda: [0])
 
     @property
     def accuracy(self) -> float | None:
         return None if self.refused or not self.trials else self.correct / self.trials
+
+    def add_run(self, other: Score) -> None:
+        """Another seed's run of this cell: trials add up, seconds are the mean over all trials."""
+        total = self.trials + other.trials
+        if total:
+            self.seconds = (self.seconds * self.trials + other.seconds * other.trials) / total
+        self.correct += other.correct
+        self.trials = total
+        self.seeds = sorted(set(self.seeds) | set(other.seeds))
 
 
 @dataclass
@@ -52,10 +63,19 @@ class EvalResults:
     def score(self, task: str, strategy: str, length: int) -> Score:
         return self.tasks.setdefault(task, {}).setdefault(strategy, {}).setdefault(str(length), Score())
 
-    def has(self, task: str, strategy: str, length: int) -> bool:
-        """Whether the cell was measured (or refused) already."""
+    def has(self, task: str, strategy: str, length: int, seed: int = 0) -> bool:
+        """Whether the cell was measured under `seed` (or refused) already."""
         cell = self.tasks.get(task, {}).get(strategy, {}).get(str(length))
-        return cell is not None and (cell.trials > 0 or cell.refused is not None)
+        return cell is not None and (cell.refused is not None or (cell.trials > 0 and seed in cell.seeds))
+
+    def record(self, task: str, strategy: str, length: int, score: Score) -> None:
+        """A measured cell; where the cell holds another seed's run, the new trials join it."""
+        cells = self.tasks.setdefault(task, {}).setdefault(strategy, {})
+        cell = cells.get(str(length))
+        if cell is not None and cell.trials > 0 and score.trials > 0 and not set(score.seeds) & set(cell.seeds):
+            cell.add_run(score)
+        else:
+            cells[str(length)] = score
 
     def extended(self, labels: list[str], specs: list[dict[str, Any]], lengths: list[int]) -> EvalResults:
         """These results with the strategies and lengths of another run added (a resumed run)."""

@@ -10,7 +10,7 @@ import pytest
 
 from clients.eval import plots
 from clients.eval.policy import measured_policy, merged_policy
-from clients.eval.results import Curve, EvalResults
+from clients.eval.results import Curve, EvalResults, Score
 from server.engines.base import ModelFacts
 from strategies.auto_policy import SHIPPED_POLICY, AutoPolicy, load_policy
 from strategies.base import StrategyError, StrategyRequest
@@ -57,6 +57,23 @@ def test_results_round_trip_and_the_policy_ranks_by_accuracy(tmp_path: Path) -> 
     assert long.ranked[0].score == 1.0 and long.ranked[1].tasks == {"passkey": "2/3", "niah": "1/3"}
     assert long.ranked[1].strategy == {"name": "dynamic_ntk", "factor": 2.0}  # the factor that fits 16k
     assert policy.band_for(3000) is short and policy.band_for(9000) is long and policy.band_for(20000) is None
+
+
+def test_a_cell_measured_under_another_seed_adds_its_trials(tmp_path: Path) -> None:
+    results = synthetic_results()  # passkey dynamic_ntk 16000: 2/3 at 2 s, seed 0
+    assert results.has("passkey", "dynamic_ntk", 16000) and not results.has("passkey", "dynamic_ntk", 16000, seed=1)
+    results.record("passkey", "dynamic_ntk", 16000, Score(correct=3, trials=3, seconds=4.0, seeds=[1]))
+    cell = results.score("passkey", "dynamic_ntk", 16000)
+    assert (cell.correct, cell.trials, cell.seconds, cell.seeds) == (5, 6, 3.0, [0, 1])
+    assert results.has("passkey", "dynamic_ntk", 16000, seed=1)
+    results.save(tmp_path / "results.json")
+    assert EvalResults.load(tmp_path / "results.json") == results
+    old = json.loads((tmp_path / "results.json").read_text())
+    for by_length in old["tasks"]["passkey"].values():
+        for cell in by_length.values():
+            del cell["seeds"]  # a results.json without seeds: its runs used the default seed, 0
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    assert EvalResults.load(tmp_path / "results.json").score("passkey", "nbce", 16000).seeds == [0]
 
 
 def test_plots_and_table_are_written(tmp_path: Path) -> None:
@@ -181,6 +198,14 @@ def test_grids_measured_apart_join_band_by_band_and_the_later_grid_wins() -> Non
     assert [c.label for c in policy.bands[0].ranked] == ["native", "dynamic_ntk", "nbce"]  # the short grid's
     assert [c.label for c in policy.bands[1].ranked] == ["dca", "nbce"]  # the long grid replaced it
     assert policy.bands[2].ranked[0].tasks == {"passkey": "5/5"}
+    long_grid.record("passkey", "nbce", 32000, Score(correct=5, trials=5, seeds=[1]))  # nbce 7/10
+    long_grid.record("passkey", "dca", 32000, Score(correct=5, trials=5, seeds=[1]))  # dca 10/10
+    rerope = long_grid.score("passkey", "rerope", 32000)
+    rerope.correct, rerope.trials = 5, 5
+    long_grid.strategies.insert(0, "rerope")
+    long_grid.specs.insert(0, {"name": "rerope"})
+    ties = AutoPolicy.model_validate(merged_policy([long_grid], source="test")).bands[-1]
+    assert [c.label for c in ties.ranked] == ["dca", "rerope", "nbce"]  # 10/10 before 5/5, listed first or not
     other_model = EvalResults("other", 4096, [], [], [])
     with pytest.raises(ValueError, match="different models"):
         merged_policy([short_grid, other_model], source="test")
