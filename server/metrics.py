@@ -52,6 +52,16 @@ UNKNOWN_STRATEGY = "unknown"
 # Request ids are uuid4().hex; engine rows of one request (NBCE) extend it with a suffix.
 REQUEST_ID_CHARS = 32
 MAX_TRACKED_REQUESTS = 8192
+# The engine's parallel settings as labels of `ropeserve_engine_ranks` (`Parallelism.labels()`).
+PARALLELISM_LABELS = (
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "data_parallel_size",
+    "distributed_executor_backend",
+)
+# Label names: series per strategy (what the client sees) or per engine (what the engine does).
+BY_STRATEGY = ("strategy",)
+BY_ENGINE = ("engine",)
 
 
 class GpuMemoryCollector(Collector):
@@ -130,161 +140,138 @@ class ChildProcessMemoryCollector(Collector):
         )
 
 
+def _register_memory_collectors(registry: CollectorRegistry, gpu: bool | None) -> None:
+    """The memory of the engine processes beside the API process (and of the GPUs, where there are)."""
+    if gpu is None:
+        gpu = _torch_cuda_device_count() > 0
+    if gpu:
+        registry.register(GpuMemoryCollector())
+    try:
+        registry.register(ChildProcessMemoryCollector())
+    except Exception:  # psutil is vLLM's dependency; without it, this one gauge is absent
+        log.debug("no child-process memory gauge", exc_info=True)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, gpu: bool | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        r = self.registry
-        # --- what the client sees, per strategy (GenerationService) ---
+        self._add_client_view(self.registry)
+        self._add_vllm_measures(self.registry)
+        self._add_engine_gauges(self.registry)
+        _register_memory_collectors(self.registry, gpu)
+        self._request_strategy: OrderedDict[str, str] = OrderedDict()
+        self._seen_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+        self._slot_loads_seen = 0
+
+    def _add_client_view(self, r: CollectorRegistry) -> None:
+        """What the client sees, per strategy (fed by GenerationService)."""
         self.time_to_first_token = Histogram(
             "ropeserve_time_to_first_token_seconds",
             "Time from request arrival to its first generated token.",
-            ["strategy"],
+            BY_STRATEGY,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.inter_token_latency = Histogram(
             "ropeserve_inter_token_latency_seconds",
             "Time between consecutive generated tokens of one request.",
-            ["strategy"],
+            BY_STRATEGY,
             buckets=TOKEN_LATENCY_BUCKETS,
             registry=r,
         )
         self.request_duration = Histogram(
             "ropeserve_request_duration_seconds",
             "Time from request arrival to its last token (end to end).",
-            ["strategy"],
+            BY_STRATEGY,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.requests = Counter(
-            "ropeserve_requests",
-            "Requests by strategy and outcome.",
-            ["strategy", "status"],
-            registry=r,
+            "ropeserve_requests", "Requests by strategy and outcome.", (*BY_STRATEGY, "status"), registry=r
         )
         self.prompt_tokens = Counter(
-            "ropeserve_prompt_tokens",
-            "Prompt tokens of finished requests (all rows).",
-            ["strategy"],
-            registry=r,
+            "ropeserve_prompt_tokens", "Prompt tokens of finished requests (all rows).", BY_STRATEGY, registry=r
         )
-        self.generated_tokens = Counter(
-            "ropeserve_generated_tokens",
-            "Generated tokens.",
-            ["strategy"],
-            registry=r,
-        )
+        self.generated_tokens = Counter("ropeserve_generated_tokens", "Generated tokens.", BY_STRATEGY, registry=r)
         self.request_kv_tokens = Histogram(
             "ropeserve_request_kv_tokens",
             "KV-cache tokens a request held at its peak (NBCE counts every row).",
-            ["strategy"],
+            BY_STRATEGY,
             buckets=KV_TOKEN_BUCKETS,
             registry=r,
         )
         self.requests_in_flight = Gauge(
-            "ropeserve_requests_in_flight",
-            "Requests being served now.",
-            ["strategy"],
-            registry=r,
+            "ropeserve_requests_in_flight", "Requests being served now.", BY_STRATEGY, registry=r
         )
-        # --- what vLLM measures (engine_listener) ---
+
+    def _add_vllm_measures(self, r: CollectorRegistry) -> None:
+        """What vLLM measures per iteration (fed by `engine_listener`)."""
         self.request_queue_time = Histogram(
             "ropeserve_request_queue_time_seconds",
             "Time a request's engine rows waited in vLLM's scheduler queue (as vLLM measures it).",
-            ["strategy"],
+            BY_STRATEGY,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.request_prefill_time = Histogram(
             "ropeserve_request_prefill_time_seconds",
             "Time from a row's scheduling to its first token (as vLLM measures it).",
-            ["strategy"],
+            BY_STRATEGY,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.requests_running = Gauge(
-            "ropeserve_requests_running",
-            "Engine rows vLLM's scheduler is running, per engine.",
-            ["engine"],
-            registry=r,
+            "ropeserve_requests_running", "Engine rows vLLM's scheduler is running, per engine.", BY_ENGINE, registry=r
         )
         self.requests_queued = Gauge(
             "ropeserve_requests_queued",
             "Engine rows waiting in vLLM's scheduler queue, per engine.",
-            ["engine"],
+            BY_ENGINE,
             registry=r,
         )
         self.kv_cache_usage = Gauge(
-            "ropeserve_kv_cache_usage_ratio",
-            "Fraction of the KV cache in use, per engine.",
-            ["engine"],
-            registry=r,
+            "ropeserve_kv_cache_usage_ratio", "Fraction of the KV cache in use, per engine.", BY_ENGINE, registry=r
         )
         self.preemptions = Counter(
-            "ropeserve_engine_preemptions",
-            "Rows vLLM preempted (KV cache full), per engine.",
-            ["engine"],
-            registry=r,
+            "ropeserve_engine_preemptions", "Rows vLLM preempted (KV cache full), per engine.", BY_ENGINE, registry=r
         )
-        # --- the engine ---
+
+    def _add_engine_gauges(self, r: CollectorRegistry) -> None:
+        """The running engine: its start, its ranks, its RoPE slots (refreshed by `refresh_engine`)."""
         self.engines = Gauge("ropeserve_engines", "Engines running.", registry=r)
         self.engine_startup = Gauge(
-            "ropeserve_engine_startup_seconds",
-            "How long the running engine took to start.",
-            ["engine"],
-            registry=r,
+            "ropeserve_engine_startup_seconds", "How long the running engine took to start.", BY_ENGINE, registry=r
         )
         self.engine_starts = Counter(
             "ropeserve_engine_starts",
             "Engines started since the server started (1: strategies never start engines).",
-            ["engine"],
+            BY_ENGINE,
             registry=r,
         )
         self.engine_ranks = Gauge(
             "ropeserve_engine_ranks",
             "Worker processes of the running engine (tensor x pipeline x data parallel), labelled with its parallel settings.",
-            [
-                "engine",
-                "tensor_parallel_size",
-                "pipeline_parallel_size",
-                "data_parallel_size",
-                "distributed_executor_backend",
-            ],
+            (*BY_ENGINE, *PARALLELISM_LABELS),
             registry=r,
         )
         self.rope_slots = Gauge(
             "ropeserve_rope_slots",
             "RoPE slots of the engine's cos/sin table (besides the native one).",
-            ["engine"],
+            BY_ENGINE,
             registry=r,
         )
         self.rope_slots_in_use = Gauge(
-            "ropeserve_rope_slots_in_use",
-            "RoPE slots held by running requests' configurations.",
-            ["engine"],
-            registry=r,
+            "ropeserve_rope_slots_in_use", "RoPE slots held by running requests' configurations.", BY_ENGINE, registry=r
         )
         self.rope_slot_loads = Counter(
             "ropeserve_rope_slot_loads",
             "RoPE configurations placed in a slot (each a cos/sin table built in the engine).",
-            ["engine"],
+            BY_ENGINE,
             registry=r,
         )
-        # --- memory ---
-        if gpu is None:
-            gpu = _torch_cuda_device_count() > 0
-        if gpu:
-            r.register(GpuMemoryCollector())
-        try:
-            r.register(ChildProcessMemoryCollector())
-        except Exception:  # psutil is vLLM's dependency; without it, this one gauge is absent
-            log.debug("no child-process memory gauge", exc_info=True)
-        self._request_strategy: OrderedDict[str, str] = OrderedDict()
-        self._seen_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-        self._slot_loads_seen = 0
 
     # --- requests -------------------------------------------------------------------------------
 

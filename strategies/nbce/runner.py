@@ -10,8 +10,7 @@ Design
   step where every row of the request is scheduled at its decode point and at the same output
   length, it computes the NBCE token (pooling, beta, eta, optional per-row top_p, then greedy or
   seeded sampling) and forces it in every row. Nothing is approximated: the tokens are those of
-  a straightforward NBCE over the same rows and the engine's logits. (A step-by-step design that
-  combined top-20 logprobs in the server was tried first and was not exact.)
+  a straightforward NBCE over the same rows and the engine's logits.
 * **Batched, not serialized.** The rows are ordinary vLLM requests: they share the continuous
   batch with every other request, and an NBCE request blocks nobody.
 * **Lockstep and resubmission.** Rows must enter the batch together. The runner first prefills
@@ -31,7 +30,8 @@ Design
   therefore run the engine in float32 (`ROPESERVE_DTYPE=float32`, what the test server uses) and
   compare with the float32 reference (tests/support/nbce_reference.py); near-ties (top-2 gap < 1e-4)
   may break either way. Production serving may keep bf16.
-* **Streaming, cancellation.** Each confirmed token is yielded as an EngineStep at once; if the
+* **Streaming, cancellation.** Each confirmed token is yielded as an EngineStep at once (its text
+  held back while it may be the start of a stop string, as vLLM does for ordinary rows); if the
   consumer goes away, every row of the request is aborted (their KV blocks freed).
 * **Accounting.** `job.stats["kv_tokens"]` is what the rows held together (all rows' prompts plus
   every row's generated tokens).
@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from server.engines.base import (
@@ -67,6 +68,241 @@ MAX_RESUBMITS = 64
 
 class NbceError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class NbceCombiner:
+    """The `RowCombiner` of an NBCE plan: its rows are [question alone, document rows...]."""
+
+    combination: Combination
+    name: str = "nbce"
+
+    def run(self, engine: Engine, job: RowJob) -> StepStream:
+        return _NbceRequest(engine, job, self.combination).stream()
+
+
+class _NbceRequest:
+    """One NBCE request: its rows prefilled, submitted as a group, resubmitted whenever they fall out
+    of step, and the tokens they agree on yielded as the request's steps."""
+
+    def __init__(self, engine: Engine, job: RowJob, combination: Combination) -> None:
+        self.engine = engine
+        self.job = job
+        self.combination = combination
+        self.rows = job.plan.rows
+        self.tokens = _ConfirmedTokens(engine, job.sampling, prompt_tokens=job.plan.prompt_tokens)
+        self._submitted: list[str] = []  # engine request ids of the rows running now
+        job.stats.update(kv_tokens=job.plan.prompt_tokens, nbce_rows=len(self.rows), nbce_resubmits=0)
+
+    async def stream(self) -> StepStream:
+        try:
+            await _prefill(self.engine, self.job)
+            attempt = 0
+            while True:
+                # aclosing: when the consumer goes away, the submission's rows are stopped here and now.
+                async with contextlib.aclosing(self._submission(attempt)) as steps:
+                    async for step in steps:
+                        yield step
+                if self.tokens.finish is not None:
+                    return
+                attempt += 1
+                self._count_resubmit(attempt)
+        finally:
+            await self._abort_submitted()
+
+    async def _submission(self, attempt: int) -> StepStream:
+        """Run the rows as one group until the request finishes or the rows fall out of step."""
+        rows = self._row_requests(f"{self.job.request_id}:{attempt}")
+        self._submitted = [r.request_id for r in rows]
+        streams = await self.engine.generate_group(rows)
+        queue: asyncio.Queue[Pumped] = asyncio.Queue()
+        tasks = [asyncio.create_task(_pump(k, s, queue)) for k, s in enumerate(streams)]
+        lockstep = _Lockstep(len(rows))
+        try:
+            while not lockstep.stuck:
+                lockstep.receive(*await queue.get())
+                for token in lockstep.agreed_tokens():
+                    yield self._confirm(token)
+                    if self.tokens.finish is not None:
+                        return
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._abort_submitted()
+
+    def _row_requests(self, group: str) -> list[RowRequest]:
+        """The rows with the confirmed tokens appended, each tagged for the engine's NBCE processor."""
+        confirmed, sampling = self.tokens.ids, self.job.sampling
+        draw = Draw.from_sampling(sampling)
+        return [
+            RowRequest(
+                f"{group}:{k}",
+                row + confirmed,
+                SamplingOptions(
+                    max_new_tokens=sampling.max_new_tokens - len(confirmed),
+                    greedy=True,
+                    ignore_eos=sampling.ignore_eos,
+                    extra_args=RowTag(
+                        job=self.job.request_id,
+                        group=group,
+                        row=k,
+                        rows=len(self.rows),
+                        base=len(confirmed),
+                        combination=self.combination,
+                        draw=draw,
+                    ).to_extra_args(),
+                ),
+                self.job.plan.rope,
+            )
+            for k, row in enumerate(self.rows)
+        ]
+
+    def _confirm(self, token: int) -> EngineStep:
+        step = self.tokens.add(token)
+        self.job.stats["kv_tokens"] = self.job.plan.prompt_tokens + len(self.rows) * len(self.tokens.ids)
+        return step
+
+    def _count_resubmit(self, attempt: int) -> None:
+        self.job.stats["nbce_resubmits"] = attempt
+        log.info(
+            "nbce %s: rows out of step at token %d; resubmitting (attempt %d)",
+            self.job.request_id,
+            len(self.tokens.ids),
+            attempt,
+        )
+        if attempt > MAX_RESUBMITS:
+            raise NbceError(f"nbce rows fell out of step {attempt} times; giving up")
+
+    async def _abort_submitted(self) -> None:
+        if not self._submitted:
+            return
+        ids, self._submitted = self._submitted, []
+        try:
+            await asyncio.shield(self.engine.abort(ids))
+        except Exception:
+            log.debug("abort of nbce rows failed", exc_info=True)
+
+
+async def _prefill(engine: Engine, job: RowJob) -> None:
+    """Every row as a one-token request: fills the prefix cache, batched with other traffic.
+
+    One row after the other: a row in chunked prefill is a *running* request and takes the whole
+    token budget of a step, so all rows at once would keep newly arriving requests waiting until
+    the whole document is read (measured: 2 ordinary requests served in 560 s of a 30k-token
+    NBCE prefill). Row by row, requests that arrive meanwhile are admitted between rows.
+    """
+    for k, row in enumerate(job.plan.rows):
+        request = RowRequest(f"{job.request_id}:prefill:{k}", row, SamplingOptions(max_new_tokens=1), job.plan.rope)
+        stream = engine.generate(request)
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            await stream.aclose()
+
+
+# A row's next step, tagged with the row's index: None when its stream ended, an exception when it failed.
+Pumped = tuple[int, EngineStep | BaseException | None]
+
+
+async def _pump(k: int, stream: StepStream, queue: asyncio.Queue[Pumped]) -> None:
+    try:
+        async for step in stream:
+            await queue.put((k, step))
+        await queue.put((k, None))
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - handed to the runner
+        await queue.put((k, exc))
+    finally:
+        with contextlib.suppress(BaseException):  # the row is gone either way; a failure was reported
+            await stream.aclose()
+
+
+class _Lockstep:
+    """The outputs of one submission's rows, and how far they agree: a token is confirmed only when
+    every row emitted it at the same position, so a desync never leaks out."""
+
+    def __init__(self, rows: int) -> None:
+        self.outputs: list[list[int]] = [[] for _ in range(rows)]
+        self.ended = [False] * rows
+        self.agreed = 0
+        self.desynced = False
+
+    def receive(self, k: int, step: EngineStep | BaseException | None) -> None:
+        if isinstance(step, BaseException):
+            raise NbceError(f"an nbce row failed: {step}") from step
+        if step is None:
+            self.ended[k] = True
+            return
+        self.outputs[k].extend(t.id for t in step.tokens)
+        if step.finished:
+            self.ended[k] = True
+
+    def agreed_tokens(self) -> Iterator[int]:
+        """The tokens every row has emitted at the next positions, in order, up to the first
+        position where the rows disagree (then `desynced`)."""
+        while all(len(out) > self.agreed for out in self.outputs):
+            token = self.outputs[0][self.agreed]
+            if any(out[self.agreed] != token for out in self.outputs):
+                self.desynced = True
+                return
+            self.agreed += 1
+            yield token
+
+    @property
+    def stuck(self) -> bool:
+        """No more tokens can be confirmed: the rows disagreed, or every row stopped (they
+        disagreed on the length)."""
+        return self.desynced or all(self.ended)
+
+
+class _ConfirmedTokens:
+    """The request's confirmed tokens as its steps: their text, and why the request finishes (a stop
+    string, EOS, max_new_tokens). Text that may be the start of a stop string is held back until
+    the next token tells; a stop string and what follows it are never sent."""
+
+    def __init__(self, engine: Engine, sampling: SamplingOptions, prompt_tokens: int) -> None:
+        self.tokenizer = engine.tokenizer
+        self.special = frozenset(self.tokenizer.all_special_ids or ())
+        self.eos = {*engine.model.eos_token_ids, *_ids(self.tokenizer.eos_token_id)}
+        self.ignore_eos = sampling.ignore_eos
+        self.max_new = sampling.max_new_tokens
+        self.stops = tuple(s for s in sampling.stop if s)
+        self.held_back = max((len(s) for s in self.stops), default=1) - 1
+        self.prompt_tokens = prompt_tokens
+        self.ids: list[int] = []
+        self.finish: FinishReason | None = None
+        self._detok = _Detokenizer(self.tokenizer)
+        self._pending = ""  # text of confirmed tokens not sent yet
+
+    def add(self, token: int) -> EngineStep:
+        self.ids.append(token)
+        special = token in self.special
+        self._pending += "" if special else self._detok.add(token)
+        text = self._detok.emitted
+        if self.stops and (hit := _find_stop(text, self.stops, len(text) - len(self._pending))) is not None:
+            # Drop the stop string and what follows it (characters past the stop's start).
+            self._pending = self._pending[: max(0, len(self._pending) - (len(text) - hit))]
+            self.finish = "stop_sequence"
+        elif token in self.eos and not self.ignore_eos:
+            self.finish = "eos_token"
+        elif len(self.ids) >= self.max_new:
+            self.finish = "length"
+        sent = self._pending if self.finish is not None else self._pending[: len(self._pending) - self.held_back]
+        self._pending = self._pending[len(sent) :]
+        return EngineStep(
+            tokens=[TokenEvent(id=token, text=self.tokenizer.decode([token]), logprob=None, special=special)],
+            text=sent,
+            finished=self.finish is not None,
+            finish_reason=self.finish,
+            prompt_tokens=self.prompt_tokens,
+        )
+
+
+def _ids(token_id: int | None) -> tuple[int, ...]:
+    return () if token_id is None else (token_id,)
 
 
 class _Detokenizer:
@@ -92,184 +328,6 @@ class _Detokenizer:
         delta = text[common:]
         self.emitted = text
         return delta
-
-
-async def _drain(stream: StepStream) -> None:
-    async for _ in stream:
-        pass
-
-
-@dataclass(frozen=True)
-class NbceCombiner:
-    """The `RowCombiner` of an NBCE plan: its rows are [question alone, document rows...]."""
-
-    combination: Combination
-    name: str = "nbce"
-
-    def run(self, engine: Engine, job: RowJob) -> StepStream:
-        return run_nbce(engine, job, self.combination)
-
-
-async def _prefill(engine: Engine, job: RowJob) -> None:
-    """Every row as a one-token request: fills the prefix cache, batched with other traffic.
-
-    One row after the other: a row in chunked prefill is a *running* request and takes the whole
-    token budget of a step, so all rows at once would keep newly arriving requests waiting until
-    the whole document is read (measured: 2 ordinary requests served in 560 s of a 30k-token
-    NBCE prefill). Row by row, requests that arrive meanwhile are admitted between rows.
-    """
-    for k, row in enumerate(job.plan.rows):
-        request = RowRequest(f"{job.request_id}:prefill:{k}", row, SamplingOptions(max_new_tokens=1), job.plan.rope)
-        stream = engine.generate(request)
-        try:
-            await _drain(stream)
-        finally:
-            await stream.aclose()
-
-
-Pumped = tuple[int, EngineStep | BaseException | None]
-
-
-async def _pump(k: int, stream: StepStream, queue: asyncio.Queue[Pumped]) -> None:
-    try:
-        async for step in stream:
-            await queue.put((k, step))
-        await queue.put((k, None))
-    except asyncio.CancelledError:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - handed to the runner
-        await queue.put((k, exc))
-    finally:
-        with contextlib.suppress(BaseException):  # the row is gone either way; a failure was reported
-            await stream.aclose()
-
-
-async def run_nbce(engine: Engine, job: RowJob, combination: Combination) -> StepStream:
-    plan, sampling = job.plan, job.sampling
-    rows: list[list[int]] = plan.rows
-    n = len(rows)
-    tokenizer = engine.tokenizer
-    special = frozenset(tokenizer.all_special_ids or ())
-    eos = set(engine.model.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    max_new = sampling.max_new_tokens
-    stops = tuple(s for s in sampling.stop if s)
-    draw = Draw.from_sampling(sampling)
-    prompt_total = sum(len(r) for r in rows)
-    confirmed: list[int] = []
-    detok = _Detokenizer(tokenizer)
-    job.stats.update(kv_tokens=prompt_total, nbce_rows=n, nbce_resubmits=0)
-    current_ids: list[str] = []
-
-    async def abort_current() -> None:
-        if current_ids:
-            ids = list(current_ids)
-            current_ids.clear()
-            try:
-                await asyncio.shield(engine.abort(ids))
-            except Exception:
-                log.debug("abort of nbce rows failed", exc_info=True)
-
-    try:
-        await _prefill(engine, job)
-        attempt = 0
-        finish: FinishReason | None = None
-        while finish is None:
-            remaining = max_new - len(confirmed)
-            group = f"{job.request_id}:{attempt}"
-            row_requests = [
-                RowRequest(
-                    f"{group}:{k}",
-                    rows[k] + confirmed,
-                    SamplingOptions(
-                        max_new_tokens=remaining,
-                        greedy=True,
-                        ignore_eos=sampling.ignore_eos,
-                        extra_args=RowTag(
-                            job=job.request_id,
-                            group=group,
-                            row=k,
-                            rows=n,
-                            base=len(confirmed),
-                            combination=combination,
-                            draw=draw,
-                        ).to_extra_args(),
-                    ),
-                    plan.rope,
-                )
-                for k in range(n)
-            ]
-            current_ids[:] = [r.request_id for r in row_requests]
-            streams = await engine.generate_group(row_requests)
-            queue: asyncio.Queue[Pumped] = asyncio.Queue()
-            tasks = [asyncio.create_task(_pump(k, s, queue)) for k, s in enumerate(streams)]
-            outs: list[list[int]] = [[] for _ in range(n)]
-            ended = [False] * n
-            pos = 0
-            desynced = False
-            try:
-                while finish is None and not desynced:
-                    k, step = await queue.get()
-                    if isinstance(step, BaseException):
-                        raise NbceError(f"an nbce row failed: {step}") from step
-                    if step is None:
-                        ended[k] = True
-                    else:
-                        outs[k].extend(t.id for t in step.tokens)
-                        if step.finished:
-                            ended[k] = True
-                    while finish is None and all(len(o) > pos for o in outs):
-                        token = outs[0][pos]
-                        if any(o[pos] != token for o in outs):
-                            desynced = True
-                            break
-                        pos += 1
-                        confirmed.append(token)
-                        is_eos = token in eos and not sampling.ignore_eos
-                        delta = "" if token in special else detok.add(token)
-                        event = TokenEvent(
-                            id=token, text=tokenizer.decode([token]), logprob=None, special=token in special
-                        )
-                        if stops:
-                            hit = _find_stop(detok.emitted, stops, len(detok.emitted) - len(delta))
-                            if hit is not None:
-                                cut = len(detok.emitted) - hit  # characters past the stop's start
-                                delta = delta[: max(0, len(delta) - cut)]
-                                finish = "stop_sequence"
-                        if finish is None and is_eos:
-                            finish = "eos_token"
-                        if finish is None and len(confirmed) >= max_new:
-                            finish = "length"
-                        job.stats["kv_tokens"] = prompt_total + n * len(confirmed)
-                        yield EngineStep(
-                            tokens=[event],
-                            text=delta,
-                            finished=finish is not None,
-                            finish_reason=finish,
-                            prompt_tokens=prompt_total,
-                        )
-                    if finish is None and not desynced and all(ended):
-                        # Every row stopped without the group finishing: they disagreed on length.
-                        desynced = True
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                await abort_current()
-            if desynced:
-                attempt += 1
-                job.stats["nbce_resubmits"] = attempt
-                log.info(
-                    "nbce %s: rows out of step at token %d; resubmitting (attempt %d)",
-                    job.request_id,
-                    len(confirmed),
-                    attempt,
-                )
-                if attempt > MAX_RESUBMITS:
-                    raise NbceError(f"nbce rows fell out of step {attempt} times; giving up")
-    finally:
-        await abort_current()
 
 
 def _find_stop(text: str, stops: tuple[str, ...], new_from: int) -> int | None:

@@ -140,7 +140,7 @@ def test_vllm_stats_become_engine_iterations() -> None:
     from vllm.v1.engine import FinishReason
     from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
 
-    from server.engines.vllm_engine import iteration_from_vllm
+    from server.engines.vllm_stats import iteration_from_vllm
 
     iteration = IterationStats()
     iteration.num_preempted_reqs = 2

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from server.engines.vllm_engine import hf_overrides_for
+from server.engines.vllm_launch import hf_overrides_for
 from strategies.base import ModelFacts, StrategyRequest
 from strategies.dynamic_ntk import bucket_length
 from strategies.registry import default_registry

@@ -9,7 +9,7 @@ import torch
 
 from server.engines.base import RopeConfig
 from server.engines.rope_slots import RopeSlots, RopeSlotsFull
-from server.engines.vllm_engine import hf_overrides_for
+from server.engines.vllm_launch import hf_overrides_for
 from strategies.base import ModelFacts, StrategyRequest
 from tests.support.planning import plan_for
 

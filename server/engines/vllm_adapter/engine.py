@@ -1,9 +1,9 @@
-"""vLLM's V1 `AsyncLLM` (vllm/v1/engine/async_llm.py) and what server/engines/vllm_engine.py uses
-of it beyond `generate`: the engine-core client's scheduler pause, the queue `add_request` returns,
-the error of a dead engine, and stat-logger classes.
+"""vLLM's V1 `AsyncLLM` (vllm/v1/engine/async_llm.py) and what server/engines/vllm_engine.py (with
+the vllm_*.py modules beside it) uses of it beyond `generate`: the engine-core client's scheduler
+pause, the queue `add_request` returns, the error of a dead engine, and stat-logger classes.
 
-vllm_engine.py imports this module where it starts using vLLM (not at its own import), so the API
-process loads vLLM only once an engine starts.
+They import this module where they start using vLLM (not at their own import), so the API process
+loads vLLM only once an engine starts.
 """
 
 from __future__ import annotations
