@@ -17,6 +17,9 @@ from server.http_chat import router as chat_router
 from server.http_meta import router as meta_router
 from server.http_openai import router as openai_router
 from server.http_tgi import router as tgi_router
+from server.http_tokenize import document_tokenize_bodies
+from server.http_tokenize import router as tokenize_router
+from server.presets import UnknownModel, parse_presets, served_models, unknown_model_handler
 from server.service import GenerationService
 from server.settings import Settings
 
@@ -34,24 +37,33 @@ def create_app(settings: Settings, service_factory: ServiceFactory | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        parse_presets(settings.presets)  # a mistake there stops the server before the engine starts
         service = await service_factory(settings)
-        app.state.service = service
-        watchdog = asyncio.create_task(service.watch_engine())
+        watchdog: asyncio.Task[None] | None = None
         try:
+            app.state.models = await served_models(settings, service)
+            app.state.service = service
+            watchdog = asyncio.create_task(service.watch_engine())
             yield
         finally:
-            watchdog.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
             app.state.service = None
+            app.state.models = None
             service.engine.shutdown()
 
     app = FastAPI(title="ropeserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.service = None
+    app.state.models = None
     install_error_handlers(app)
+    app.add_exception_handler(UnknownModel, unknown_model_handler)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_s)
     app.include_router(meta_router)
     app.include_router(tgi_router)
     app.include_router(openai_router)
     app.include_router(chat_router)
+    app.include_router(tokenize_router)
+    document_tokenize_bodies(app)
     return app

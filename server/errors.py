@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engines.base import EngineBusy, EngineDown
+from server.jobs import DeadlineExceeded, Draining, Overloaded
 from server.schemas import ErrorResponse, ErrorType
-from server.service import DeadlineExceeded, Draining, Overloaded
 from server.sse import ClientDisconnected
 from strategies.base import MAX_REPORTED_ERRORS, StrategyError, clipped
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from server.engines.base import EngineStep, FinishReason, SamplingOptions, TokenEvent
 from server.errors import validation_error
+from server.jobs import Job
 from server.schemas import ChatCompletionRequest, CompletionRequest, GenerateParameters, GenerateRequest
-from server.service import Job
 from server.settings import Settings
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
@@ -106,10 +106,11 @@ def openai_sampling(
     )
 
 
-def refuse_combined_logprobs(job: Job, wanted: bool, field_name: str = "logprobs") -> None:
+def refuse_combined_logprobs(job: Job, field_name: str | None) -> None:
     """A multi-row plan's tokens come from its combiner, not from one distribution of the model:
-    there are no logprobs to report, and nulls where a client expects numbers would mislead."""
-    if wanted and len(job.plan.rows) > 1:
+    there are no logprobs to report, and nulls where a client expects numbers would mislead.
+    `field_name`: the body field that asks for them (None: not asked)."""
+    if field_name is not None and len(job.plan.rows) > 1:
         raise validation_error(
             f"{field_name}: '{job.strategy_name}' chooses each token from {len(job.plan.rows)} rows combined; "
             f"it has no per-token logprobs (leave out {field_name.rsplit('.', 1)[-1]}, or use a single-row strategy)"

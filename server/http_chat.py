@@ -1,4 +1,5 @@
-"""OpenAI-compatible /v1/chat/completions; `strategy` and `context` are extra body fields.
+"""OpenAI-compatible /v1/chat/completions; `strategy`, `context` and `dry_run` are extra body
+fields, and `model` may name a strategy preset (server/presets.py).
 
 The messages become one prompt through the model's own chat template (the assistant's turn
 opened); the `context` documents come before it, joined as on every route (docs/CONTRACT.md), so every
@@ -10,14 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel
 
-from server.deps import get_service, get_settings_dep, require_api_key
+from server.deps import require_api_key
 from server.engines.base import TokenEvent
 from server.errors import as_api_error, error_body, validation_error
-from server.generation import collect, documents_of, openai_sampling, refuse_combined_logprobs
-from server.http_openai import ERRORS, LOGPROB_FLOOR, finish, logprob, served_model, usage
+from server.generation import GenerationResult, openai_sampling
+from server.http_openai import ERRORS, LOGPROB_FLOOR, OpenAIReply, answer, finish, include_usage, logprob, usage
+from server.jobs import Job
+from server.preparation import Serving, get_serving
 from server.schemas import (
     STREAM_TOO,
     ChatChoice,
@@ -27,22 +30,23 @@ from server.schemas import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
+    ChatMessage,
     ChatResponseMessage,
     ChatTokenLogprob,
     ChatTopLogprob,
+    DryRunResponse,
 )
-from server.service import GenerationService, Job
-from server.settings import Settings
-from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
+from server.service import GenerationService
+from server.sse import sse_event
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
-def chat_prompt(service: GenerationService, body: ChatCompletionRequest) -> str:
-    """The conversation through the model's chat template, the assistant's turn opened."""
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+def chat_prompt(service: GenerationService, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    """The conversation through the model's chat template (by default the assistant's turn opened)."""
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     try:
-        return service.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return service.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # noqa: BLE001 - a template that refuses the conversation refuses the request
         raise validation_error(f"messages: the model's chat template does not accept them ({exc})") from None
 
@@ -61,29 +65,26 @@ def chat_logprobs(tokens: list[TokenEvent], top: int) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
-async def _prepare(body: ChatCompletionRequest, service: GenerationService, settings: Settings) -> Job:
-    prompt = chat_prompt(service, body)
-    sampling = openai_sampling(body, settings, prompt)
-    job = await service.prepare(prompt, documents_of(body.context), sampling, body.strategy, body.deadline_s)
-    refuse_combined_logprobs(job, body.logprobs)
-    service.check_capacity(job)
-    return job
-
-
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **STREAM_TOO})
+@router.post(
+    "/chat/completions", response_model=ChatCompletionResponse | DryRunResponse, responses={**ERRORS, **STREAM_TOO}
+)
 async def chat_completions(
-    request: Request,
-    body: ChatCompletionRequest,
-    service: GenerationService = Depends(get_service),
-    settings: Settings = Depends(get_settings_dep),
-) -> ChatCompletionResponse | StreamingResponse:
-    model = served_model(service, settings, body.model)
-    job = await _prepare(body, service, settings)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(service, job, body, model, include_usage)
-        return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
-    result = await until_disconnect(request, collect(service.run(job)))
+    request: Request, body: ChatCompletionRequest, serving: Serving = Depends(get_serving)
+) -> BaseModel | Response:
+    prompt = chat_prompt(serving.service, body.messages)
+    reply = OpenAIReply(
+        respond=lambda job, model, result: _chat_completion(job, body, model, result),
+        stream=lambda job, model: _stream(serving.service, job, body, model),
+    )
+    sampling = openai_sampling(body, serving.settings, prompt)
+    return await answer(
+        request, serving, body, prompt, sampling, reply, logprobs_field="logprobs" if body.logprobs else None
+    )
+
+
+def _chat_completion(
+    job: Job, body: ChatCompletionRequest, model: str, result: GenerationResult
+) -> ChatCompletionResponse:
     choice = ChatChoice(
         message=ChatResponseMessage(content=result.text),
         finish_reason=finish(result.finish_reason),
@@ -99,9 +100,7 @@ async def chat_completions(
     )
 
 
-async def _stream(
-    service: GenerationService, job: Job, body: ChatCompletionRequest, model: str, include_usage: bool
-) -> AsyncIterator[str]:
+async def _stream(service: GenerationService, job: Job, body: ChatCompletionRequest, model: str) -> AsyncIterator[str]:
     created = int(time.time())
     generated = 0
 
@@ -124,7 +123,7 @@ async def _stream(
                 yield chunk([ChatChunkChoice(delta=ChatDelta(content=step.text), logprobs=logprobs)])
             if step.finished:
                 yield chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=finish(step.finish_reason))])
-        if include_usage:
+        if include_usage(body):
             yield chunk([], with_usage=True)
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band, as vLLM does
         err = as_api_error(exc)

@@ -1,4 +1,5 @@
-"""OpenAI-compatible /v1/completions and /v1/models; `strategy` and `context` are extra body fields.
+"""OpenAI-compatible /v1/completions and /v1/models; `strategy`, `context` and `dry_run` are extra
+body fields, and `model` may name a strategy preset (server/presets.py).
 
 Echo and prompt logprobs follow vLLM's OpenAI server: with `echo`, the prompt's text comes before
 the completion's, and with `logprobs: N` its tokens too (the first one's logprob null), each with
@@ -8,23 +9,21 @@ its `top_logprobs` (the token itself and the N likeliest); `max_tokens: 0` retur
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
-from server.deps import get_service, get_settings_dep, require_api_key
-from server.engines.base import FinishReason, TokenEvent
-from server.errors import ApiError, as_api_error, error_body
-from server.generation import (
-    GenerationResult,
-    collect,
-    documents_of,
-    openai_sampling,
-    refuse_combined_echo,
-    refuse_combined_logprobs,
-)
+from server.deps import require_api_key
+from server.engines.base import FinishReason, SamplingOptions, TokenEvent
+from server.errors import as_api_error, error_body
+from server.generation import GenerationResult, collect, documents_of, openai_sampling
+from server.jobs import Job
+from server.preparation import RouteRequest, Serving, dry_run, get_serving, prepare_job
+from server.presets import ServedModels, get_served_models
 from server.schemas import (
     GENERATION_ERRORS,
     STREAM_TOO,
@@ -32,21 +31,23 @@ from server.schemas import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
-    ModelCard,
+    DryRunResponse,
     ModelList,
+    OpenAIErrorResponse,
+    OpenAIRequest,
     Usage,
-    clipped,
 )
-from server.service import GenerationService, Job
-from server.settings import Settings
+from server.service import GenerationService, JobDraft
 from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 # The OpenAI routes' errors: the generation routes' and vLLM's 404 for a model it does not serve.
 ERRORS: dict[int | str, dict[str, Any]] = {
     **GENERATION_ERRORS,
-    404: {"model": ErrorResponse, "description": "`model` names a model this server does not serve"},
+    404: {
+        "model": OpenAIErrorResponse,
+        "description": "`model` is neither the served model nor a preset (GET /v1/models); OpenAI's error shape",
+    },
 }
 # JSON has no -inf: the floor OpenAI and vLLM report instead.
 LOGPROB_FLOOR = -9999.0
@@ -70,21 +71,6 @@ def usage(job: Job, generated: int) -> Usage:
     )
 
 
-def model_name(service: GenerationService, settings: Settings) -> str:
-    return settings.served_model_name or service.model.model_id
-
-
-def served_model(service: GenerationService, settings: Settings, asked: str | None) -> str:
-    """The served model's name, which a request's `model` must be when it gives one (left out or
-    empty: the served model, as vLLM does); any other is a 404, with vLLM's message."""
-    served = model_name(service, settings)
-    if asked and asked != served:
-        raise ApiError(
-            404, f"model: The model `{clipped(asked)}` does not exist; this server serves `{served}`", "validation"
-        )
-    return served
-
-
 def completion_logprobs(tokens: list[TokenEvent], first_offset: int = 0) -> CompletionLogprobs:
     """OpenAI's completion logprobs: token texts, their logprobs, the likeliest per position,
     and each token's character offset in the returned text."""
@@ -100,50 +86,70 @@ def completion_logprobs(tokens: list[TokenEvent], first_offset: int = 0) -> Comp
     )
 
 
-@router.get("/models", response_model=ModelList)
-async def models(
-    service: GenerationService = Depends(get_service), settings: Settings = Depends(get_settings_dep)
-) -> ModelList:
-    card = ModelCard(id=model_name(service, settings), created=0, max_model_len=service.model.native_window)
-    return ModelList(data=[card])
+@dataclass(frozen=True)
+class OpenAIReply:
+    """How an OpenAI route answers its job: one JSON body from the whole result, or a stream."""
+
+    respond: Callable[[Job, str, GenerationResult], BaseModel]
+    stream: Callable[[Job, str], AsyncIterator[str]]
 
 
-async def _prepare(body: CompletionRequest, service: GenerationService, settings: Settings) -> Job:
-    prompt = body.prompt_value()
-    documents = documents_of(body.context)
-    ids = prompt if isinstance(prompt, list) else None
-    if ids is not None:
-        service.check_token_ids(ids, documents)  # before decoding: ids outside the vocabulary are a 422
-    inputs = service.tokenizer.decode(ids) if ids is not None else str(prompt)
-    sampling = openai_sampling(body, settings, inputs)
-    job = await service.prepare(inputs, documents, sampling, body.strategy, body.deadline_s, prompt_token_ids=ids)
-    refuse_combined_logprobs(job, body.logprobs is not None)
-    refuse_combined_echo(job, body.echo)
-    service.check_capacity(job)
-    return job
-
-
-@router.post("/completions", response_model=CompletionResponse, responses={**ERRORS, **STREAM_TOO})
-async def completions(
+async def answer(
     request: Request,
-    body: CompletionRequest,
-    service: GenerationService = Depends(get_service),
-    settings: Settings = Depends(get_settings_dep),
-) -> CompletionResponse | StreamingResponse:
-    model = served_model(service, settings, body.model)
-    job = await _prepare(body, service, settings)
-    # The echoed prompt: the text the model reads (documents, blank line, prompt).
-    prompt_text = job.request.plain_prompt()
+    serving: Serving,
+    body: OpenAIRequest,
+    prompt: str | list[int],
+    sampling: SamplingOptions,
+    reply: OpenAIReply,
+    *,
+    logprobs_field: str | None = None,
+    echo: bool = False,
+) -> BaseModel | Response:
+    """The OpenAI routes' one way from a body to a reply (or a dry run's): `model` picks the
+    strategy when it names a preset, and is echoed."""
+    model, strategy = serving.models.resolve(body.model, body.strategy)
+    draft = JobDraft(prompt, documents_of(body.context), sampling, strategy, body.deadline_s)
+    asked, service = RouteRequest(draft, logprobs_field, echo), serving.service
+    if body.dry_run:
+        return await dry_run(service, asked, model)
+    job = await prepare_job(service, asked)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(service, job, body, prompt_text, model, include_usage)
-        return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
-    result = await until_disconnect(request, collect(service.run(job)))
+        return StreamingResponse(reply.stream(job, model), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    return reply.respond(job, model, await until_disconnect(request, collect(service.run(job))))
+
+
+def include_usage(body: OpenAIRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+@router.get("/models", response_model=ModelList)
+async def models(served: ServedModels = Depends(get_served_models)) -> ModelList:
+    """The served model and the strategy presets a request selects by its `model`."""
+    return ModelList(data=served.cards())
+
+
+@router.post("/completions", response_model=CompletionResponse | DryRunResponse, responses={**ERRORS, **STREAM_TOO})
+async def completions(
+    request: Request, body: CompletionRequest, serving: Serving = Depends(get_serving)
+) -> BaseModel | Response:
+    prompt = body.prompt_value()
+    # A token-id prompt is bounded by the body's size and the strategy's token limit, not by characters.
+    sampling = openai_sampling(body, serving.settings, prompt if isinstance(prompt, str) else "")
+    reply = OpenAIReply(
+        respond=lambda job, model, result: _completion(job, body, model, result),
+        stream=lambda job, model: _stream(serving.service, job, body, model),
+    )
+    logprobs_field = None if body.logprobs is None else "logprobs"
+    return await answer(request, serving, body, prompt, sampling, reply, logprobs_field=logprobs_field, echo=body.echo)
+
+
+def _completion(job: Job, body: CompletionRequest, model: str, result: GenerationResult) -> CompletionResponse:
     generated = [] if body.max_tokens == 0 else result.tokens
     text = "" if body.max_tokens == 0 else result.text
     tokens = generated
     if body.echo:
-        text = prompt_text + text
+        # The echoed prompt: the text the model reads (documents, blank line, prompt).
+        text = job.request.plain_prompt() + text
         tokens = [*(result.prompt_logprobs or []), *generated]
     choice = CompletionChoice(
         text=text,
@@ -160,10 +166,9 @@ async def completions(
     )
 
 
-async def _stream(
-    service: GenerationService, job: Job, body: CompletionRequest, prompt_text: str, model: str, include_usage: bool
-) -> AsyncIterator[str]:
+async def _stream(service: GenerationService, job: Job, body: CompletionRequest, model: str) -> AsyncIterator[str]:
     created = int(time.time())
+    prompt_text = job.request.plain_prompt()
     result = GenerationResult()
     offset = 0
     echo_pending = body.echo
@@ -189,7 +194,7 @@ async def _stream(
                 logprobs = completion_logprobs(tokens, offset) if body.logprobs is not None else None
                 offset += sum(len(t.text) for t in tokens)
                 yield chunk([CompletionChoice(text=text, finish_reason=reason, logprobs=logprobs)])
-        if include_usage:
+        if include_usage(body):
             yield chunk([], usage(job, 0 if body.max_tokens == 0 else len(result.tokens)))
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band, as vLLM does
         err = as_api_error(exc)

@@ -7,20 +7,25 @@ reads (then a token-id prompt), `return_full_text` puts that prompt (as sent) be
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from server.deps import get_service, get_settings_dep, require_api_key
+from server.deps import require_api_key
 from server.engines.base import TokenEvent
 from server.errors import as_api_error, error_body
-from server.generation import GenerationResult, collect, refuse_combined_logprobs, tgi_request_values
+from server.generation import GenerationResult, collect, tgi_request_values
+from server.jobs import Job
+from server.preparation import RouteRequest, Serving, dry_run, get_serving, prepare_job
 from server.schemas import (
+    DRY_RUN_JSON,
     GENERATION_ERRORS,
     STREAM_TOO,
     Details,
+    DryRunResponse,
     GenerateRequest,
     GenerateResponse,
     PrefillToken,
@@ -28,7 +33,7 @@ from server.schemas import (
     StreamResponse,
     Token,
 )
-from server.service import GenerationService, Job
+from server.service import GenerationService, JobDraft
 from server.settings import Settings
 from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 
@@ -53,7 +58,9 @@ class Reply:
         return [Token(id=t.id, text=t.text, logprob=t.logprob, special=t.id in self.special) for t in ranked]
 
 
-async def _prepare(body: GenerateRequest, service: GenerationService, settings: Settings) -> tuple[Job, Reply]:
+async def _route_request(
+    body: GenerateRequest, service: GenerationService, settings: Settings
+) -> tuple[RouteRequest, Reply]:
     documents, sampling = tgi_request_values(body, settings)
     params = body.parameters
     reply = Reply(
@@ -61,15 +68,27 @@ async def _prepare(body: GenerateRequest, service: GenerationService, settings: 
         top_n=params.top_n_tokens or 0,
         special=frozenset(service.tokenizer.all_special_ids),
     )
-    inputs, ids = body.inputs, None
+    prompt: str | list[int] = body.inputs
     if params.truncate is not None:
-        ids = await service.last_prompt_tokens(inputs, documents, params.truncate)
-    if ids is not None:  # cut: its last tokens are the prompt, as token ids
-        inputs, documents = service.tokenizer.decode(ids), ()
-    job = await service.prepare(inputs, documents, sampling, body.strategy, body.deadline_s, prompt_token_ids=ids)
-    refuse_combined_logprobs(job, reply.top_n > 0, "parameters.top_n_tokens")
-    service.check_capacity(job)
-    return job, reply
+        ids = await service.last_prompt_tokens(body.inputs, documents, params.truncate)
+        if ids is not None:  # cut: its last tokens are the prompt, as token ids
+            prompt, documents = ids, ()
+    draft = JobDraft(prompt, documents, sampling, body.strategy, body.deadline_s)
+    return RouteRequest(draft, "parameters.top_n_tokens" if reply.top_n else None), reply
+
+
+async def _answer(
+    request: Request, body: GenerateRequest, serving: Serving, stream: bool
+) -> GenerateResponse | Response:
+    service = serving.service
+    asked, reply = await _route_request(body, service, serving.settings)
+    if body.dry_run:
+        return await dry_run(service, asked)
+    job = await prepare_job(service, asked)
+    if stream:
+        return StreamingResponse(_stream_events(service, job, reply), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    result = await until_disconnect(request, collect(service.run(job)))
+    return _response(job, reply, result, body.parameters.details)
 
 
 def _token(event: TokenEvent) -> Token:
@@ -89,14 +108,6 @@ def _response(job: Job, reply: Reply, result: GenerationResult, with_details: bo
             top_tokens=[reply.top_tokens(t) for t in result.tokens] if reply.top_n else None,
         )
     return GenerateResponse(generated_text=reply.prefix + result.text, details=details, strategy=job.describe())
-
-
-async def _generate(
-    request: Request, body: GenerateRequest, service: GenerationService, settings: Settings
-) -> GenerateResponse:
-    job, reply = await _prepare(body, service, settings)
-    result = await until_disconnect(request, collect(service.run(job)))
-    return _response(job, reply, result, body.parameters.details)
 
 
 async def _stream_events(service: GenerationService, job: Job, reply: Reply) -> AsyncIterator[str]:
@@ -139,40 +150,47 @@ def _stream_response(
     )
 
 
-async def _stream(body: GenerateRequest, service: GenerationService, settings: Settings) -> StreamingResponse:
-    job, reply = await _prepare(body, service, settings)
-    return StreamingResponse(_stream_events(service, job, reply), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+def _route(stream: bool) -> Callable[..., Awaitable[GenerateResponse | Response]]:
+    """/generate (one JSON object) and /generate_stream (SSE) differ only in how they answer."""
+
+    async def route(
+        request: Request, body: GenerateRequest, serving: Serving = Depends(get_serving)
+    ) -> GenerateResponse | Response:
+        return await _answer(request, body, serving, stream=stream)
+
+    return route
 
 
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=ERRORS)
-async def generate(
-    request: Request,
-    body: GenerateRequest,
-    service: GenerationService = Depends(get_service),
-    settings: Settings = Depends(get_settings_dep),
-) -> GenerateResponse:
-    return await _generate(request, body, service, settings)
-
-
-# response_class=Response: no JSON body is documented for the 200, only the event stream.
-@router.post("/generate_stream", response_class=Response, responses={200: {"content": {SSE_MEDIA_TYPE: {}}}, **ERRORS})
-async def generate_stream(
-    body: GenerateRequest,
-    service: GenerationService = Depends(get_service),
-    settings: Settings = Depends(get_settings_dep),
-) -> StreamingResponse:
-    return await _stream(body, service, settings)
+# How each answers its 200: one JSON object, or (response_class=Response: no JSON body documented but a
+# dry run's) SSE.
+TGI_ROUTES: dict[str, tuple[bool, dict[str, Any]]] = {
+    "/generate": (
+        False,
+        {"response_model": GenerateResponse | DryRunResponse, "response_model_exclude_none": True, "responses": ERRORS},
+    ),
+    "/generate_stream": (
+        True,
+        {
+            "response_class": Response,
+            "response_model": None,
+            "responses": {200: {"content": {SSE_MEDIA_TYPE: {}, **DRY_RUN_JSON}}, **ERRORS},
+        },
+    ),
+}
+for path, (streams, answers) in TGI_ROUTES.items():
+    router.add_api_route(path, _route(streams), methods=["POST"], name=path.strip("/"), **answers)
 
 
 @router.post(
-    "/", response_model=list[GenerateResponse], response_model_exclude_none=True, responses={**ERRORS, **STREAM_TOO}
+    "/",
+    response_model=list[GenerateResponse] | DryRunResponse,
+    response_model_exclude_none=True,
+    responses={**ERRORS, **STREAM_TOO},
 )
 async def compat_generate(
     request: Request,
     body: GenerateRequest,
-    service: GenerationService = Depends(get_service),
-    settings: Settings = Depends(get_settings_dep),
-) -> list[GenerateResponse] | StreamingResponse:
-    if body.stream:
-        return await _stream(body, service, settings)
-    return [await _generate(request, body, service, settings)]
+    serving: Serving = Depends(get_serving),
+) -> list[GenerateResponse] | Response:
+    answer = await _answer(request, body, serving, stream=body.stream)
+    return answer if isinstance(answer, Response) else [answer]

@@ -27,6 +27,12 @@ MAX_LOGPROBS = 20
 # TGI's default max_top_n_tokens.
 MAX_TOP_N_TOKENS = 5
 
+DRY_RUN_DESCRIPTION = (
+    "ropeserve's extra field: answer what the request would run as (DryRunResponse: the strategy, and "
+    "`auto`'s choice and reason; rows, tokens, the allowed length, KV tokens needed, whether it would be "
+    "admitted now) without running it"
+)
+
 # Lists stop at their first bad item (pydantic's fail_fast): one error for a list of a million bad
 # items, not a million errors, each built in Python and then written into the reply.
 Texts = Annotated[list[str], Field(fail_fast=True)]
@@ -89,6 +95,44 @@ class RequestBody(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     error_type: ErrorType
+
+
+# A streaming route's 200 when the request is a dry run: JSON, not events.
+DRY_RUN_JSON: dict[str, Any] = {"application/json": {"schema": {"$ref": "#/components/schemas/DryRunResponse"}}}
+
+
+class OpenAIErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class OpenAIErrorResponse(BaseModel):
+    """OpenAI's and vLLM's error body, for what their clients branch on (a `model` not served: 404)."""
+
+    error: OpenAIErrorInfo
+
+
+class DryRunResponse(BaseModel):
+    """A dry run's answer (`"dry_run": true` on a generation route): what the request would run as."""
+
+    dry_run: Literal[True] = True
+    # The OpenAI routes: the `model` asked for (the served model or a preset), as a reply would echo it.
+    model: str | None = None
+    # As the reply's `strategy` would be: for `auto`, `chosen` and the `reason` it was chosen for.
+    strategy: dict[str, Any]
+    rows: int
+    prompt_tokens: int
+    max_new_tokens: int
+    # The longest prompt + max_new_tokens the chosen strategy's configuration allows.
+    max_total_tokens: int
+    # KV-cache tokens the request holds at its end: every row's prompt and max_new_tokens.
+    kv_tokens: int
+    kv_capacity_tokens: int | None = None
+    # Whether it would be admitted now; if not, the 429/503 message it would get.
+    admitted: bool
+    refusal: str | None = None
 
 
 # Routes that stream with `"stream": true` answer 200 with Server-Sent Events too.
@@ -189,6 +233,7 @@ class GenerateRequest(RequestBody):
         le=MAX_DEADLINE_S,
         description="seconds after arrival when the server aborts the request (408); the server's request_timeout_s caps it",
     )
+    dry_run: StrictBool = Field(default=False, description=DRY_RUN_DESCRIPTION)
 
     @field_validator("context")
     @classmethod
@@ -328,6 +373,7 @@ class OpenAIRequest(RequestBody):
         le=MAX_DEADLINE_S,
         description="ropeserve's extra field: seconds after arrival when the server aborts the request (408)",
     )
+    dry_run: StrictBool = Field(default=False, description=DRY_RUN_DESCRIPTION)
 
     @field_validator("logit_bias")
     @classmethod
@@ -438,11 +484,18 @@ class CompletionResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """A model of /v1/models: the served model, or a preset (`parent`: the served model) that
+    selects `strategy` when a request names it as its `model`."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "ropeserve"
+    # The longest prompt + max_tokens the model's strategy allows on this server.
     max_model_len: int
+    root: str | None = None
+    parent: str | None = None
+    strategy: StrategySpec | None = None
 
 
 class ModelList(BaseModel):
@@ -560,3 +613,45 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+# --- vLLM's /tokenize and /detokenize ----------------------------------------------------------
+
+
+class TokenizeCompletionRequest(RequestBody):
+    """vLLM's /tokenize body for a prompt; `context` (ropeserve's) puts documents before it, as the
+    generation routes do, so that `count` is the prompt the plain strategies read."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool | None = False
+    context: str | Texts | None = None
+
+
+class TokenizeChatRequest(RequestBody):
+    """vLLM's /tokenize body for a conversation: through the model's chat template."""
+
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(fail_fast=True)] = Field(min_length=1)
+    add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool = False
+    return_token_strs: StrictBool | None = False
+    context: str | Texts | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    # The longest prompt + max_tokens the `model` asked for (served model or preset) allows.
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(RequestBody):
+    model: str | None = None
+    tokens: TokenIds
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -26,6 +26,16 @@ class Settings(BaseSettings):
         "strategies/auto_policy.json when it was measured on the served model; 'none': thresholds only",
     )
     default_strategy: str = "native"
+    presets: str | None = Field(
+        default=None,
+        description="strategy presets a request selects by its `model` (GET /v1/models): a JSON object "
+        '{"<preset id>": <strategy>} (e.g. {"smollm2-32k": {"name": "dca"}}), or the path of a JSON file holding one',
+    )
+    builtin_presets: bool = Field(
+        default=True,
+        description="offer the built-in presets `<served>-dca`, `-rerope`, `-self_extend`, `-auto` for the bundled "
+        "model (server/presets.py)",
+    )
     dtype: str = "auto"
     kv_cache_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU engines")
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)

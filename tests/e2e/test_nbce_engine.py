@@ -316,7 +316,9 @@ def test_passkey_30k_while_others_are_served(base_url, tokenizer, strategy):
 
         chosen = body["strategy"]
         assert chosen["name"] == "auto" and chosen["policy"]["rank"] == 1, chosen
-        band = next(b for b in load_policy(SHIPPED_POLICY).bands if b.up_to_tokens == chosen["policy"]["band_up_to_tokens"])
+        band = next(
+            b for b in load_policy(SHIPPED_POLICY).bands if b.up_to_tokens == chosen["policy"]["band_up_to_tokens"]
+        )
         assert band.up_to_tokens >= 30_000 and chosen["chosen"]["name"] == band.ranked[0].strategy["name"], chosen
         assert str(band.up_to_tokens) in chosen["reason"], chosen
 

@@ -294,8 +294,11 @@ def test_a_model_this_server_does_not_serve_is_a_404(path):
         for model in ("gpt-4", "x" * 200_000):
             reply = client.post(path, json={**body, "model": model})
             assert reply.status_code == 404, reply.text[:300]
-            assert set(reply.json()) == {"error", "error_type"} and len(reply.content) < 500
-            assert reply.json()["error"].startswith("model: The model `") and "does not exist" in reply.json()["error"]
+            # OpenAI's and vLLM's error shape, which their clients branch on (openai.NotFoundError).
+            error = reply.json()["error"]
+            assert set(reply.json()) == {"error"} and len(reply.content) < 500
+            assert (error["type"], error["param"], error["code"]) == ("NotFoundError", "model", 404)
+            assert error["message"].startswith("The model `") and "does not exist" in error["message"]
         for model in ("fake", None, ""):  # the served name, or none: the served model
             reply = client.post(path, json={**body, "model": model})
             assert reply.status_code == 200 and reply.json()["model"] == "fake", reply.text

@@ -1,0 +1,120 @@
+"""vLLM's /tokenize and /detokenize (docs/CONTRACT.md): size a prompt before sending it.
+
+`{"prompt"}` or `{"messages"}` (through the model's chat template) -> `{"count", "max_model_len",
+"tokens"}` (and `token_strs` when asked); `{"tokens"}` -> `{"prompt"}`. `model`, when given, is the
+served model or a preset (else 404, as on the OpenAI routes), and `max_model_len` is what its
+strategy allows. `context` (ropeserve's field) puts documents before the prompt, joined as on every
+generation route, so that `count` is what the plain strategies read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from fastapi import APIRouter, Body, Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from server.deps import get_service, require_api_key
+from server.errors import validation_error
+from server.generation import documents_of
+from server.http_chat import chat_prompt
+from server.http_openai import ERRORS
+from server.presets import ServedModels, get_served_models
+from server.schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
+from server.service import GenerationService
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+SCHEMA_REF = "#/components/schemas/{model}"
+_BODY_SCHEMA = TypeAdapter(TokenizeCompletionRequest | TokenizeChatRequest).json_schema(ref_template=SCHEMA_REF)
+# The two shapes (and what they use), for the OpenAPI document's components.
+TOKENIZE_SCHEMAS: dict[str, Any] = _BODY_SCHEMA.pop("$defs")
+TOKENIZE_BODY = {
+    "description": 'vLLM\'s TokenizeCompletionRequest `{"prompt"}` or TokenizeChatRequest `{"messages"}`',
+    "content": {"application/json": {"schema": _BODY_SCHEMA}},
+}
+
+
+def document_tokenize_bodies(app: FastAPI) -> None:
+    """/tokenize parses its body itself (one plain error, whichever shape was meant); the shapes its
+    OpenAPI body points to are added to the document's components here."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for name, definition in TOKENIZE_SCHEMAS.items():
+                schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(name, definition)
+        return app.openapi_schema or {}
+
+    setattr(app, "openapi", openapi)  # noqa: B010 - FastAPI's documented way to extend its OpenAPI document
+
+
+@runtime_checkable
+class TokenStrings(Protocol):
+    """A Hugging Face tokenizer's token strings (vLLM's `token_strs`: "Ġthe", not " the")."""
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]: ...
+
+
+def _parsed(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+async def _tokens(service: GenerationService, body: TokenizeCompletionRequest | TokenizeChatRequest) -> list[int]:
+    if isinstance(body, TokenizeChatRequest):
+        prompt = chat_prompt(service, body.messages, body.add_generation_prompt)
+    else:
+        prompt = body.prompt
+    return await service.tokenize_text(
+        service.plain_prompt(prompt, documents_of(body.context)), body.add_special_tokens
+    )
+
+
+@router.post(
+    "/tokenize",
+    response_model=TokenizeResponse,
+    response_model_exclude_none=True,
+    responses=ERRORS,
+    openapi_extra={"requestBody": TOKENIZE_BODY},
+)
+async def tokenize(
+    data: Any = Body(...),
+    service: GenerationService = Depends(get_service),
+    served: ServedModels = Depends(get_served_models),
+) -> TokenizeResponse:
+    chat = isinstance(data, dict) and "messages" in data
+    body = _parsed(TokenizeChatRequest if chat else TokenizeCompletionRequest, data)
+    max_model_len = served.max_model_len_of(body.model)
+    tokens = await _tokens(service, body)
+    strings = None
+    if body.return_token_strs:
+        tokenizer = service.tokenizer
+        strings = (
+            tokenizer.convert_ids_to_tokens(tokens)
+            if isinstance(tokenizer, TokenStrings)
+            else [tokenizer.decode([t]) for t in tokens]
+        )
+    return TokenizeResponse(count=len(tokens), max_model_len=max_model_len, tokens=tokens, token_strs=strings)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+async def detokenize(
+    body: DetokenizeRequest,
+    service: GenerationService = Depends(get_service),
+    served: ServedModels = Depends(get_served_models),
+) -> DetokenizeResponse:
+    served.resolve(body.model, None)
+    vocab = service.model.vocab_size
+    if (bad := next((t for t in body.tokens if not 0 <= t < vocab), None)) is not None:
+        raise validation_error(f"tokens: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+    return DetokenizeResponse(prompt=service.tokenizer.decode(body.tokens))
