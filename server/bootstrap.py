@@ -13,6 +13,7 @@ from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, is_cpu_buil
 from server.head_padding import needs_padding, pad_checkpoint
 from server.metrics import Metrics
 from server.model_store import DEFAULT_MODEL_NAME, model_cache_dir, resolve_model
+from server.queue_admission import admission_controller, all_listeners, learning_from_steps
 from server.service import GenerationService
 from server.settings import Settings
 from strategies.auto_policy import SHIPPED_POLICY, AutoPolicy, load_policy
@@ -141,10 +142,12 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
     metrics = Metrics()
     registry = default_registry()
     config = engine_config(settings, model_path, max_model_len, registry.engine_logits_processors())
+    admission = admission_controller(settings)
+    # The metrics room and admission hear vLLM's per-iteration stats through the engine's listener.
+    listener = all_listeners(metrics.engine_listener, learning_from_steps(admission))
 
     async def start_engine() -> VllmEngine:
-        # The metrics room hears vLLM's per-iteration stats through the engine's listener.
-        engine = VllmEngine(config, model, stats_listener=metrics.engine_listener)
+        engine = VllmEngine(config, model, stats_listener=listener)
         # Engine start-up blocks for tens of seconds; keep the event loop (health checks) serving.
         await asyncio.to_thread(engine.start)
         return engine
@@ -162,4 +165,5 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
         request_timeout_s=settings.request_timeout_s,
         engine_factory=start_engine,
         strategy_options={"auto_policy": auto_policy(settings, name)},
+        admission=admission,
     )

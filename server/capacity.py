@@ -6,7 +6,10 @@ from __future__ import annotations
 from typing import Protocol
 
 from server.engines.base import Engine, EngineBusy, EngineDown, RopeConfig
-from server.jobs import Draining, Overloaded
+from server.jobs import Draining, Overloaded, QueueWaitExceeded
+
+# The reasons a request is refused for capacity (the `reason` label of the refusals' counter).
+REFUSAL_REASONS = ("draining", "engine_down", "max_concurrent_requests", "rope_slots", "prefill_backlog", "rows_full")
 
 
 class ServerLoad(Protocol):
@@ -35,3 +38,16 @@ def capacity_refusal(load: ServerLoad, rope: RopeConfig) -> Exception | None:
             f"({rope.label()} needs one); retry later"
         )
     return None
+
+
+def refusal_reason(refusal: Exception) -> str:
+    """Why a capacity refusal was made, as one of REFUSAL_REASONS."""
+    if isinstance(refusal, QueueWaitExceeded):
+        return refusal.reason
+    if isinstance(refusal, Draining):
+        return "draining"
+    if isinstance(refusal, Overloaded):
+        return "max_concurrent_requests"
+    if isinstance(refusal, EngineBusy):
+        return "rope_slots"
+    return "engine_down"

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engines.base import EngineBusy, EngineDown
-from server.jobs import DeadlineExceeded, Draining, Overloaded
+from server.jobs import DeadlineExceeded, Draining, Overloaded, QueueWaitExceeded
 from server.schemas import ErrorResponse, ErrorType
 from server.sse import ClientDisconnected
 from strategies.base import MAX_REPORTED_ERRORS, StrategyError, clipped
@@ -20,11 +20,13 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, error_type: ErrorType) -> None:
+    def __init__(self, status: int, message: str, error_type: ErrorType, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
+        # Headers the response carries (a queue-wait 429's Retry-After).
+        self.headers = headers or {}
 
 
 def validation_error(message: str) -> ApiError:
@@ -86,15 +88,32 @@ def as_api_error(exc: BaseException) -> ApiError:
         return validation_error(exc.message)
     if isinstance(exc, ClientDisconnected):
         return ApiError(499, "the client closed the connection", "generation")
+    if isinstance(exc, QueueWaitExceeded):
+        return ApiError(429, str(exc), "overloaded", {"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, (Overloaded, EngineBusy)):
         return ApiError(429, str(exc), "overloaded")
-    if isinstance(exc, (EngineDown, Draining)):
+    if isinstance(exc, Draining):
         return ApiError(503, str(exc), "generation")
     if isinstance(exc, DeadlineExceeded):
         return ApiError(408, str(exc), "generation")
+    if (down := engine_death(exc)) is not None:
+        return ApiError(503, str(down), "generation")
     log.error("generation failed", exc_info=exc)
     # TGI answers engine failures with 424 (the request was fine; the backend failed).
     return ApiError(424, f"generation failed: {type(exc).__name__}: {exc}", "generation")
+
+
+def engine_death(exc: BaseException) -> EngineDown | None:
+    """The engine's death behind `exc`: itself, or what it was raised from (a strategy's runner that
+    wraps a failed row, e.g. NBCE's); None when the engine did not die."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, EngineDown):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -114,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def _domain(_: Request, exc: Exception) -> JSONResponse:
         err = as_api_error(exc)
-        return error_response(err.status, err.message, err.error_type)
+        return error_response(err.status, err.message, err.error_type, err.headers)
 
     # Expected errors get their own handlers: Starlette's catch-all for Exception also re-raises
     # into the server log as a crash, which these are not.
@@ -126,6 +145,7 @@ def install_error_handlers(app: FastAPI) -> None:
         EngineDown,
         Draining,
         DeadlineExceeded,
+        QueueWaitExceeded,
         ClientDisconnected,
     ):
         app.add_exception_handler(expected, _domain)

@@ -108,7 +108,7 @@ async def answer(
     """The OpenAI routes' one way from a body to a reply (or a dry run's): `model` picks the
     strategy when it names a preset, and is echoed."""
     model, strategy = serving.models.resolve(body.model, body.strategy)
-    draft = JobDraft(prompt, documents_of(body.context), sampling, strategy, body.deadline_s)
+    draft = JobDraft(prompt, documents_of(body.context), sampling, strategy, body.deadline_s, body.priority)
     asked, service = RouteRequest(draft, logprobs_field, echo), serving.service
     if body.dry_run:
         return await dry_run(service, asked, model)

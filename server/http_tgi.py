@@ -73,7 +73,7 @@ async def _route_request(
         ids = await service.last_prompt_tokens(body.inputs, documents, params.truncate)
         if ids is not None:  # cut: its last tokens are the prompt, as token ids
             prompt, documents = ids, ()
-    draft = JobDraft(prompt, documents, sampling, body.strategy, body.deadline_s)
+    draft = JobDraft(prompt, documents, sampling, body.strategy, body.deadline_s, body.priority)
     return RouteRequest(draft, "parameters.top_n_tokens" if reply.top_n else None), reply
 
 

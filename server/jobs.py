@@ -19,6 +19,16 @@ class Draining(RuntimeError):
     """The server is shutting down and takes no new requests (HTTP 503; retry another replica)."""
 
 
+class QueueWaitExceeded(RuntimeError):
+    """The work queued ahead of the request would keep it waiting past the server's bound
+    (HTTP 429; `retry_after_s`: when the backlog should have drained to the bound)."""
+
+    def __init__(self, message: str, retry_after_s: int, reason: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.reason = reason
+
+
 class DeadlineExceeded(RuntimeError):
     """The request's deadline passed; its engine work was aborted (HTTP 408)."""
 
@@ -35,6 +45,8 @@ class Job:
     stats: dict[str, Any] = field(default_factory=dict)
     # Seconds from arrival after which the request is aborted (None: no deadline).
     deadline_s: float | None = None
+    # Scheduling priority of every row (vLLM's: lower is earlier); the client's or the server's default.
+    priority: int = 0
 
     @property
     def strategy_name(self) -> str:

@@ -34,6 +34,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.admission import AdmissionFigures
+from server.capacity import REFUSAL_REASONS
 from server.engines.base import Engine, EngineIteration
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,50 @@ def _register_memory_collectors(registry: CollectorRegistry, gpu: bool | None) -
         log.debug("no child-process memory gauge", exc_info=True)
 
 
+class AdmissionMetrics:
+    """Admission by queued work (server/admission.py): the wait it estimates, the work it counts,
+    the throughput it learned (set at every scrape), and the requests refused for capacity by reason."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.estimated_wait = Gauge(
+            "ropeserve_admission_estimated_wait_seconds",
+            "Estimated wait before the engine would start a new request queued behind all tracked work.",
+            registry=r,
+        )
+        self.queued_prompt_tokens = Gauge(
+            "ropeserve_admission_queued_prompt_tokens",
+            "Prompt tokens (all rows) of admitted requests not yet prefilled.",
+            registry=r,
+        )
+        self.queued_decode_tokens = Gauge(
+            "ropeserve_admission_queued_decode_tokens",
+            "Tokens admitted requests may still decode (max_new_tokens left, all rows).",
+            registry=r,
+        )
+        self.rate = Gauge(
+            "ropeserve_admission_tokens_per_second",
+            "The engine's throughput as admission learned it from its steps, by phase (prefill, decode).",
+            ("phase",),
+            registry=r,
+        )
+        self.refusals = Counter(
+            "ropeserve_requests_refused",
+            "Requests refused for capacity (429/503) by reason: draining, engine_down, max_concurrent_requests, "
+            "rope_slots, or the estimated queue wait past the bound (prefill_backlog, rows_full).",
+            ("reason",),
+            registry=r,
+        )
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason)
+
+    def refresh(self, figures: AdmissionFigures) -> None:
+        self.estimated_wait.set(figures.estimated_wait_s)
+        self.queued_prompt_tokens.set(figures.queued_prompt_tokens)
+        self.queued_decode_tokens.set(figures.queued_decode_tokens)
+        self.rate.labels("prefill").set(figures.prefill_tokens_per_s)
+        self.rate.labels("decode").set(figures.decode_tokens_per_s)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, gpu: bool | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -161,6 +207,7 @@ class Metrics:
         self._add_client_view(self.registry)
         self._add_vllm_measures(self.registry)
         self._add_engine_gauges(self.registry)
+        self.admission = AdmissionMetrics(self.registry)
         _register_memory_collectors(self.registry, gpu)
         self._request_strategy: OrderedDict[str, str] = OrderedDict()
         self._seen_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -345,3 +392,7 @@ class Metrics:
         if stats.rope_slot_loads > self._slot_loads_seen:
             self.rope_slot_loads.labels(label).inc(stats.rope_slot_loads - self._slot_loads_seen)
             self._slot_loads_seen = stats.rope_slot_loads
+
+    def refresh_admission(self, figures: AdmissionFigures) -> None:
+        """Admission's figures, at every scrape."""
+        self.admission.refresh(figures)

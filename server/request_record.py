@@ -58,9 +58,10 @@ def log_request(
     )
 
 
-def record_refusal(metrics: Metrics, job: Job) -> None:
-    """A job refused for capacity (429/503): counted as `overloaded` and logged."""
+def record_refusal(metrics: Metrics, job: Job, reason: str) -> None:
+    """A job refused for capacity (429/503): counted as `overloaded`, and by `reason`, and logged."""
     metrics.requests.labels(job.strategy_name, "overloaded").inc()
+    metrics.admission.refusals.labels(reason).inc()
     log_request(job, "overloaded", None, 0, None, time.perf_counter() - job.arrived)
 
 

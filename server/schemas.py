@@ -22,6 +22,12 @@ MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 2**31 - 1
 MAX_DEADLINE_S = 86_400.0
+# `priority` spans a 32-bit integer (vLLM's is unbounded; no client needs more).
+MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
+PRIORITY_DESCRIPTION = (
+    "scheduling priority, vLLM's meaning: lower runs first among waiting requests (ties by arrival); "
+    "omitted: the server's (a short prompt goes ahead of long documents)"
+)
 # vLLM's default max_logprobs.
 MAX_LOGPROBS = 20
 # TGI's default max_top_n_tokens.
@@ -157,7 +163,8 @@ GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
     424: {"model": ErrorResponse, "description": "the engine failed while generating"},
     429: {
         "model": ErrorResponse,
-        "description": "the server is full (requests or RoPE slots); retry later",
+        "description": "the server is full (requests or RoPE slots), or the work queued ahead would keep the "
+        "request waiting past `max_queue_wait_s`; retry after `Retry-After` seconds",
         "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
     },
     503: {"model": ErrorResponse, "description": "the engine is starting, down or restarting"},
@@ -233,6 +240,7 @@ class GenerateRequest(RequestBody):
         le=MAX_DEADLINE_S,
         description="seconds after arrival when the server aborts the request (408); the server's request_timeout_s caps it",
     )
+    priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY, description=PRIORITY_DESCRIPTION)
     dry_run: StrictBool = Field(default=False, description=DRY_RUN_DESCRIPTION)
 
     @field_validator("context")
@@ -373,6 +381,8 @@ class OpenAIRequest(RequestBody):
         le=MAX_DEADLINE_S,
         description="ropeserve's extra field: seconds after arrival when the server aborts the request (408)",
     )
+    # A top-level field, as in vLLM's OpenAI server.
+    priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY, description=PRIORITY_DESCRIPTION)
     dry_run: StrictBool = Field(default=False, description=DRY_RUN_DESCRIPTION)
 
     @field_validator("logit_bias")

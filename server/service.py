@@ -13,11 +13,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from server.capacity import capacity_refusal
+from server.admission import AdmissionController, default_priority
+from server.capacity import capacity_refusal, refusal_reason
 from server.engines.base import Engine, ModelFacts, RowRequest, SamplingOptions, StepStream, Tokenizer
 from server.jobs import Job, within_deadline
 from server.metrics import UNKNOWN_STRATEGY, Metrics
 from server.plan_checks import RopeVerdicts, check_plan, check_token_ids
+from server.queue_admission import job_work, queue_refusal
 from server.request_record import RequestRecord, failure_status, record_refusal
 from server.watchdog import watch_engine
 from strategies.base import PlanContext, Strategy, StrategyError, StrategyRequest, StrategySpec
@@ -38,6 +40,8 @@ class JobDraft:
     strategy: StrategySpec | None
     # The client's deadline in seconds; the server's `request_timeout_s` caps it.
     deadline_s: float | None = None
+    # The client's scheduling priority (vLLM's: lower is earlier); None: short before long.
+    priority: int | None = None
 
 
 class GenerationService:
@@ -53,8 +57,11 @@ class GenerationService:
         request_timeout_s: float | None = None,
         engine_factory: Callable[[], Awaitable[Engine]] | None = None,
         strategy_options: Mapping[str, Any] | None = None,
+        admission: AdmissionController | None = None,
     ) -> None:
         self.engine = engine
+        # Admission by queued work (server/admission.py); without one, a bound of 0: never refuses.
+        self.admission = admission or AdmissionController(0, max_rows=engine.max_rows_per_step)
         # Server-side configuration strategies read while planning (PlanContext.options).
         self.strategy_options = dict(strategy_options or {})
         self.registry = registry
@@ -143,7 +150,10 @@ class GenerationService:
         check_plan(plan, strategy.name, draft.sampling, self.engine, self.engine_seeds)
         limits = [s for s in (draft.deadline_s, self.request_timeout_s) if s is not None]
         deadline = min(limits) if limits else None
-        return Job(uuid.uuid4().hex, strategy, plan, draft.sampling, arrived, request, deadline_s=deadline)
+        priority = default_priority(plan.prompt_tokens, draft.priority)
+        return Job(
+            uuid.uuid4().hex, strategy, plan, draft.sampling, arrived, request, deadline_s=deadline, priority=priority
+        )
 
     async def prepare(self, draft: JobDraft) -> Job:
         """`plan_job`, with a refused request counted as `invalid` in the metrics."""
@@ -167,31 +177,36 @@ class GenerationService:
 
     def refresh_gauges(self) -> None:
         """Called at scrape time: the engine's gauges (vLLM's listener keeps them current between
-        scrapes; this also covers engines without one)."""
+        scrapes; this also covers engines without one) and admission's figures."""
         self.metrics.refresh_engine(self.engine)
+        self.metrics.refresh_admission(self.admission.figures())
 
     def capacity_refusal(self, job: Job) -> Exception | None:
         """Why `job` cannot start now (None: it can); nothing counted (a dry run asks this)."""
-        return capacity_refusal(self, job.plan.rope)
+        return capacity_refusal(self, job.plan.rope) or queue_refusal(self.admission, job)
 
     def check_capacity(self, job: Job) -> None:
-        """Raises Overloaded, Draining, EngineDown or EngineBusy (429/503) when the job cannot
-        start now; counted and logged."""
+        """Raises Overloaded, Draining, EngineDown, EngineBusy or QueueWaitExceeded (429/503) when
+        the job cannot start now; counted and logged."""
         if (refusal := self.capacity_refusal(job)) is not None:
-            record_refusal(self.metrics, job)
+            record_refusal(self.metrics, job, refusal_reason(refusal))
             raise refusal
 
     async def run(self, job: Job) -> StepStream:
         """Run a prepared job, yielding new tokens as they come; records metrics and the access log."""
         # The routes checked before their response started (a stream's 429 is a real status line);
         # this is the check that admits: requests started since then may have filled the server.
+        # Checked and tracked with no await between: no other request can take its place meanwhile.
         self.check_capacity(job)
+        self.admission.admit(job.request_id, job_work(job))
         self._active += 1
         record = RequestRecord(self.metrics, job)
         status = "error"
         try:
             async for step in within_deadline(self._steps(job), job.deadline_at):
                 record.observe(step)
+                if step.tokens:
+                    self.admission.generated(job.request_id, len(step.tokens))
                 yield step
             status = "success"
         except BaseException as exc:
@@ -199,9 +214,11 @@ class GenerationService:
             raise
         finally:
             self._active -= 1
+            self.admission.finish(job.request_id)
             record.finish(status)
 
     def _steps(self, job: Job) -> StepStream:
         if job.plan.combiner is not None:
             return job.plan.combiner.run(self.engine, job)
-        return self.engine.generate(RowRequest(job.request_id, job.plan.rows[0], job.sampling, job.plan.rope))
+        row = RowRequest(job.request_id, job.plan.rows[0], job.sampling, job.plan.rope, job.priority)
+        return self.engine.generate(row)

@@ -8,6 +8,11 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.admission import DEFAULT_MAX_QUEUE_WAIT_S
+
+# A day: a longer bound is no bound (use 0 for off).
+MAX_QUEUE_WAIT_S = 86_400.0
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ROPESERVE_", extra="ignore")
@@ -84,6 +89,13 @@ class Settings(BaseSettings):
         "(a client that stops half-way through its body cannot hold a connection)",
     )
     max_concurrent_requests: int = Field(default=256, ge=1)
+    max_queue_wait_s: float = Field(
+        default=DEFAULT_MAX_QUEUE_WAIT_S,
+        ge=0,
+        le=MAX_QUEUE_WAIT_S,
+        description="a request whose estimated wait behind the queued work (prompt and new tokens of every row, at "
+        "the engine's measured throughput) passes this many seconds is refused with 429 and a Retry-After; 0: off",
+    )
     request_timeout_s: float | None = Field(
         default=None, gt=0, description="abort a request this many seconds after it arrived (408); none: no limit"
     )

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from server.admission import AdmissionController
 from server.engines.base import Engine
 
 log = logging.getLogger("ropeserve.access")
@@ -17,6 +18,7 @@ class WatchedService(Protocol):
 
     engine: Engine
     restarting: bool
+    admission: AdmissionController
 
     def refresh_gauges(self) -> None: ...
 
@@ -42,6 +44,8 @@ async def watch_engine(
         except Exception:  # a dead engine may not shut down cleanly; the new one starts anyway
             log.exception("shutting down the dead engine failed")
         service.engine = await _start_with_backoff(engine_factory, max_backoff_s)
+        # Nothing the dead engine held is queued in the new one.
+        service.admission.reset()
         service.refresh_gauges()
         service.restarting = False
         log.info("engine restarted")

@@ -24,6 +24,7 @@ from server.engines.engine_stats import (
     ExecutorBackend,
     FinishedRow,
     Parallelism,
+    StepWork,
 )
 from server.engines.rope_config import AttentionScheme, ModelFacts, RopeConfig, WindowKind
 from server.engines.rows import (
@@ -59,6 +60,7 @@ __all__ = [
     "StepAware",
     "StepRows",
     "StepStream",
+    "StepWork",
     "TokenEvent",
     "Tokenizer",
     "TopToken",
@@ -118,6 +120,8 @@ class RowJob(Protocol):
     request_id: str
     plan: ExecutionPlan
     sampling: SamplingOptions
+    # The scheduling priority every row of the request runs with (RowRequest.priority).
+    priority: int
     # Per-request figures the combiner reports (e.g. "kv_tokens": what its rows held together).
     stats: dict[str, Any]
 

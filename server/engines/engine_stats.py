@@ -63,10 +63,22 @@ class FinishedRow:
 class EngineIteration:
     """What one engine iteration reports to its stats listener (the metrics room).
 
-    The scheduler's figures are None when the iteration carried none."""
+    The scheduler's figures are None when the iteration carried none; `step` when it carried no
+    step details."""
 
     kv_cache_usage: float | None = None
     running_requests: int | None = None
     waiting_requests: int | None = None
     preempted_rows: int = 0
     finished: tuple[FinishedRow, ...] = ()
+    step: StepWork | None = None
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What one engine step computed: prompt tokens (prefill chunks, prefix-cache hits excluded),
+    decode tokens (one per decoding row), and how long it took."""
+
+    prefill_tokens: int
+    decode_tokens: int
+    seconds: float

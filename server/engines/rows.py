@@ -44,6 +44,8 @@ class RowRequest:
     prompt_token_ids: list[int]
     sampling: SamplingOptions
     rope: RopeConfig = RopeConfig()
+    # Scheduling priority, as vLLM's: lower is scheduled earlier among waiting rows (ties by arrival).
+    priority: int = 0
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,9 @@ class VllmEngine:
         try:
             # AsyncLLM aborts the engine request itself (and awaits it) when this generator is
             # closed early, so the slot is released only once the row is gone from the engine.
-            async for output in self._llm.generate(admitted.prompt, admitted.sampling, row.request_id):
+            async for output in self._llm.generate(
+                admitted.prompt, admitted.sampling, row.request_id, priority=row.priority
+            ):
                 yield outputs.step(output, row)
         except EngineDeadError as exc:
             raise EngineDown(f"the engine died while serving this request ({exc}); retry later") from exc

@@ -76,6 +76,11 @@ def engine_args(config: VllmEngineConfig, model: ModelFacts, cpu: bool) -> Any:
         num_gpu_blocks_override=config.num_kv_blocks,
         logits_processors=list(config.logits_processors) or None,
         disable_log_stats=True,
+        # Each step's prefill and decode tokens and its time, for the stats listener: admission by
+        # queued work learns the engine's throughput from them (server/admission.py).
+        enable_logging_iteration_details=True,
+        # Rows carry a priority (RowRequest.priority): short requests go ahead of waiting long ones.
+        scheduling_policy="priority",
         tensor_parallel_size=parallel.tensor,
         pipeline_parallel_size=parallel.pipeline,
         data_parallel_size=parallel.data,

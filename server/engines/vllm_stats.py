@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from server.engines.base import Engine, EngineIteration, FinishedRow, StatsListener
+from server.engines.base import Engine, EngineIteration, FinishedRow, StatsListener, StepWork
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,22 @@ def iteration_from_vllm(scheduler_stats: Any, iteration_stats: Any) -> EngineIte
         waiting_requests=int(scheduler_stats.num_waiting_reqs),
         preempted_rows=preempted,
         finished=finished,
+        step=step_from_vllm(getattr(scheduler_stats, "iteration_details", None)),
+    )
+
+
+def step_from_vllm(details: Any) -> StepWork | None:
+    """vLLM's `SchedulerIterationDetails` (sent with `enable_logging_iteration_details`) as a
+    `StepWork`; None without details, or for a data-parallel dummy step (no work of ours).
+
+    vLLM counts a request as "context" while it has no output token: its tokens in the step are
+    prefill (a chunk of its prompt); the others' are decode tokens."""
+    if details is None or getattr(details, "is_dummy", False):
+        return None
+    return StepWork(
+        prefill_tokens=int(details.num_ctx_tokens),
+        decode_tokens=int(details.num_generation_tokens),
+        seconds=max(0.0, float(details.elapsed_ms) / 1000),
     )
 
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 from server.engines.base import (
     Engine,
+    EngineDown,
     EngineStep,
     FinishReason,
     RowJob,
@@ -154,6 +155,7 @@ class _NbceRequest:
                     ).to_extra_args(),
                 ),
                 self.job.plan.rope,
+                self.job.priority,
             )
             for k, row in enumerate(self.rows)
         ]
@@ -193,7 +195,8 @@ async def _prefill(engine: Engine, job: RowJob) -> None:
     NBCE prefill). Row by row, requests that arrive meanwhile are admitted between rows.
     """
     for k, row in enumerate(job.plan.rows):
-        request = RowRequest(f"{job.request_id}:prefill:{k}", row, SamplingOptions(max_new_tokens=1), job.plan.rope)
+        one_token = SamplingOptions(max_new_tokens=1)
+        request = RowRequest(f"{job.request_id}:prefill:{k}", row, one_token, job.plan.rope, job.priority)
         stream = engine.generate(request)
         try:
             async for _ in stream:
@@ -231,6 +234,8 @@ class _Lockstep:
         self.desynced = False
 
     def receive(self, k: int, step: EngineStep | BaseException | None) -> None:
+        if isinstance(step, EngineDown):  # the engine died: the request's 503, as for any strategy
+            raise step
         if isinstance(step, BaseException):
             raise NbceError(f"an nbce row failed: {step}") from step
         if step is None:

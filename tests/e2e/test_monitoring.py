@@ -168,6 +168,8 @@ def test_dashboard_covers_the_issue() -> None:
         "ropeserve_request_kv_tokens_bucket",
         "process_resident_memory_bytes",
         "ropeserve_engines",
+        "ropeserve_admission_estimated_wait_seconds",
+        "ropeserve_requests_refused_total",
     ):
         assert metric in exprs, metric
     assert "sum by (le, strategy)" in exprs

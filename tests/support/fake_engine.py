@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from server.admission import AdmissionController
 from server.engines.base import (
     EngineStats,
     EngineStep,
@@ -16,6 +17,7 @@ from server.engines.base import (
     TopToken,
 )
 from server.metrics import Metrics
+from server.queue_admission import admission_controller
 from server.service import GenerationService
 from server.settings import Settings
 from strategies.registry import default_registry
@@ -112,7 +114,9 @@ class FakeEngine:
         pass
 
 
-def fake_service_factory(delay: float = 0.0, engine: FakeEngine | None = None):
+def fake_service_factory(
+    delay: float = 0.0, engine: FakeEngine | None = None, admission: AdmissionController | None = None
+):
     async def build(settings: Settings) -> GenerationService:
         return GenerationService(
             engine=engine or FakeEngine(delay),
@@ -122,6 +126,7 @@ def fake_service_factory(delay: float = 0.0, engine: FakeEngine | None = None):
             default_strategy=settings.default_strategy,
             max_concurrent_requests=settings.max_concurrent_requests,
             request_timeout_s=settings.request_timeout_s,
+            admission=admission or admission_controller(settings),
         )
 
     return build

@@ -702,3 +702,26 @@ def test_compose_gpu_override_builds_the_cuda_image_with_a_gpu() -> None:
     devices = server["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"capabilities": ["gpu"], "driver": "nvidia", "count": 1}]
     assert compose_config(COMPOSE)["services"]["ropeserve"]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+
+
+# --- Grafana ---------------------------------------------------------------------------------------
+
+
+def test_the_dashboard_shows_admission_with_metrics_the_server_exports() -> None:
+    """The admission panels query series the server exports (their evaluation on real data:
+    tests/e2e/test_monitoring.py)."""
+    from prometheus_client import generate_latest
+
+    from server.admission import AdmissionController
+    from server.metrics import Metrics
+
+    dashboard = json.loads((ROOT / "deploy/grafana/ropeserve-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    queried = set(re.findall(r"\bropeserve_(?:admission_[a-z_]+|requests_refused_total)", exprs))
+    assert {"ropeserve_admission_estimated_wait_seconds", "ropeserve_requests_refused_total"} <= queried
+    metrics = Metrics(gpu=False)
+    metrics.refresh_admission(AdmissionController().figures())
+    exported = {line.split("{")[0].split(" ")[0] for line in generate_latest(metrics.registry).decode().splitlines()}
+    assert queried <= exported
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from server.engines.base import (
+    EngineDown,
     EngineStep,
     ExecutionPlan,
     ModelFacts,
@@ -89,6 +90,7 @@ class Job:
     plan: ExecutionPlan
     sampling: SamplingOptions
     stats: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
 
 
 ROWS = [[5, 6], [7, 8, 9], [10]]
@@ -168,6 +170,24 @@ async def test_a_failed_row_fails_the_request() -> None:
     with pytest.raises(NbceError, match="row died"):
         await run(engine, job())
     assert set(engine.aborted) >= {"req:0:0", "req:0:1", "req:0:2"}
+
+
+async def test_an_engine_death_fails_the_request_as_the_engines_death() -> None:
+    """Not wrapped in NbceError: the HTTP layer answers EngineDown with 503 whatever the strategy."""
+    died = EngineDown("the engine died while serving this request")
+    engine = ScriptedEngine([[same(letters("ab")), died, same(letters("ab"))]])
+    with pytest.raises(EngineDown, match="engine died"):
+        await run(engine, job())
+    assert set(engine.aborted) >= {"req:0:0", "req:0:1", "req:0:2"}
+
+
+async def test_every_row_runs_at_the_requests_priority() -> None:
+    engine = ScriptedEngine([[same(letters("ab"))] * 3])
+    request = job(max_new_tokens=2)
+    request.priority = 7
+    await run(engine, request)
+    rows = engine.prefilled + [row for group in engine.groups for row in group]
+    assert len(rows) == 6 and {row.priority for row in rows} == {7}
 
 
 async def test_rows_that_never_agree_are_given_up() -> None:

@@ -337,10 +337,21 @@ def check_resume_scheduler() -> None:
 def check_add_request() -> None:
     llm = obj(ASYNC_LLM)
     assert params(llm.add_request)[:4] == ["self", "request_id", "prompt", "params"]
+    # Rows carry their scheduling priority (server/engines/vllm_groups.py, vllm_engine.py).
+    assert "priority" in params(llm.add_request) and "priority" in params(llm.generate)
     assert "RequestOutputCollector" in str(inspect.signature(llm.add_request).return_annotation)
     collector = obj("vllm.v1.engine.output_processor.RequestOutputCollector")
     for method in ("get_nowait", "get", "close"):
         assert callable(getattr(collector, method)), method
+
+
+def check_iteration_details() -> None:
+    """server/engines/vllm_stats.py reads each step's details (`enable_logging_iteration_details`)."""
+    fields = {f.name for f in dataclasses.fields(obj("vllm.v1.metrics.stats.SchedulerIterationDetails"))}
+    assert {"num_ctx_tokens", "num_generation_tokens", "elapsed_ms", "is_dummy"} <= fields
+    assert "iteration_details" in {f.name for f in dataclasses.fields(obj("vllm.v1.metrics.stats.SchedulerStats"))}
+    args = {f.name for f in dataclasses.fields(obj("vllm.engine.arg_utils.AsyncEngineArgs"))}
+    assert {"enable_logging_iteration_details", "scheduling_policy"} <= args
 
 
 def check_stream_finished() -> None:
@@ -421,6 +432,7 @@ SYMBOLS: dict[str, Callable[[], None]] = {
     "AsyncMPClient.resume_scheduler_async": check_resume_scheduler,
     "AsyncLLM.add_request -> RequestOutputCollector": check_add_request,
     "outputs.STREAM_FINISHED": check_stream_finished,
+    "SchedulerStats.iteration_details": check_iteration_details,
     "EngineDeadError": check_engine_dead_error,
     "StatLoggerBase": check_stat_logger_base,
     "PrometheusStatLogger": check_prometheus_stat_logger,

@@ -71,9 +71,10 @@ class RequestQueue:
         self._collector.close()
 
 
-async def add_request(llm: Any, request_id: str, prompt: Any, params: Any) -> RequestQueue:
-    """Add a request to `llm` (an `AsyncLLM`) without reading it: its outputs arrive in the queue."""
-    return RequestQueue(await llm.add_request(request_id, prompt, params))
+async def add_request(llm: Any, request_id: str, prompt: Any, params: Any, priority: int = 0) -> RequestQueue:
+    """Add a request to `llm` (an `AsyncLLM`) without reading it: its outputs arrive in the queue.
+    `priority` orders it among waiting requests under the engine's `priority` scheduling policy."""
+    return RequestQueue(await llm.add_request(request_id, prompt, params, priority=priority))
 
 
 def recording_stat_logger(record: Callable[[Any, Any], None]) -> type:

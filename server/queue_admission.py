@@ -1,0 +1,65 @@
+"""Admission by queued work (server/admission.py) as the service uses it: a job's work as the
+controller counts it, a refusal as the 429 the client gets, the controller built from the settings,
+and the engine's steps it learns its throughput from."""
+
+from __future__ import annotations
+
+from server.admission import DEFAULT_STEP_PREFILL_TOKENS, AdmissionController, Admit, RequestWork
+from server.engines.base import Engine, EngineIteration, StatsListener
+from server.jobs import Job, QueueWaitExceeded
+from server.settings import Settings
+
+
+def job_work(job: Job) -> RequestWork:
+    """What `job` asks of the engine: every row's prompt, and `max_new_tokens` for each row."""
+    return RequestWork(
+        prompt_tokens=job.plan.prompt_tokens,
+        new_tokens=job.sampling.max_new_tokens,
+        rows=len(job.plan.rows),
+        priority=job.priority,
+    )
+
+
+def queue_refusal(admission: AdmissionController, job: Job) -> QueueWaitExceeded | None:
+    """The 429 for `job` when the work queued ahead of it would keep it waiting past the bound;
+    None when it fits (nothing is tracked: the service admits it when it starts)."""
+    decision = admission.decide(job_work(job))
+    if isinstance(decision, Admit):
+        return None
+    return QueueWaitExceeded(
+        f"the work queued ahead of this request would keep it waiting about {decision.estimated_wait_s:.0f} s "
+        f"({decision.reason.replace('_', ' ')}), past the server's bound of {admission.max_queue_wait_s:g} s "
+        f"(max_queue_wait_s); retry after {decision.retry_after_s} s",
+        decision.retry_after_s,
+        decision.reason,
+    )
+
+
+def admission_controller(settings: Settings) -> AdmissionController:
+    """The controller for an engine run with `settings`: its step's prefill budget and row slots."""
+    return AdmissionController(
+        settings.max_queue_wait_s,
+        step_prefill_tokens=settings.max_num_batched_tokens or DEFAULT_STEP_PREFILL_TOKENS,
+        max_rows=settings.max_num_seqs,
+    )
+
+
+def learning_from_steps(admission: AdmissionController) -> StatsListener:
+    """A stats listener that teaches `admission` each engine step's throughput (and drains the
+    prefill it computed off the tracked requests)."""
+
+    def listen(engine: Engine, iteration: EngineIteration) -> None:
+        if (step := iteration.step) is not None:
+            admission.observe_iteration(step.prefill_tokens, step.decode_tokens, step.seconds)
+
+    return listen
+
+
+def all_listeners(*listeners: StatsListener) -> StatsListener:
+    """One stats listener that tells each of `listeners` in turn."""
+
+    def listen(engine: Engine, iteration: EngineIteration) -> None:
+        for listener in listeners:
+            listener(engine, iteration)
+
+    return listen
