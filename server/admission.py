@@ -50,6 +50,7 @@ clears what is left of its prefill (prefix-cache hits are counted until then: an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections import Counter
@@ -291,6 +292,7 @@ class AdmissionController:
         throughput: Throughput | None = None,
         step_prefill_tokens: int = DEFAULT_STEP_PREFILL_TOKENS,
         max_rows: int | None = None,
+        prefill_yields: bool = True,
     ) -> None:
         if max_queue_wait_s < 0 or step_prefill_tokens < 1 or (max_rows is not None and max_rows < 1):
             raise ValueError("max_queue_wait_s must be >= 0, step_prefill_tokens and max_rows >= 1")
@@ -298,6 +300,9 @@ class AdmissionController:
         self.throughput = throughput or Throughput()
         self.step_prefill_tokens = step_prefill_tokens
         self.max_rows = max_rows
+        # Whether a started prefill leaves room in each step for requests of an earlier priority
+        # (vLLM's long_prefill_token_threshold); without it, it holds every step until it is done.
+        self.prefill_yields = prefill_yields
         self.queue = WorkQueue()
         self.refusals: Counter[str] = Counter({reason: 0 for reason in REFUSAL_REASONS})
         self._lock = threading.Lock()
@@ -324,6 +329,10 @@ class AdmissionController:
 
     def _wait(self, work: RequestWork) -> tuple[float, str]:
         backlog = self.queue.backlog(work.priority, work.rows, self.max_rows)
+        if not self.prefill_yields:
+            backlog = dataclasses.replace(
+                backlog, prefill_ahead=backlog.prefill_ahead + backlog.prefill_behind, prefill_behind=0
+            )
         rates = self.throughput.prefill.per_second, self.throughput.decode.per_second
         wait, reason = estimate_wait(backlog, *rates, self.step_prefill_tokens)
         return round(wait, 3), reason

@@ -41,6 +41,7 @@ def admission_controller(settings: Settings) -> AdmissionController:
         settings.max_queue_wait_s,
         step_prefill_tokens=settings.max_num_batched_tokens or DEFAULT_STEP_PREFILL_TOKENS,
         max_rows=settings.max_num_seqs,
+        prefill_yields=settings.long_prefill_tokens > 0,
     )
 
 

@@ -101,6 +101,16 @@ def test_a_short_request_waits_one_step_behind_a_long_document() -> None:
     assert decision == Admit(round(admission.DEFAULT_STEP_PREFILL_TOKENS / PREFILL, 3))
 
 
+def test_without_a_prefill_cap_a_short_request_waits_for_the_whole_document() -> None:
+    """ROPESERVE_LONG_PREFILL_TOKENS=0: a started prefill takes every step's budget until it is
+    done (measured: shorts waited out a 24k prefill whatever their priority), so it counts in full."""
+    admission_ = controller(bound=60, prefill_yields=False)
+    assert isinstance(admission_.try_admit("doc", long_doc(24_000)), Admit)
+    hi = RequestWork(prompt_tokens=12, new_tokens=8, priority=default_priority(12))
+    decision = admission_.decide(hi)
+    assert isinstance(decision, Refuse) and decision.estimated_wait_s >= 24_000 / PREFILL
+
+
 def test_default_priority_puts_short_before_long_unless_the_client_says() -> None:
     assert default_priority(511) < default_priority(512)
     assert default_priority(100_000, requested=-3) == -3

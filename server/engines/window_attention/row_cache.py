@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from server.engines.window_attention.paged import KeyLayout, read_range
+from server.engines.window_attention.paged import BlockLayout, read_range
 
 FarKeys = Callable[[torch.Tensor, int], torch.Tensor]
 """(keys [kv_heads, m, d] at positions first.., first) -> those keys rotated at b(j)."""
@@ -58,7 +58,7 @@ class RowKVCache:
         block_ids: torch.Tensor,
         first: int,
         n: int,
-        layout: KeyLayout,
+        layout: BlockLayout,
         far: FarKeys | None = None,
     ) -> RowKV:
         """Keys and values [kv_heads, n, head_dim] of a row whose step starts at position `first`,
