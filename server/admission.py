@@ -243,6 +243,10 @@ class WorkQueue:
         decoding = sum(t.work.rows for t in self._requests.values() if t.prefill_left == 0 and t.decode_left > 0)
         return Backlog(ahead, behind, decoding, self._slot_steps(rows, max_rows))
 
+    def prefills_ahead(self, priority: float) -> int:
+        """Requests of `priority` or an earlier one with prompt tokens still to prefill."""
+        return sum(1 for t in self._requests.values() if t.prefill_left > 0 and t.work.priority <= priority)
+
     def _slot_steps(self, rows: int, max_rows: int | None) -> int:
         """Decode steps until `rows` slots are free, requests finishing in order of decode left."""
         if max_rows is None:
@@ -292,7 +296,7 @@ class AdmissionController:
         throughput: Throughput | None = None,
         step_prefill_tokens: int = DEFAULT_STEP_PREFILL_TOKENS,
         max_rows: int | None = None,
-        prefill_yields: bool = True,
+        prefill_lanes: int = 1,
     ) -> None:
         if max_queue_wait_s < 0 or step_prefill_tokens < 1 or (max_rows is not None and max_rows < 1):
             raise ValueError("max_queue_wait_s must be >= 0, step_prefill_tokens and max_rows >= 1")
@@ -300,9 +304,10 @@ class AdmissionController:
         self.throughput = throughput or Throughput()
         self.step_prefill_tokens = step_prefill_tokens
         self.max_rows = max_rows
-        # Whether a started prefill leaves room in each step for requests of an earlier priority
-        # (vLLM's long_prefill_token_threshold); without it, it holds every step until it is done.
-        self.prefill_yields = prefill_yields
+        # How many prefills share a step, each capped at vLLM's long_prefill_token_threshold (the
+        # step's budget over the cap): a request with fewer unfinished prefills ahead of it starts in
+        # the next step beside them. 0: no cap, a started prefill holds every step until it is done.
+        self.prefill_lanes = prefill_lanes
         self.queue = WorkQueue()
         self.refusals: Counter[str] = Counter({reason: 0 for reason in REFUSAL_REASONS})
         self._lock = threading.Lock()
@@ -329,9 +334,13 @@ class AdmissionController:
 
     def _wait(self, work: RequestWork) -> tuple[float, str]:
         backlog = self.queue.backlog(work.priority, work.rows, self.max_rows)
-        if not self.prefill_yields:
+        if not self.prefill_lanes:
             backlog = dataclasses.replace(
                 backlog, prefill_ahead=backlog.prefill_ahead + backlog.prefill_behind, prefill_behind=0
+            )
+        elif self.queue.prefills_ahead(work.priority) < self.prefill_lanes:
+            backlog = dataclasses.replace(
+                backlog, prefill_ahead=0, prefill_behind=backlog.prefill_ahead + backlog.prefill_behind
             )
         rates = self.throughput.prefill.per_second, self.throughput.decode.per_second
         wait, reason = estimate_wait(backlog, *rates, self.step_prefill_tokens)

@@ -41,8 +41,16 @@ def admission_controller(settings: Settings) -> AdmissionController:
         settings.max_queue_wait_s,
         step_prefill_tokens=settings.max_num_batched_tokens or DEFAULT_STEP_PREFILL_TOKENS,
         max_rows=settings.max_num_seqs,
-        prefill_yields=settings.long_prefill_tokens > 0,
+        prefill_lanes=prefill_lanes(settings),
     )
+
+
+def prefill_lanes(settings: Settings) -> int:
+    """How many capped prefills one engine step holds (0: uncapped, one prefill holds every step)."""
+    if settings.long_prefill_tokens <= 0:
+        return 0
+    budget = settings.max_num_batched_tokens or DEFAULT_STEP_PREFILL_TOKENS
+    return max(1, budget // settings.long_prefill_tokens)
 
 
 def learning_from_steps(admission: AdmissionController) -> StatsListener:

@@ -52,8 +52,9 @@ def test_the_controller_follows_the_engine_settings() -> None:
     admission = admission_controller(Settings(max_queue_wait_s=5, max_num_seqs=3, max_num_batched_tokens=512))
     assert (admission.max_queue_wait_s, admission.max_rows, admission.step_prefill_tokens) == (5, 3, 512)
     assert admission_controller(Settings()).step_prefill_tokens == 2048
-    assert admission_controller(Settings()).prefill_yields
-    assert not admission_controller(Settings(long_prefill_tokens=0)).prefill_yields
+    assert admission_controller(Settings()).prefill_lanes == 2  # 2048-token steps, 1024-token chunks
+    assert admission_controller(Settings(max_num_batched_tokens=512, long_prefill_tokens=512)).prefill_lanes == 1
+    assert admission_controller(Settings(long_prefill_tokens=0)).prefill_lanes == 0
 
 
 # --- 429 with Retry-After (fake engine: plumbing) ------------------------------------------------
