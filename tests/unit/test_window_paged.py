@@ -104,3 +104,21 @@ def test_far_keys_are_rotated_once_and_equal_rotating_the_whole_row(isa: str, la
         got = cache.read("row", 0, key_cache, value_cache, blocks, first, n, layout, far)
         assert torch.equal(got.far_keys, far_keys(k[:, :n], 0, scheme, inv_freq)), (first, n)
         assert not torch.equal(got.far_keys, got.keys)
+
+
+def test_dropping_a_held_row_hands_freed_memory_back(
+    isa: str, layout: BlockLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """glibc keeps a dropped row's many freed buffers; measured without the trim: tens of MB of
+    resident memory a long-document request, for good (docs/benchmarks.md, the long soak)."""
+    from server.engines.window_attention import row_cache
+
+    trims: list[int] = []
+    monkeypatch.setattr(row_cache, "return_freed_memory", lambda: trims.append(1))
+    key_cache, value_cache, _, _ = paged_row(isa, 64, [0, 1])
+    cache = RowKVCache()
+    cache.read("row", 0, key_cache, value_cache, torch.tensor([0, 1]), 0, 64, layout)
+    cache.drop(["unknown"])
+    assert trims == []
+    cache.drop(["row"])
+    assert trims == [1] and cache.rows() == 0

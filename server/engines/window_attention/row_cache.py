@@ -19,6 +19,8 @@ as much again for far keys (one more set of keys), released with the row.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -92,11 +94,21 @@ class RowKVCache:
         return grown
 
     def drop(self, request_ids: Iterable[str]) -> None:
-        for request_id in request_ids:
-            self._rows.pop(request_id, None)
+        dropped = [self._rows.pop(request_id, None) for request_id in request_ids]
+        if any(buffers is not None for buffers in dropped):
+            del dropped
+            return_freed_memory()
 
     def rows(self) -> int:
         return len(self._rows)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+    A row's copies are freed as many buffers of many sizes; glibc keeps such memory for reuse, and
+    a long-document server's resident memory climbed by tens of MB a request without this."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 ROW_CACHE = RowKVCache()
