@@ -63,6 +63,7 @@ BENCHMARKS = {
     "soak": "minutes of mixed traffic at twice the capacity: every request answered or 429, memory after",
     "cost": "per-request time of position-changing strategies against dynamic_ntk, fresh documents, side by side",
     "priority": "TTFT of short requests while a long document is prefilled, with and without `priority`",
+    "reuse": "a document asked twice: the second question's TTFT over the first's per strategy (prefix cache)",
 }
 
 

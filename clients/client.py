@@ -9,10 +9,17 @@
 
 Responses are the server's own pydantic models (`server.schemas`); an error reply raises
 `RopeserveError` with the server's `error` and `error_type`.
+
+A request with a `context` carries `X-Session-Id: <document_routing_key(context)>`: behind vLLM's
+router with `--policy consistent_hash`, every question on one document goes to the replica that
+already holds its KV blocks in the prefix cache (docs/scaling.md, "A fleet with document affinity").
+A server ignores the header. Through that router use `generate_stream`: the router rewrites
+`/generate` bodies into SGLang's request shape, which drops `inputs`, `context` and `strategy`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -20,6 +27,17 @@ from typing import Any
 import httpx
 
 from server.schemas import GenerateResponse, InfoResponse, StrategiesResponse, StrategySpec, StreamResponse
+
+# The first header vLLM's router hashes on (its `consistent_hash` policy): same key, same replica.
+ROUTING_HEADER = "X-Session-Id"
+
+
+def document_routing_key(context: str | list[str]) -> str:
+    """A key that names the documents of a request: the same documents (in the same order) give the
+    same key, so a router that hashes it sends them to the same replica."""
+    texts = [context] if isinstance(context, str) else context
+    digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    return "doc-" + digest.hexdigest()[:32]
 
 
 class RopeserveError(RuntimeError):
@@ -60,7 +78,8 @@ class RopeserveClient:
         **parameters: Any,
     ) -> GenerateResponse:
         """`parameters` are TGI's (max_new_tokens, do_sample, temperature, stop, details, ...)."""
-        reply = self._http.post("/generate", json=_body(inputs, context, strategy, parameters))
+        body = _body(inputs, context, strategy, parameters)
+        reply = self._http.post("/generate", json=body, headers=_routing_headers(context))
         return GenerateResponse.model_validate(self._json(reply))
 
     def generate_stream(
@@ -72,7 +91,7 @@ class RopeserveClient:
     ) -> Iterator[StreamResponse]:
         """One event per token; the last carries `generated_text`, `details` and `strategy`."""
         body = _body(inputs, context, strategy, parameters)
-        with self._http.stream("POST", "/generate_stream", json=body) as reply:
+        with self._http.stream("POST", "/generate_stream", json=body, headers=_routing_headers(context)) as reply:
             if reply.status_code != 200:
                 reply.read()
                 self._json(reply)
@@ -97,6 +116,10 @@ def sse_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
     for line in lines:
         if line.startswith("data:"):
             yield json.loads(line[len("data:") :])
+
+
+def _routing_headers(context: str | list[str] | None) -> dict[str, str]:
+    return {ROUTING_HEADER: document_routing_key(context)} if context else {}
 
 
 def _body(

@@ -5,9 +5,10 @@ Two sources feed this room:
 - `GenerationService` times what the client sees (TTFT, inter-token latency, duration, tokens),
   because only it sees a request whole (an NBCE request is several engine rows);
 - the engine's stats listener (`engine_listener`) passes on what vLLM already measures per
-  iteration: KV-cache use, running/waiting requests, preemptions, and per finished request the
-  scheduler queue time and prefill time. It is duck-typed on vLLM's stats objects, so nothing here
-  imports vLLM; vLLM's own Prometheus logger (metric names with colons) stays off.
+  iteration: KV-cache use, running/waiting requests, preemptions, and per finished row the
+  scheduler queue time, the prefill time and the prompt tokens the prefix cache served. It is
+  duck-typed on vLLM's stats objects, so nothing here imports vLLM; vLLM's own Prometheus logger
+  (metric names with colons) stays off.
 
 One engine serves every strategy, so the `engine` label is the engine's kind ("vllm").
 """
@@ -36,7 +37,7 @@ from prometheus_client.registry import Collector
 
 from server.admission import AdmissionFigures
 from server.capacity import REFUSAL_REASONS
-from server.engines.base import Engine, EngineIteration
+from server.engines.base import Engine, EngineIteration, FinishedRow
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,30 @@ class AdmissionMetrics:
         self.rate.labels("decode").set(figures.decode_tokens_per_s)
 
 
+class PrefixCacheMetrics:
+    """Prompt tokens of finished engine rows looked up in vLLM's prefix cache and served by it, per
+    strategy: vLLM's own `prefix_cache_queries` and `prefix_cache_hits`, with the row's strategy."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.queries = Counter(
+            "ropeserve_prefix_cache_queries",
+            "Prompt tokens of finished engine rows looked up in vLLM's prefix cache (every row of NBCE).",
+            BY_STRATEGY,
+            registry=r,
+        )
+        self.hits = Counter(
+            "ropeserve_prefix_cache_hits",
+            "Prompt tokens of finished engine rows that vLLM's prefix cache served (not computed again).",
+            BY_STRATEGY,
+            registry=r,
+        )
+        self.counters = (self.queries, self.hits)
+
+    def count(self, strategy: str, row: FinishedRow) -> None:
+        self.queries.labels(strategy).inc(row.prompt_tokens)
+        self.hits.labels(strategy).inc(row.cached_tokens)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, gpu: bool | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -208,6 +233,7 @@ class Metrics:
         self._add_vllm_measures(self.registry)
         self._add_engine_gauges(self.registry)
         self.admission = AdmissionMetrics(self.registry)
+        self.prefix_cache = PrefixCacheMetrics(self.registry)
         _register_memory_collectors(self.registry, gpu)
         self._request_strategy: OrderedDict[str, str] = OrderedDict()
         self._seen_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -335,7 +361,7 @@ class Metrics:
                 self.request_prefill_time,
             ):
                 histogram.labels(name)
-            for counter in (self.prompt_tokens, self.generated_tokens):
+            for counter in (self.prompt_tokens, self.generated_tokens, *self.prefix_cache.counters):
                 counter.labels(name)
             for status in REQUEST_STATUSES:
                 self.requests.labels(name, status)
@@ -370,6 +396,7 @@ class Metrics:
             if strategy is not None:
                 self.request_queue_time.labels(strategy).observe(row.queued_s)
                 self.request_prefill_time.labels(strategy).observe(row.prefill_s)
+                self.prefix_cache.count(strategy, row)
 
     def refresh_engine(self, engine: Engine) -> None:
         """The engine's gauges, at start-up and at every scrape."""

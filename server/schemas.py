@@ -352,6 +352,22 @@ class StreamOptions(RequestBody):
     continuous_usage_stats: StrictBool = False
 
 
+# vLLM's router (PyPI vllm-router) re-serialises every OpenAI body it forwards through SGLang's
+# request schema, which writes these fields at these values whether the client sent them or not.
+# Each asks for what ropeserve does anyway (stop strings trimmed, special tokens skipped, no hidden
+# states, the assistant's turn opened, no reasoning parser to separate), so a body may carry them
+# at exactly these values; any other value is refused by name (docs/scaling.md, document affinity).
+ROUTER_FILLED_FIELDS: dict[str, bool] = {
+    "no_stop_trim": False,
+    "skip_special_tokens": True,
+    "return_hidden_states": False,
+    "continue_final_message": False,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+    "include_reasoning": True,
+}
+
+
 class OpenAIRequest(RequestBody):
     """The fields /v1/completions and /v1/chat/completions share; `strategy`, `context` and
     `deadline_s` are ropeserve's extra fields."""
@@ -384,6 +400,18 @@ class OpenAIRequest(RequestBody):
     # A top-level field, as in vLLM's OpenAI server.
     priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY, description=PRIORITY_DESCRIPTION)
     dry_run: StrictBool = Field(default=False, description=DRY_RUN_DESCRIPTION)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _router_filled_fields(cls, data: Any) -> Any:
+        """The fields a router fills in at ropeserve's own behaviour are dropped; other values are errors."""
+        if not isinstance(data, dict) or data.keys().isdisjoint(ROUTER_FILLED_FIELDS):
+            return data
+        kept = dict(data)
+        for name, value in ROUTER_FILLED_FIELDS.items():
+            if name in kept and kept.pop(name) is not value:
+                raise ValueError(f"{name}: only {json.dumps(value)} is supported by ropeserve")
+        return kept
 
     @field_validator("logit_bias")
     @classmethod

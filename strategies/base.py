@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 DOCUMENT_SEPARATOR = "\n\n"
+# Tokens a question is counted as at least where a strategy sizes something from the question's
+# length (dynamic_ntk's base, nbce's chunks): questions up to this long on the same documents then
+# plan the same rows, so the second reads the first's KV from the prefix cache.
+QUESTION_RESERVE_TOKENS = 256
 # A refusal lists at most this many problems (of a body or a strategy's parameters) and a count of
 # the rest: a body of many bad items must not cost a second of the event loop and megabytes of reply.
 MAX_REPORTED_ERRORS = 10

@@ -2,7 +2,8 @@
 
 vLLM's rope_type "dynamic" computes one base from max_position_embeddings at start-up (it is
 static, vLLM issue #5093), so this strategy does the dynamic part itself: the request's total
-length (prompt + max_new_tokens) is rounded up to a multiple of `bucket_tokens` (capped at
+length (prompt + max_new_tokens; with documents, the question counted as at least 256 tokens, so
+that later questions on them reuse their KV) is rounded up to a multiple of `bucket_tokens` (capped at
 factor x native), and gets the base transformers' dynamic NTK formula gives at that length:
 theta' = theta * (alpha * L / L0 - (alpha - 1))^(d/(d-2)).  Requests that fit the native window
 run natively. Each bucket is one RoPE configuration, i.e. one slot of the engine's table (a
@@ -17,7 +18,15 @@ from typing import Any
 
 from pydantic import Field
 
-from strategies.base import ExecutionPlan, ModelFacts, PlanContext, RopeConfig, StrategyRequest
+from strategies.base import (
+    DOCUMENT_SEPARATOR,
+    QUESTION_RESERVE_TOKENS,
+    ExecutionPlan,
+    ModelFacts,
+    PlanContext,
+    RopeConfig,
+    StrategyRequest,
+)
 from strategies.rope import RopeParams, RopeStrategy, factor_field
 
 
@@ -72,6 +81,15 @@ class DynamicNtkStrategy(RopeStrategy[DynamicNtkParams]):
             return RopeConfig.native()  # the model as trained: shares the native engine
         bucket = self.bucket(request_tokens, model)
         return RopeConfig.from_dict(self.rope_parameters(model, bucket), bucket)
+
+    def config_tokens(self, request: StrategyRequest, needed: int, context: PlanContext) -> int:
+        """With documents, the question counts as at least QUESTION_RESERVE_TOKENS: every question
+        up to that long on the same documents gets the same base, hence the same cache salt, and
+        reads the documents' KV from the prefix cache (requests inside the window stay native)."""
+        if not request.documents or needed <= context.model.native_window:
+            return needed
+        question = len(context.tokenize(DOCUMENT_SEPARATOR + request.inputs))
+        return needed - question + max(question, QUESTION_RESERVE_TOKENS)
 
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
         model = context.model

@@ -147,7 +147,7 @@ class RopeStrategy(Strategy[RP]):
         limit = self.max_total_tokens(model)
         hint = "" if needed <= limit else self._hint(needed, model)
         check_fits(len(row), request.max_new_tokens, limit, self.name, hint)
-        rope = self.rope_config(model, needed)
+        rope = self.rope_config(model, self.config_tokens(request, needed, context))
         if self.params.logn and needed > model.native_window and not rope.is_native:
             # Scales only positions past L0 (s(i) = 1 below), so shorter requests need no scheme.
             rope = replace(rope, attention=AttentionScheme(logn_window=model.native_window))
@@ -157,6 +157,11 @@ class RopeStrategy(Strategy[RP]):
             max_total_tokens=limit,
             resolved=self.resolved(),
         )
+
+    def config_tokens(self, request: StrategyRequest, needed: int, context: PlanContext) -> int:
+        """The length the RoPE configuration is chosen for (the request's own, unless a strategy
+        whose configuration follows the length says otherwise)."""
+        return needed
 
     def _hint(self, needed: int, model: ModelFacts) -> str:
         cap = getattr(model, "max_context_tokens", None)

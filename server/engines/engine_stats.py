@@ -52,11 +52,14 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class FinishedRow:
-    """A row the engine finished in an iteration, with where its time went."""
+    """A row the engine finished in an iteration, with where its time went and how much of its
+    prompt the prefix cache served (`cached_tokens` of `prompt_tokens`: not computed again)."""
 
     request_id: str
     queued_s: float
     prefill_s: float
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ def iteration_from_vllm(scheduler_stats: Any, iteration_stats: Any) -> EngineIte
     """vLLM's per-iteration `SchedulerStats` and `IterationStats` (either may be None) as the
     engine API's `EngineIteration`."""
     finished = tuple(
-        FinishedRow(str(f.request_id), max(0.0, float(f.queued_time)), max(0.0, float(f.prefill_time)))
+        finished_row(f)
         for f in (iteration_stats.finished_requests if iteration_stats is not None else ())
         if f.request_id is not None
     )
@@ -33,6 +33,19 @@ def iteration_from_vllm(scheduler_stats: Any, iteration_stats: Any) -> EngineIte
         preempted_rows=preempted,
         finished=finished,
         step=step_from_vllm(getattr(scheduler_stats, "iteration_details", None)),
+    )
+
+
+def finished_row(stats: Any) -> FinishedRow:
+    """vLLM's `FinishedRequestStats` of one row as a `FinishedRow`. vLLM counts a row's prefix-cache
+    hits (`num_cached_tokens`) when its prefill is scheduled; a row preempted and recomputed keeps
+    the first count."""
+    return FinishedRow(
+        str(stats.request_id),
+        max(0.0, float(stats.queued_time)),
+        max(0.0, float(stats.prefill_time)),
+        prompt_tokens=max(0, int(getattr(stats, "num_prompt_tokens", 0) or 0)),
+        cached_tokens=max(0, int(getattr(stats, "num_cached_tokens", 0) or 0)),
     )
 
 

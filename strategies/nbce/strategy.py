@@ -27,6 +27,7 @@ from pydantic import Field
 
 from strategies.base import (
     DOCUMENT_SEPARATOR,
+    QUESTION_RESERVE_TOKENS,
     ExecutionPlan,
     ModelFacts,
     PlanContext,
@@ -46,6 +47,15 @@ from strategies.nbce.runner import NbceCombiner
 # next to the question is not exactly additive).
 ROW_MARGIN_TOKENS = 8
 MIN_CHUNK_TOKENS = 16
+
+
+def question_room(question_tokens: int, row_limit: int) -> int:
+    """Tokens a row keeps for the question: at least QUESTION_RESERVE_TOKENS where the row has room
+    to spare, so the chunks (and their prefix-cache blocks) do not move with a question's length."""
+    reserve = QUESTION_RESERVE_TOKENS if row_limit >= 4 * QUESTION_RESERVE_TOKENS else 0
+    return max(question_tokens, reserve)
+
+
 # The combination's defaults (protocol.py), stated once.
 DEFAULT = Combination()
 
@@ -147,7 +157,7 @@ class NbceStrategy(Strategy[NbceParams]):
         row_limit = probe.max_total_tokens
         uncond = tokenize(request.inputs)
         question_tokens = len(tokenize(DOCUMENT_SEPARATOR + request.inputs))
-        room = row_limit - request.max_new_tokens - question_tokens - ROW_MARGIN_TOKENS
+        room = row_limit - request.max_new_tokens - question_room(question_tokens, row_limit) - ROW_MARGIN_TOKENS
         chunk_tokens = p.chunk_tokens if p.chunk_tokens is not None else room
         if chunk_tokens < MIN_CHUNK_TOKENS or (p.chunk_tokens is not None and chunk_tokens > room):
             raise StrategyError(

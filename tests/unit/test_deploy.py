@@ -9,6 +9,9 @@
   prometheus-adapter serves.
 - deploy/docker/: hadolint on both Dockerfiles and the multi-stage/non-root/HEALTHCHECK shape; Docker
   Compose v2's own `config -q` on compose.yml (and the GPU override), and its resolved bind mounts exist.
+- The fleet with document affinity (vLLM's router, docs/scaling.md): k8s/router.yaml discovers the
+  server pods and only them, with the least RBAC; compose.router.yml wires two replicas to the router;
+  Dockerfile.router installs the vllm-router version pyproject.toml pins.
 
 The images are not built here: their base images (python, nvidia/cuda) come from a container registry
 this machine cannot reach.
@@ -25,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -55,6 +59,9 @@ OPERATOR_MODELS: dict[str, Any] = {
 # Which image each Deployment runs, and the Dockerfile that builds it.
 IMAGES = {"ropeserve:cpu": DOCKER / "Dockerfile", "ropeserve:gpu": DOCKER / "Dockerfile.gpu"}
 DOCKERFILES = sorted(IMAGES.values())
+# vLLM's router in front of the server pods: its manifests, its image and its two-replica compose file.
+ROUTER_MANIFESTS = K8S / "router.yaml"
+ROUTER_DOCKERFILE = DOCKER / "Dockerfile.router"
 NON_ROOT_UID = 10001
 
 
@@ -86,13 +93,20 @@ def manifests() -> list[Manifest]:
 
 
 def of_kind(kind: str) -> list[Manifest]:
-    return [m for m in manifests() if m.kind == kind]
+    """The server's objects of `kind` (the router's, in router.yaml, are `router_object`'s)."""
+    return [m for m in manifests() if m.kind == kind and m.path != ROUTER_MANIFESTS]
 
 
 def single(kind: str) -> dict[str, Any]:
     found = of_kind(kind)
     assert len(found) == 1, f"expected one {kind} in deploy/k8s, found {[m.path.name for m in found]}"
     return found[0].doc
+
+
+def router_object(kind: str) -> dict[str, Any]:
+    found = [m.doc for m in manifests() if m.path == ROUTER_MANIFESTS and m.kind == kind]
+    assert len(found) == 1, f"expected one {kind} in {ROUTER_MANIFESTS.name}"
+    return found[0]
 
 
 DEPLOYMENTS = of_kind("Deployment")
@@ -186,7 +200,7 @@ def test_manifest_validates_strictly(manifest: Manifest, version: str) -> None:
 
 
 def test_deploy_k8s_has_the_whole_set() -> None:
-    assert sorted(m.kind for m in manifests()) == [
+    assert sorted(m.kind for m in manifests() if m.path != ROUTER_MANIFESTS) == [
         "Deployment",
         "Deployment",
         "HorizontalPodAutoscaler",
@@ -196,6 +210,13 @@ def test_deploy_k8s_has_the_whole_set() -> None:
         "ServiceMonitor",
     ]
     assert {m.path.name for m in DEPLOYMENTS} == {"deployment-cpu.yaml", "deployment-gpu.yaml"}
+    assert sorted(m.kind for m in manifests() if m.path == ROUTER_MANIFESTS) == [
+        "Deployment",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "ServiceAccount",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -523,7 +544,7 @@ def hadolint(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, ROUTER_DOCKERFILE], ids=lambda p: p.name)
 def test_hadolint_finds_nothing(dockerfile: Path) -> None:
     result = hadolint(str(dockerfile))
     assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
@@ -702,6 +723,152 @@ def test_compose_gpu_override_builds_the_cuda_image_with_a_gpu() -> None:
     devices = server["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"capabilities": ["gpu"], "driver": "nvidia", "count": 1}]
     assert compose_config(COMPOSE)["services"]["ropeserve"]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+
+
+# --- vLLM's router (a fleet with document affinity) -------------------------------------------------
+
+
+def router_pin() -> str:
+    """The vllm-router version pyproject.toml's `router` extra pins (the test extra the same)."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (pin,) = extras["router"]
+    assert pin.startswith("vllm-router==") and pin in extras["test"], pin
+    return pin.removeprefix("vllm-router==")
+
+
+def cli_options(args: list[str]) -> dict[str, list[str]]:
+    """argparse-style arguments (`--k=v`, `--k v1 v2`, `--flag`) as {option: values}."""
+    options: dict[str, list[str]] = {}
+    current = ""
+    for arg in args:
+        if arg.startswith("--"):
+            current, _, value = arg.partition("=")
+            options[current] = [value] if value else []
+        else:
+            options[current].append(arg)
+    return options
+
+
+def router_container() -> dict[str, Any]:
+    (main,) = router_object("Deployment")["spec"]["template"]["spec"]["containers"]
+    return main
+
+
+def container_port(spec: dict[str, Any], name: str) -> int:
+    return next(int(p["containerPort"]) for p in spec["ports"] if p["name"] == name)
+
+
+def test_router_discovers_the_server_pods_on_their_port() -> None:
+    main = router_container()
+    options = cli_options(main["args"])
+    assert options["--policy"] == ["consistent_hash"] and options["--service-discovery"] == []
+    selector = dict(item.split("=", 1) for item in options["--selector"])
+    for deployment in (m.doc for m in DEPLOYMENTS):
+        assert selects(selector, pod_labels(deployment))
+        assert options["--service-discovery-port"] == [str(container_port(container(deployment), "http"))]
+    # Its own namespace, from the downward API (the Role grants no other).
+    assert options["--service-discovery-namespace"] == ["$(POD_NAMESPACE)"]
+    namespace = next(e for e in main["env"] if e["name"] == "POD_NAMESPACE")
+    assert namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert options["--port"] == [str(container_port(main, "http"))]
+    assert options["--prometheus-host"] == ["0.0.0.0"]
+    assert options["--prometheus-port"] == [str(container_port(main, "metrics"))]
+    annotations = router_object("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == options["--prometheus-port"][0]
+
+
+def test_router_pods_are_no_server_pods_and_its_service_selects_them() -> None:
+    router = router_object("Deployment")
+    labels = pod_labels(router)
+    assert selects(router["spec"]["selector"]["matchLabels"], labels)
+    selector = dict(item.split("=", 1) for item in cli_options(router_container()["args"])["--selector"])
+    assert not selects(selector, labels), "the router would route to itself"
+    for server_selector in (
+        single("Service")["spec"]["selector"],
+        single("PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+        single("PodMonitor")["spec"]["selector"]["matchLabels"],
+    ):
+        assert not selects(server_selector, labels)
+    service = router_object("Service")
+    assert (
+        selects(service["spec"]["selector"], labels)
+        and service["metadata"]["name"] != single("Service")["metadata"]["name"]
+    )
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= {p["name"] for p in router_container()["ports"]}
+
+
+def test_router_may_watch_pods_and_nothing_else() -> None:
+    account = router_object("ServiceAccount")["metadata"]["name"]
+    assert router_object("Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == account
+    role = router_object("Role")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    binding = router_object("RoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+
+
+def test_router_pod_is_probed_runs_non_root_and_pins_the_image() -> None:
+    main = router_container()
+    assert main["readinessProbe"]["httpGet"] == {"path": "/readiness", "port": "http"}
+    assert main["livenessProbe"]["httpGet"] == {"path": "/liveness", "port": "http"}
+    pod = router_object("Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == Dockerfile.load(ROUTER_DOCKERFILE).uid == NON_ROOT_UID
+    assert main["securityContext"]["allowPrivilegeEscalation"] is False
+    assert main["image"] == f"ropeserve-router:{router_pin()}"
+
+
+def test_router_image_installs_the_pinned_router() -> None:
+    image = Dockerfile.load(ROUTER_DOCKERFILE)
+    (stage,) = image.stages
+    assert image.args["PYTHON_IMAGE"].startswith("python:3.11-")
+    assert f"VLLM_ROUTER_VERSION={router_pin()}" in stage.all("ARG")
+    assert any('"vllm-router==${VLLM_ROUTER_VERSION}"' in run for run in stage.all("RUN"))
+    assert image.uid == NON_ROOT_UID and f"--uid {NON_ROOT_UID}" in " ".join(stage.all("RUN"))
+    assert json.loads(stage.last("ENTRYPOINT")) == ["vllm-router"]
+    port = stage.last("EXPOSE")
+    assert f"127.0.0.1:{port}/liveness" in stage.last("HEALTHCHECK")
+    assert stage.last("STOPSIGNAL") == "SIGTERM"
+    assert dockerignore(ROUTER_DOCKERFILE) == {"*"} and not stage.all("COPY")
+
+
+COMPOSE_ROUTER = (DOCKER / "compose.router.yml",)
+
+
+def test_compose_router_config_check_passes() -> None:
+    result = compose("config", "-q", files=COMPOSE_ROUTER)
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+
+
+def test_compose_router_wires_two_replicas_to_the_router() -> None:
+    services = compose_config(COMPOSE_ROUTER)["services"]
+    assert set(services) == {"replica-a", "replica-b", "router"}
+    single_server = compose_config(COMPOSE)["services"]["ropeserve"]
+    replica_port = Dockerfile.load(DOCKER / "Dockerfile").runtime.env["ROPESERVE_PORT"]
+    for name in ("replica-a", "replica-b"):
+        replica = services[name]
+        assert replica["build"] == single_server["build"] and replica["image"] == single_server["image"]
+        assert replica["environment"] == single_server["environment"]
+        assert replica["stop_grace_period"] == single_server["stop_grace_period"]
+        assert "ports" not in replica, "clients go through the router"
+    router = services["router"]
+    assert (
+        Path(router["build"]["context"]) == ROOT and router["build"]["dockerfile"] == "deploy/docker/Dockerfile.router"
+    )
+    assert router["image"] == f"ropeserve-router:{router_pin()}"
+    options = cli_options(router["command"])
+    assert options["--policy"] == ["consistent_hash"]
+    assert options["--worker-urls"] == [f"http://replica-a:{replica_port}", f"http://replica-b:{replica_port}"]
+    # It listens only once every worker answers, so it starts after the replicas are healthy.
+    assert router["depends_on"] == {
+        name: {"condition": "service_healthy", "required": True} for name in ("replica-a", "replica-b")
+    }
+    published = {int(p["target"]): p["published"] for p in router["ports"]}
+    assert published[int(options["--port"][0])] and published[int(options["--prometheus-port"][0])]
 
 
 # --- Grafana ---------------------------------------------------------------------------------------

@@ -85,6 +85,20 @@ def test_default_chunk_fills_the_window(context, facts):
     assert max(len(r) for r in plan.rows) > 0.9 * facts.native_window
 
 
+def test_questions_up_to_the_reserve_get_the_same_chunks(tokenizer, context):
+    """A second question on the same document plans the same chunks, so its rows' documents are a
+    prefix the first question left in the cache; a question past the reserve moves the cuts."""
+    text = essay(900)
+    short = nbce_plan(context, StrategyRequest("Q?", (text,), 64))
+    longer = nbce_plan(context, StrategyRequest("Which road is closed, and to what? " * 8, (text,), 64))
+    chunks = [row[: -len(tokenizer.encode("\n\nQ?"))] for row in short.rows[1:]]
+    assert short.resolved["chunk_tokens"] == longer.resolved["chunk_tokens"]
+    for chunk, row in zip(chunks, longer.rows[1:], strict=True):
+        assert row[: len(chunk) - 1] == chunk[:-1]
+    huge = nbce_plan(context, StrategyRequest("Which road is closed? " * 80, (text,), 64))
+    assert huge.resolved["chunk_tokens"] < short.resolved["chunk_tokens"]
+
+
 def test_rope_composes_through_the_registry(context, facts):
     text = essay(900)
     plan = nbce_plan(context, StrategyRequest("Q?", (text,), 32), rope={"name": "yarn", "factor": 2})

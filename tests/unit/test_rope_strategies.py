@@ -92,3 +92,25 @@ def test_strategy_parameters_are_strict_like_the_body(spec, field) -> None:
 
 def test_an_integer_is_a_float_parameter_as_in_json() -> None:
     assert default_registry().resolve({"name": "yarn", "factor": 2}, "native").params.factor == 2.0
+
+
+def test_dynamic_ntk_gives_questions_on_the_same_documents_one_base() -> None:
+    """The base (and so the prefix-cache salt) of a request with documents does not move with a
+    question up to QUESTION_RESERVE_TOKENS long; without documents it follows the exact length."""
+    from strategies.base import QUESTION_RESERVE_TOKENS
+
+    def words(n: int) -> str:
+        return " ".join(["w"] * n)
+
+    def tokenize(text: str) -> list[int]:
+        return [7] * len(text.split())
+
+    def base(question_words: int, documents: tuple[str, ...]) -> float:
+        request = StrategyRequest(words(question_words), documents, max_new_tokens=16)
+        return plan_for("dynamic_ntk", request, MODEL, tokenize).resolved["rope_theta"]
+
+    document = (words(15_990),)
+    assert base(5, document) == base(250, document)  # 15,995 and 16,240 tokens: two buckets apart
+    assert base(5, document) != base(QUESTION_RESERVE_TOKENS + 300, document)
+    assert base(15_995, ()) != base(16_240, ())  # the same lengths without documents: their own
+    assert base(5, (words(100),)) == MODEL.rope_parameters["rope_theta"]  # inside the window: native
