@@ -59,7 +59,7 @@ def _convert(args: argparse.Namespace) -> int:
 BENCHMARKS = {
     "passkey": "passkey retrieval per strategy and length; prints a markdown table",
     "mixed": "mixed RoPE strategies vs one strategy on one server: throughput, TTFT, memory",
-    "scaling": "TP=1 vs TP=2 on a long prompt; one vs two replicas behind HAProxy (starts its own servers)",
+    "scaling": "TP=1 vs TP=2 on a long prompt; one vs two replicas behind HAProxy; a repeated document behind vLLM's router vs HAProxy (starts its own servers)",
     "soak": "minutes of mixed traffic at twice the capacity: every request answered or 429, memory after",
     "cost": "per-request time of position-changing strategies against dynamic_ntk, fresh documents, side by side",
     "priority": "TTFT of short requests while a long document is prefilled, with and without `priority`",
