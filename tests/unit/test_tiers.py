@@ -34,3 +34,10 @@ def test_each_end_to_end_file_declares_one_tier(path: Path) -> None:
 def test_the_test_command_selects_the_tiers() -> None:
     script = (E2E.parents[1] / "scripts" / "test.sh").read_text()
     assert '-m "not long_tier"' in script and "--long" in script and "--durations=25" in script
+
+
+def test_test_files_have_distinct_names() -> None:
+    """tests/ has no packages: pytest imports each file by its base name, and a second file of the
+    same name stops collection of the whole run ("import file mismatch")."""
+    names = [p.name for p in E2E.parent.rglob("test_*.py") if "plugins" not in p.parts]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
