@@ -80,6 +80,9 @@ def start_server(tmp_dir: Path, extra_env: dict[str, str] | None = None, name: s
         # (NBCE exactness, strategies/nbce/runner.py); bf16 kernels differ in rounding.
         "ROPESERVE_DTYPE": os.environ.get("ROPESERVE_TEST_DTYPE", "float32"),
         "PYTHONUNBUFFERED": "1",
+        # Admission by queued work off: tests send bursts of documents to one-core float32 engines
+        # whose estimated waits pass the default bound; tests/e2e/test_queue_admission.py sets its own.
+        "ROPESERVE_MAX_QUEUE_WAIT_S": "0",
         **(extra_env or {}),
     }
     log_path = tmp_dir / f"{name}.log"
