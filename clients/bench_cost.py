@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from clients.bench_passkey import load_token_counter, make_case, parse_length, parse_strategy
+from clients.bench_reuse import stream_completion
 
 DEFAULT_STRATEGIES = "dynamic_ntk;rerope;leaky_rerope;self_extend;dca"
 
@@ -50,23 +50,10 @@ def one_request(
         "ignore_eos": True,
         "stream": True,
     }
-    started = time.monotonic()
-    first: float | None = None
-    chunks = 0
-    with client.stream("POST", "/v1/completions", json=body) as reply:
-        if reply.status_code != 200:
-            reply.read()
-            return {"error": f"{reply.status_code}: {reply.text[:300]}"}
-        for line in reply.iter_lines():
-            if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                continue
-            event = json.loads(line[5:])
-            if "error" in event:
-                return {"error": str(event["error"])}
-            if first is None:
-                first = time.monotonic() - started
-            chunks += 1
-    return {"ttft_s": first, "seconds": time.monotonic() - started, "chunks": chunks}
+    asked = stream_completion(client, body)
+    if asked.error:
+        return {"error": asked.error}
+    return {"ttft_s": asked.ttft_s, "seconds": asked.seconds, "chunks": asked.chunks}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

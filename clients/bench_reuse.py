@@ -67,6 +67,7 @@ class Asked:
     error: str = ""
     queried_tokens: float | None = None
     cached_tokens: float | None = None
+    chunks: int = 0  # stream events with output
 
 
 def make_reuse_case(length: int, seed: int, index: int, count: Callable[[str], int] | None) -> ReuseCase:
@@ -115,6 +116,7 @@ def stream_completion(client: httpx.Client, body: dict[str, Any]) -> Asked:
                 return asked
             if asked.ttft_s is None:
                 asked.ttft_s = time.monotonic() - started
+            asked.chunks += 1
             asked.text += "".join(c.get("text", "") for c in event.get("choices", []))
     asked.seconds = time.monotonic() - started
     return asked

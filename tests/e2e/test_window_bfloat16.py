@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_multi_rope_engine import model_path, prompt_ids
-from tests.e2e.test_window_engine import CHUNK, ENGINE_LEN, NEW_TOKENS, PROMPT, reference, rope_spec
+from tests.e2e.test_multi_rope_engine import model_path
+from tests.e2e.test_window_engine import CHUNK, ENGINE_LEN, reference, scheme_rows
 from tests.support import window_reference as ref
 from tests.support.engine_tokens import run_engines
 
@@ -27,16 +27,7 @@ NAMES = ["native", "rerope", "self_extend", "dca"]
 def served() -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path())
-    rows = [
-        {
-            "id": name,
-            "prompt": prompt_ids(tokenizer, PROMPT, f"{61027 + 17 * i}"),
-            "rope": rope_spec(name),
-            "max_new_tokens": NEW_TOKENS,
-        }
-        for i, name in enumerate(NAMES)
-    ]
+    rows = scheme_rows(AutoTokenizer.from_pretrained(model_path()), NAMES, seed=61027, step=17)
     engine = {"name": "bf16", "max_model_len": ENGINE_LEN, "max_num_batched_tokens": CHUNK, "runs": [{"rows": rows}]}
     out = run_engines({"model": model_path(), "dtype": "bfloat16", "engines": [engine]})
     return {"rows": {r["id"]: r for r in rows}, "out": out["bf16"]["runs"][0]}

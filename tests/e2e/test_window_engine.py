@@ -50,21 +50,24 @@ def rope_spec(name: str) -> dict[str, Any] | None:
     return {"parameters": parameters, "max_model_len": ENGINE_LEN, "attention": asdict(SCHEMES[name])}
 
 
-@pytest.fixture(scope="module")
-def served() -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path())
-    names = ["native", *SCHEMES]
-    rows = [
+def scheme_rows(tokenizer: Any, names: list[str], seed: int, step: int) -> list[dict[str, Any]]:
+    """One engine row per scheme name, each with a PROMPT-token prompt of its own (keys seed + step * i)."""
+    return [
         {
             "id": name,
-            "prompt": prompt_ids(tokenizer, PROMPT, f"{52817 + 13 * i}"),
+            "prompt": prompt_ids(tokenizer, PROMPT, f"{seed + step * i}"),
             "rope": rope_spec(name),
             "max_new_tokens": NEW_TOKENS,
         }
         for i, name in enumerate(names)
     ]
+
+
+@pytest.fixture(scope="module")
+def served() -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    rows = scheme_rows(AutoTokenizer.from_pretrained(model_path()), ["native", *SCHEMES], seed=52817, step=13)
     engine = {
         "name": "window",
         "max_model_len": ENGINE_LEN,
