@@ -73,8 +73,9 @@ def measure(args: argparse.Namespace) -> EvalResults:
 
     specs = split_strategies(args.strategies)
     labels = [label(s) for s in specs]
-    lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    # A run of perplexity alone measures no cell: its lengths would be empty columns of the grid.
+    lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()] if tasks else []
     unknown = [t for t in tasks if t != "passkey" and t not in ruler.OFFLINE_TASKS]
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; known: passkey, {', '.join(ruler.OFFLINE_TASKS)}")
