@@ -224,6 +224,8 @@ class AutoStrategy(Strategy[AutoParams]):
             except StrategyError:
                 continue
             measured = ", ".join(f"{task} {score}" for task, score in choice.tasks.items())
+            if choice.perplexity_past_window is not None:
+                measured += f", perplexity past the window {choice.perplexity_past_window:g}"
             plan.resolved = {
                 "name": self.name,
                 "chosen": plan.resolved,
@@ -231,7 +233,8 @@ class AutoStrategy(Strategy[AutoParams]):
                 f"'{choice.label}' ranks {rank} there, measured at {band.up_to_tokens} tokens: {measured} "
                 f"(score {choice.score:g}; {policy.source or policy.path})",
                 "policy": {"band_up_to_tokens": band.up_to_tokens, "rank": rank, "score": choice.score,
-                           "tasks": choice.tasks, "source": policy.path},
+                           "tasks": choice.tasks, "perplexity_past_window": choice.perplexity_past_window,
+                           "source": policy.path},
             }  # fmt: skip
             return plan
         return None

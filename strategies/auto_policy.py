@@ -24,6 +24,9 @@ class RankedChoice(BaseModel):
     score: float = Field(ge=0.0, le=1.0)
     seconds: float = Field(default=0.0, ge=0.0)
     tasks: dict[str, str] = Field(default_factory=dict)
+    # Mean perplexity past the native window up to the band's length (None: not measured); it
+    # breaks ties in accuracy.
+    perplexity_past_window: float | None = Field(default=None, gt=0.0)
 
 
 class Band(BaseModel):

@@ -1,15 +1,17 @@
 """The measured policy `auto` follows: per length band, the strategies ranked by their mean
 accuracy over the tasks measured at that length (a strategy is a candidate when it was measured on
-all of them; ties: more trials first — a cell measured under two seeds is the stronger evidence —
-then the order they were evaluated in, e.g. native first: request times on a shared machine are
-too noisy to break ties).
+all of them). Ties: more trials first (a cell measured under two seeds is the stronger evidence),
+then the lower perplexity past the native window, up to the band's length, where the grid measured
+its curve (the text read as a whole, a second measure of the same quality), then the order they
+were evaluated in, e.g. native first. Request times on a shared machine are too noisy to break ties.
 
 Format (read by strategies/auto_policy.py):
 
     {"model": "...", "native_window": 8192, "source": "...",
      "bands": [{"up_to_tokens": 16000,
                 "ranked": [{"strategy": {"name": "dynamic_ntk", "factor": 2.0}, "score": 0.9,
-                            "tasks": {"passkey": "5/5", "niah_single_1": "4/5"}}, ...]}, ...]}
+                            "tasks": {"passkey": "5/5", "niah_single_1": "4/5"},
+                            "perplexity_past_window": 21.3}, ...]}, ...]}
 
 A request of `n` tokens (prompt + max_new_tokens) uses the first band with `up_to_tokens >= n`.
 Grids measured apart (e.g. docs/eval to 16k, docs/eval/long from 16k to 64k) join in one policy
@@ -18,6 +20,7 @@ through `merged_policy`: a length measured by a later grid replaces an earlier g
 
 from __future__ import annotations
 
+from statistics import fmean
 from typing import Any
 
 from clients.bench_passkey import spec_for_length
@@ -36,6 +39,20 @@ def measured_tasks(results: EvalResults, length: int) -> list[str]:
     ]
 
 
+def perplexity_past_window(results: EvalResults, label: str, length: int) -> float | None:
+    """The mean perplexity of the strategy's curve over its windows past the native window and
+    inside `length` tokens; None where it has no such window (no curve, refused, too short)."""
+    curve = results.perplexity.get(label)
+    if curve is None or curve.refused:
+        return None
+    past = [
+        ppl
+        for i, ppl in enumerate(curve.ppl)
+        if i * curve.bucket >= results.native_window and (i + 1) * curve.bucket <= length
+    ]
+    return round(fmean(past), 3) if past else None
+
+
 def measured_policy(results: EvalResults, source: str) -> dict[str, Any]:
     bands = []
     for length in sorted(results.lengths):
@@ -50,15 +67,17 @@ def measured_policy(results: EvalResults, source: str) -> dict[str, Any]:
             accuracy = sum(s.accuracy or 0.0 for s in measured.values()) / len(measured)
             seconds = sum(s.seconds for s in measured.values()) / len(measured)
             trials = sum(s.trials for s in measured.values())
+            perplexity = perplexity_past_window(results, label, length)
             ranked.append(
                 (
-                    (-accuracy, -trials, order),
+                    (-accuracy, -trials, perplexity if perplexity is not None else float("inf"), order),
                     {
                         "strategy": spec_for_length(spec, length, results.native_window),
                         "label": label,
                         "score": round(accuracy, 4),
                         "seconds": round(seconds, 2),
                         "tasks": {task: f"{s.correct:g}/{s.trials}" for task, s in measured.items()},
+                        "perplexity_past_window": perplexity,
                     },
                 )
             )

@@ -59,6 +59,26 @@ def test_results_round_trip_and_the_policy_ranks_by_accuracy(tmp_path: Path) -> 
     assert policy.band_for(3000) is short and policy.band_for(9000) is long and policy.band_for(20000) is None
 
 
+def test_ties_in_accuracy_go_to_the_lower_perplexity_past_the_window() -> None:
+    """Two strategies with every trial right: the one that reads the text past the native window with
+    the lower perplexity ranks first, whatever order they were evaluated in; a strategy without a
+    curve (NBCE has no single prompt) ranks after those with one."""
+    specs = [{"name": "rerope"}, {"name": "dca"}, {"name": "nbce"}]
+    results = EvalResults("m", 2048, ["rerope", "dca", "nbce"], specs, [4096])
+    for name in ("rerope", "dca", "nbce"):
+        score = results.score("passkey", name, 4096)
+        score.correct, score.trials, score.seconds = 3, 3, 2.0
+    # Windows of 1,024 tokens: the first two lie inside the 2,048-token window and are not compared.
+    results.perplexity = {
+        "rerope": Curve(bucket=1024, ppl=[10.0, 10.0, 21.0, 23.0, 99.0], tokens=5120),
+        "dca": Curve(bucket=1024, ppl=[30.0, 30.0, 20.0, 22.0], tokens=4096),
+        "nbce": Curve(bucket=1024, refused="echo: no single prompt"),
+    }
+    (band,) = AutoPolicy.model_validate(measured_policy(results, source="test")).bands
+    assert [c.label for c in band.ranked] == ["dca", "rerope", "nbce"]
+    assert [c.perplexity_past_window for c in band.ranked] == [21.0, 22.0, None]  # 99.0 lies past 4,096
+
+
 def test_a_cell_measured_under_another_seed_adds_its_trials(tmp_path: Path) -> None:
     results = synthetic_results()  # passkey dynamic_ntk 16000: 2/3 at 2 s, seed 0
     assert results.has("passkey", "dynamic_ntk", 16000) and not results.has("passkey", "dynamic_ntk", 16000, seed=1)
@@ -120,6 +140,18 @@ def auto_plan(policy: AutoPolicy | None, request: StrategyRequest, **params: obj
 
 def document(tokens: int) -> str:
     return ("Words. " * (tokens // 7 + 1))[:tokens]
+
+
+def test_the_reason_names_the_measured_cell_and_its_perplexity() -> None:
+    policy = policy_with((20000, [{"name": "dca"}]))
+    policy.bands[0].ranked[0].tasks = {"passkey": "5/5", "niah_single_1": "3/3"}
+    policy.bands[0].ranked[0].perplexity_past_window = 21.25
+    plan = auto_plan(policy, StrategyRequest(document(12_000), (), 8))
+    assert plan.resolved["chosen"]["name"] == "dca" and plan.resolved["policy"]["perplexity_past_window"] == 21.25
+    assert (
+        "measured at 20000 tokens: passkey 5/5, niah_single_1 3/3, perplexity past the window 21.25"
+        in (plan.resolved["reason"])
+    )
 
 
 def test_auto_follows_the_policy_band_and_says_why() -> None:
