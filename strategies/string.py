@@ -27,19 +27,14 @@ every cos/sin). Defaults from the paper: S = 0.33 L, W = 128.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from server.attention.string import PAPER_ATTENTION_FACTOR, String
-from server.plan import ModelFacts, RopeConfig
-from strategies.base import (
-    ExecutionPlan,
-    PlanContext,
-    Strategy,
-    StrategyError,
-    StrategyParams,
-    StrategyRequest,
-    check_fits,
-)
+from server.plan import AttentionScheme, ModelFacts
+from strategies.base import StrategyParams
+from strategies.scheme import SchemeStrategy, require
 from strategies.window import MAX_WINDOW
 
 PAPER_SHIFT_RATIO = 0.33
@@ -82,7 +77,7 @@ class StringParams(StrategyParams):
         return self
 
 
-class StringStrategy(Strategy[StringParams]):
+class StringStrategy(SchemeStrategy[StringParams]):
     name = "string"
     description = (
         "STRING: distances past an offset S are shifted onto well-trained positions from W on, capped at "
@@ -91,40 +86,26 @@ class StringStrategy(Strategy[StringParams]):
     Params = StringParams
 
     def scheme(self, model: ModelFacts) -> String:
-        """The scheme for this model: the given values, the paper's defaults for the rest."""
+        """S, W and C: the given values, the paper's defaults for the rest."""
         window = model.native_window
         shift = self.params.shift or int(PAPER_SHIFT_RATIO * window)
         local_window = self.params.local_window or min(PAPER_LOCAL_WINDOW, shift - 1)
         cap = self.params.cap or window - 1 - shift + local_window
-        for field, value in (("shift", shift), ("cap", cap)):
-            if value >= window:
-                raise StrategyError(
-                    f"strategy.{field}: {value} must be < the model's native window ({window})",
-                    field=f"strategy.{field}",
-                )
-        if local_window >= shift:
-            raise StrategyError(
-                f"strategy.local_window: {local_window} must be < shift ({shift})", "strategy.local_window"
-            )
-        if cap <= local_window:
-            raise StrategyError(f"strategy.cap: {cap} must be > local_window ({local_window})", "strategy.cap")
+        require(shift < window, "shift", f"{shift} must be < the model's native window ({window})")
+        require(cap < window, "cap", f"{cap} must be < the model's native window ({window})")
+        require(local_window < shift, "local_window", f"{local_window} must be < shift ({shift})")
+        require(cap > local_window, "cap", f"{cap} must be > local_window ({local_window})")
         return String(shift=shift, local_window=local_window, cap=cap, attention_factor=self.params.attention_factor)
 
-    def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
-        model = context.model
-        scheme = self.scheme(model)
-        row = request.plain_prompt_ids(context.tokenize)
-        limit = model.max_context_tokens or 16 * model.native_window
-        check_fits(len(row), request.max_new_tokens, limit, self.name)
-        # Inside the near band every pair is plain RoPE attention: with no attention factor, native (bitwise).
-        needed = len(row) + request.max_new_tokens
-        plain = needed <= scheme.shift and scheme.attention_factor == 1.0
-        rope = RopeConfig.native() if plain else RopeConfig((), limit, scheme)
-        resolved = {
-            "name": self.name,
+    def is_plain(self, scheme: AttentionScheme, needed: int) -> bool:
+        assert isinstance(scheme, String)
+        return needed <= scheme.shift and scheme.attention_factor == 1.0  # the near band, unscaled
+
+    def settings(self, scheme: AttentionScheme) -> dict[str, Any]:
+        assert isinstance(scheme, String)
+        return {
             "shift": scheme.shift,
             "local_window": scheme.local_window,
             "cap": scheme.cap,
             "attention_factor": scheme.attention_factor,
         }
-        return ExecutionPlan(rope=rope, rows=[row], max_total_tokens=limit, resolved=resolved)

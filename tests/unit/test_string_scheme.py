@@ -14,9 +14,8 @@ from server.plan import ModelFacts, RopeConfig
 from strategies.base import StrategyError, StrategyRequest
 from tests.support import window_reference as ref
 from tests.support.planning import plan_for
-from tests.support.served_scheme import reference, served
+from tests.support.served_scheme import random_qkv, reference, served
 
-HEADS, KV_HEADS, D = 6, 2, 16
 SCHEMES = [
     String(shift=12, local_window=3),  # the paper's two parts
     String(shift=12, local_window=3, cap=20),  # and the clamp past the cap
@@ -24,20 +23,12 @@ SCHEMES = [
 ]
 
 
-def tensors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, HEADS, D, generator=gen, dtype=torch.float64)
-    k = torch.randn(KV_HEADS, n, D, generator=gen, dtype=torch.float64)
-    v = torch.randn(KV_HEADS, n, D, generator=gen, dtype=torch.float64)
-    return q, k, v
-
-
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
 @pytest.mark.parametrize("steps", [[60], [17, 17, 26], [40, 1, 1, 1, 1, 16], [5] * 12], ids=str)
 def test_string_equals_the_reference(scheme: String, steps: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(banded, "QUERY_BLOCK", 4)  # many blocks, so every band edge falls inside one
     n = sum(steps)
-    q, k, v = tensors(n, seed=n + len(steps))
+    q, k, v = random_qkv(n, seed=n + len(steps))
     expected = reference(q, k, v, ref.Scheme.of(scheme))
     torch.testing.assert_close(served(scheme, q, k, v, steps), expected, rtol=1e-5, atol=1e-6)
 
@@ -46,7 +37,7 @@ def test_the_shift_changes_the_result() -> None:
     """Negative control: past the offset STRING is not plain RoPE attention, even without its
     attention factor (else the test above would pass without the shift)."""
     scheme = String(shift=12, local_window=3, attention_factor=1.0)
-    q, k, v = tensors(60, seed=3)
+    q, k, v = random_qkv(60, seed=3)
     got = served(scheme, q, k, v, [60])
     native = reference(q, k, v, ref.Scheme())
     torch.testing.assert_close(got[:12], native[:12], rtol=1e-5, atol=1e-6)  # inside S: plain attention
