@@ -49,6 +49,7 @@ BUILTINS = {
     "leaky_rerope": "strategies.leaky_rerope:LeakyReropeStrategy",
     "self_extend": "strategies.self_extend:SelfExtendStrategy",
     "dca": "strategies.dca:DcaStrategy",
+    "string": "strategies.string:StringStrategy",
     "nbce": "strategies.nbce:NbceStrategy",
     "auto": "strategies.auto:AutoStrategy",
 }
