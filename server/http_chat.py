@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
-from server.deps import require_api_key
 from server.engines.base import TokenEvent
 from server.errors import as_api_error, error_body, validation_error
 from server.generation import GenerationResult, openai_sampling
+from server.guarded_route import GuardedRoute
 from server.http_openai import ERRORS, LOGPROB_FLOOR, OpenAIReply, answer, finish, include_usage, logprob, usage
 from server.jobs import Job
 from server.preparation import Serving, get_serving
@@ -39,7 +39,7 @@ from server.schemas import (
 from server.service import GenerationService
 from server.sse import sse_event
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", route_class=GuardedRoute)
 
 
 def chat_prompt(service: GenerationService, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:

@@ -17,10 +17,10 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from server.deps import require_api_key
 from server.engines.base import FinishReason, SamplingOptions, TokenEvent
 from server.errors import as_api_error, error_body
 from server.generation import GenerationResult, collect, documents_of, openai_sampling
+from server.guarded_route import GuardedRoute
 from server.jobs import Job
 from server.preparation import RouteRequest, Serving, dry_run, get_serving, prepare_job
 from server.presets import ServedModels, get_served_models
@@ -40,7 +40,7 @@ from server.schemas import (
 from server.service import GenerationService, JobDraft
 from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", route_class=GuardedRoute)
 # The OpenAI routes' errors: the generation routes' and vLLM's 404 for a model it does not serve.
 ERRORS: dict[int | str, dict[str, Any]] = {
     **GENERATION_ERRORS,

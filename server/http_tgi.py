@@ -14,10 +14,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from server.deps import require_api_key
 from server.engines.base import TokenEvent
 from server.errors import as_api_error, error_body
 from server.generation import GenerationResult, collect, tgi_request_values
+from server.guarded_route import GuardedRoute
 from server.jobs import Job
 from server.preparation import RouteRequest, Serving, dry_run, get_serving, prepare_job
 from server.schemas import (
@@ -37,7 +37,7 @@ from server.service import GenerationService, JobDraft
 from server.settings import Settings
 from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(route_class=GuardedRoute)
 
 ERRORS = GENERATION_ERRORS
 

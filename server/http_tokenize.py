@@ -15,9 +15,10 @@ from fastapi import APIRouter, Body, Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from server.deps import get_service, require_api_key
+from server.deps import get_service
 from server.errors import validation_error
 from server.generation import documents_of
+from server.guarded_route import GuardedRoute
 from server.http_chat import chat_prompt
 from server.http_openai import ERRORS
 from server.presets import ServedModels, get_served_models
@@ -30,7 +31,7 @@ from server.schemas import (
 )
 from server.service import GenerationService
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(route_class=GuardedRoute)
 SCHEMA_REF = "#/components/schemas/{model}"
 _BODY_SCHEMA = TypeAdapter(TokenizeCompletionRequest | TokenizeChatRequest).json_schema(ref_template=SCHEMA_REF)
 # The two shapes (and what they use), for the OpenAPI document's components.
