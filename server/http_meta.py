@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -22,7 +24,7 @@ from server.settings import Settings
 router = APIRouter()
 
 
-NOT_READY = {
+NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {
         "model": ErrorResponse,
         "description": "the engine is starting, down or restarting, or the server is draining",
@@ -70,10 +72,11 @@ async def health_live() -> HealthResponse:
 
 
 # GET and HEAD (what load balancers and probes send), each its own operation in the OpenAPI document.
+NO_ERRORS: dict[int | str, dict[str, Any]] = {}
 for path, endpoint, errors in (
     ("/health", health, NOT_READY),
     ("/health/ready", health_ready, NOT_READY),
-    ("/health/live", health_live, {}),
+    ("/health/live", health_live, NO_ERRORS),
 ):
     for method in ("GET", "HEAD"):
         router.add_api_route(

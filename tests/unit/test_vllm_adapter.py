@@ -324,6 +324,14 @@ def check_engine_core() -> None:
     assert assigns(obj(ASYNC_LLM).__init__, "engine_core")
 
 
+def check_engine_core_processes() -> None:
+    """server/engines/vllm_adapter/engine.py polls the engine-core processes vLLM started."""
+    resources = obj("vllm.v1.engine.core_client.BackgroundResources")
+    assert "engine_manager" in {f.name for f in dataclasses.fields(resources)}
+    assert assigns(obj("vllm.v1.engine.utils.CoreEngineProcManager").__init__, "processes")
+    assert assigns(obj("vllm.v1.engine.core_client.MPClient").__init__, "resources")
+
+
 def check_pause_scheduler() -> None:
     signature = inspect.signature(obj(f"{CORE_CLIENT}.pause_scheduler_async"))
     assert {"mode", "clear_cache"} <= set(signature.parameters)
@@ -428,6 +436,7 @@ SYMBOLS: dict[str, Callable[[], None]] = {
     "CPU KV cache layout": check_kv_cache_layout,
     "envs.VLLM_CPU_ATTN_SPLIT_KV": vllm_env("VLLM_CPU_ATTN_SPLIT_KV"),
     "AsyncLLM.engine_core": check_engine_core,
+    "BackgroundResources.engine_manager.processes": check_engine_core_processes,
     "AsyncMPClient.pause_scheduler_async": check_pause_scheduler,
     "AsyncMPClient.resume_scheduler_async": check_resume_scheduler,
     "AsyncLLM.add_request -> RequestOutputCollector": check_add_request,

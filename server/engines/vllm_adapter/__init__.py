@@ -65,6 +65,7 @@ PRIVATE_NAMES = (
     "vllm.v1.attention",
     # engine.py
     ".engine_core",
+    ".engine_manager",
     "pause_scheduler_async",
     "resume_scheduler_async",
     "STREAM_FINISHED",
