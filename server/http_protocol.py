@@ -116,9 +116,12 @@ class HeaderGuard:
         self.transport.close()
 
 
-def protocol_class(header_timeout_s: float, max_header_bytes: int = MAX_HEADER_BYTES) -> type[asyncio.Protocol]:
-    """uvicorn's protocol (httptools when installed, as uvicorn's "auto"), with the guard."""
-    base: type[asyncio.Protocol] = HttpToolsProtocol if HttpToolsProtocol is not None else H11Protocol
+def protocol_class(
+    header_timeout_s: float, max_header_bytes: int = MAX_HEADER_BYTES, base: type[asyncio.Protocol] | None = None
+) -> type[asyncio.Protocol]:
+    """uvicorn's protocol `base` (default: httptools when installed, as uvicorn's "auto"), guarded."""
+    if base is None:
+        base = HttpToolsProtocol if HttpToolsProtocol is not None else H11Protocol
     attributes = {"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes}
     return type(f"Guarded{base.__name__}", (HeaderGuard, base), attributes)
 

@@ -7,8 +7,8 @@ the parser or the validators after it raise RecursionError. So the raw bytes are
 with C-speed byte operations only, and a body over either bound is refused (422, naming it)
 before anything builds a Python object from it:
 
-- items: every value and object key counts one (at most 1 + the commas, colons and opening
-  brackets outside strings); the body's strings are set aside first, so a document full of
+- items: every value and object key counts one (1 + the commas and colons outside strings + the
+  non-empty arrays and objects); the body's strings are set aside first, so a document full of
   commas or brackets counts as the one string it is;
 - depth: the deepest nesting of arrays and objects.
 
@@ -45,8 +45,10 @@ def _all_but(kept: bytes) -> bytes:
 
 
 _ROUGH = _all_but(b",:[{")
-_STRUCTURE = _all_but(b',:[{]}"')
 _BRACKETS = _all_but(b"[]{}")
+# Structure kept, whitespace dropped, anything else (a number, a literal, string text) an "x".
+_VALUE_CHARS = bytes(b if b in b',:[{]}"' else ord("x") for b in range(256))
+_WHITESPACE = b" \t\n\r"
 _NESTING = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
@@ -77,13 +79,15 @@ def measure_json(body: bytes, max_items: int = MAX_JSON_ITEMS) -> JsonShape:
         # Inside strings every backslash escapes the next byte: drop escaped backslashes, then
         # escaped quotes (left to right, as a parser reads them); every quote left opens or closes a string.
         body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    structure = body.translate(None, _STRUCTURE)
+    structure = body.translate(_VALUE_CHARS, _WHITESPACE)
     if structure.count(b'"') // 2 > max_items:  # each string is an item
         return JsonShape(max_items + 1, 0)
-    outside = b"".join(structure.split(b'"')[0::2])
+    outside = b"x".join(structure.split(b'"')[0::2])  # each string an "x"
     brackets = outside.translate(None, _BRACKETS)
-    closing = len(brackets) - outside.count(b"[") - outside.count(b"{")
-    items = len(outside) - closing + 1
+    # Each comma and colon adds a value, and so does each container with anything in it.
+    opening = outside.count(b"[") + outside.count(b"{")
+    empty = outside.count(b"[]") + outside.count(b"{}")
+    items = 1 + outside.count(b",") + outside.count(b":") + opening - empty
     if items > max_items:
         return JsonShape(items, 0)
     return JsonShape(items, max(accumulate(_NESTING[b] for b in brackets), default=0))
