@@ -4,6 +4,7 @@ sockets; the real server's share is tests/e2e/test_hostile_server.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -72,10 +73,8 @@ def test_connections_that_send_nothing_or_dribble_their_headers_are_closed_at_th
     started = time.monotonic()
     for step, byte in enumerate(REQUEST[:8]):  # a byte each 0.2 s: never a whole header in time
         for conn in dribbling:
-            try:
+            with contextlib.suppress(OSError):
                 conn.sendall(bytes([byte]))
-            except OSError:
-                pass
         if step == 2:  # meanwhile the server answers others
             with socket.create_connection(("127.0.0.1", port), timeout=10) as ok:
                 ok.sendall(REQUEST)
@@ -105,11 +104,9 @@ def test_a_request_that_runs_longer_than_the_header_timeout_is_not_cut(port):
 def test_headers_over_the_size_bound_are_a_431_in_json(port):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-        try:
+        with contextlib.suppress(OSError):  # closed on us, as it should be
             for i in range(200):
                 conn.sendall(f"X-Filler-{i}: {'a' * 1000}\r\n".encode())
-        except OSError:
-            pass  # closed on us, as it should be
         reply = _read_all(conn)
     if reply.startswith(b"HTTP/1.1 400 "):  # h11 enforces its own bound (set to the same size) first
         _json_error(reply, 400)
