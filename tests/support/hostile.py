@@ -60,31 +60,36 @@ def _nested(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
 
 
-def _shapes(route: str, size: int) -> dict[str, bytes]:
+def _builders(route: str, size: int) -> dict[str, Callable[[], bytes]]:
+    """Each shape's body, built only when called (a 30 MB body takes its memory then)."""
     prompt = PROMPT_FIELD[route]
     return {
-        "messages": with_field(route, "messages", repeated(b'{"role":"user","content":"a"}', size)),
-        "content parts": with_field(
+        "messages": lambda: with_field(route, "messages", repeated(b'{"role":"user","content":"a"}', size)),
+        "content parts": lambda: with_field(
             route,
             "messages",
             b'[{"role":"user","content":' + repeated(b'{"type":"text","text":""}', size) + b"}]",
         ),
-        "token ids": with_field(route, "tokens" if route == "/detokenize" else "prompt", repeated(b"1", size)),
-        "nested token ids": with_field(route, "prompt", b"[" + repeated(b"1", size) + b"]"),
-        "documents": with_field(route, "context", repeated(b'"a"', size)),
-        "empty documents": with_field(route, "context", repeated(b'""', size)),
-        "stop strings": with_field(route, "stop", repeated(b'"s"', size)),
-        "tgi stop strings": with_field(route, "parameters", b'{"stop":' + repeated(b'"s"', size) + b"}"),
-        "logit_bias map": with_field(route, "logit_bias", _keys(size)),
-        "tools": with_field(route, "tools", repeated(b"{}", size)),
-        "empty lists": with_field(route, "context", repeated(b"[]", size)),
-        "empty objects": with_field(route, "strategy", b'{"name":"yarn","x":' + repeated(b"{}", size) + b"}"),
-        "top-level keys": json.dumps(BODIES[route]).encode()[:-1] + b"," + _keys(size)[1:],
-        "strategy keys": with_field(route, "strategy", b'{"name":"yarn",' + _keys(size)[1:]),
-        "long text": with_field(route, prompt, b'"' + b"a" * size + b'"'),
-        "escapes": with_field(route, prompt, b'"' + b'\\"[{,' * (size // 5) + b'"'),
-        "numbers": with_field(route, "priority", b"9" * min(size, 5000)),
+        "token ids": lambda: with_field(route, "tokens" if route == "/detokenize" else "prompt", repeated(b"1", size)),
+        "nested token ids": lambda: with_field(route, "prompt", b"[" + repeated(b"1", size) + b"]"),
+        "documents": lambda: with_field(route, "context", repeated(b'"a"', size)),
+        "empty documents": lambda: with_field(route, "context", repeated(b'""', size)),
+        "stop strings": lambda: with_field(route, "stop", repeated(b'"s"', size)),
+        "tgi stop strings": lambda: with_field(route, "parameters", b'{"stop":' + repeated(b'"s"', size) + b"}"),
+        "logit_bias map": lambda: with_field(route, "logit_bias", _keys(size)),
+        "tools": lambda: with_field(route, "tools", repeated(b"{}", size)),
+        "empty lists": lambda: with_field(route, "context", repeated(b"[]", size)),
+        "empty objects": lambda: with_field(route, "strategy", b'{"name":"yarn","x":' + repeated(b"{}", size) + b"}"),
+        "top-level keys": lambda: json.dumps(BODIES[route]).encode()[:-1] + b"," + _keys(size)[1:],
+        "strategy keys": lambda: with_field(route, "strategy", b'{"name":"yarn",' + _keys(size)[1:]),
+        "long text": lambda: with_field(route, prompt, b'"' + b"a" * size + b'"'),
+        "escapes": lambda: with_field(route, prompt, b'"' + b'\\"[{,' * (size // 5) + b'"'),
+        "numbers": lambda: with_field(route, "priority", b"9" * min(size, 5000)),
     }
+
+
+def _shapes(route: str, size: int) -> dict[str, bytes]:
+    return {name: build() for name, build in _builders(route, size).items()}
 
 
 # Depths around where the probe found a RecursionError (962-968 deep), and far past it.
@@ -115,7 +120,7 @@ MALFORMED: dict[str, bytes] = {
 
 
 def shape_body(route: str, shape: str, size: int) -> bytes:
-    return _shapes(route, size)[shape]
+    return _builders(route, size)[shape]()
 
 
 def shapes(route: str, size: int) -> dict[str, bytes]:
@@ -123,7 +128,7 @@ def shapes(route: str, size: int) -> dict[str, bytes]:
     return {**_shapes(route, size), **nested_bodies(route), **MALFORMED}
 
 
-SHAPES = tuple(_shapes("/generate", 16))
+SHAPES = tuple(_builders("/generate", 16))
 
 
 def json_values(max_leaves: int = 30) -> Any:
