@@ -1,12 +1,12 @@
-"""The position-changing kernels beside plain attention, side by side, one layer of SmolLM2's shape
+"""The attention schemes beside plain attention, side by side, one layer of SmolLM2's shape
 (9 query heads, 3 KV heads, head dim 64), float32, on this host's CPU threads.
 
 For each row length n: a prefill chunk (the last `chunk` queries of the row) and a decode step (one
 query), as
 - vLLM's own CPU kernel over the paged cache (what a RoPE row costs in the engine: the reference),
 - plain fused attention (PyTorch's flash kernel for CPU, over the contiguous keys, causal),
-- `two_band_attention` under ReRoPE, Leaky ReRoPE and Self-Extend (far keys rotated beforehand, as
-  the engine's row copies keep them), and `dual_chunk_attention` (DCA, keys at j mod c);
+- each scheme's `attend` (server/attention/), its far keys computed beforehand, as the engine's row
+  copies keep them, and its keys where its `table_positions` put them;
 prints milliseconds and the ratio to vLLM's kernel.
 
     .venv/bin/python scripts/bench_window_kernel.py --lengths 8k,16k,32k,64k --chunk 2048
@@ -17,24 +17,26 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from functools import partial
 
 import torch
 
-from server.engines.base import AttentionScheme
-from server.engines.window_attention.dual_chunk import dual_chunk_attention
-from server.engines.window_attention.fused import attend
-from server.engines.window_attention.kernel import far_keys, two_band_attention
-from server.engines.window_attention.positions import inverse_frequencies
+from server.attention.dual_chunk import DualChunk
+from server.attention.fused import attend
+from server.attention.leaky_rerope import LeakyRerope
+from server.attention.rerope import Rerope
+from server.attention.rotary import inverse_frequencies
+from server.attention.self_extend import SelfExtend
+from server.engines.vllm_adapter.cpu_attention import one_row_paged_attention
+from server.plan import AttentionScheme, RowKV
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 128
 SCALE = HEAD_DIM**-0.5
-WINDOWS = {
-    "rerope w=4096 +logn": AttentionScheme("rerope", window=4096, logn_window=8192),
-    "leaky w=4096 k=16 +logn": AttentionScheme("leaky_rerope", window=4096, leak=16.0, logn_window=8192),
-    "self_extend W=2048 G=8": AttentionScheme("self_extend", window=2048, group=8),
+SCHEMES: dict[str, AttentionScheme] = {
+    "rerope w=4096 +logn": Rerope(window=4096, logn_window=8192),
+    "leaky w=4096 k=16 +logn": LeakyRerope(window=4096, leak=16.0, logn_window=8192),
+    "self_extend W=2048 G=8": SelfExtend(window=2048, group=8),
+    "dca S=2048 w=256": DualChunk(chunk_size=2048, local_window=256, trained_length=8192),
 }
-DCA = AttentionScheme("dca", chunk_size=6144, local_window=1024)
 
 
 def best_of(repeats: int, fn: Callable[..., object], *args: object) -> float:
@@ -46,35 +48,6 @@ def best_of(repeats: int, fn: Callable[..., object], *args: object) -> float:
         fn(*args)
         times.append(time.perf_counter() - started)
     return min(times) * 1000
-
-
-def vllm_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], None]:
-    """vLLM 0.32's CPU attention over a paged cache holding k, v: q [C, heads, d] the last C queries."""
-    from vllm import _custom_ops as ops
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    n, queries = k.shape[1], q.shape[0]
-    isa = _get_attn_isa(torch.float32, BLOCK, HEAD_DIM)
-    blocks = -(-n // BLOCK)
-    cache = torch.zeros(blocks, KV_HEADS, 2 * BLOCK, HEAD_DIM)
-    key_cache, value_cache = cache.chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(k.transpose(0, 1), v.transpose(0, 1), key_cache, value_cache, torch.arange(n), isa)
-    starts = torch.tensor([0, queries], dtype=torch.int32)
-    lengths = torch.tensor([n], dtype=torch.int32)
-    table = torch.arange(blocks, dtype=torch.int32)[None]
-    metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=1, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, seq_lens=lengths,
-        dtype=torch.float32, query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa,
-        enable_kv_split=False,
-    )  # fmt: skip
-    out = torch.empty_like(q)
-
-    def run() -> None:
-        ops.cpu_attention_with_kv_cache(
-            q, key_cache, value_cache, out, starts, lengths, SCALE, True, None, -1, table, 0.0, metadata, None
-        )
-
-    return run
 
 
 def fused_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -95,7 +68,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     inv_freq = inverse_frequencies(100000.0, HEAD_DIM)
-    columns = ["plain fused", *WINDOWS, "dca S=6144 w=1024"]
+    columns = ["plain fused", *SCHEMES]
     print(f"torch threads: {torch.get_num_threads()}")
     print("| n | queries | vLLM kernel (ms) | " + " | ".join(f"{c} (ms, x vLLM)" for c in columns) + " |")
     print("|---|---|---|" + "---|" * len(columns))
@@ -104,13 +77,12 @@ def main() -> None:
         for queries in (args.chunk, 1):
             q = torch.randn(queries, HEADS, HEAD_DIM)
             first = n - queries
-            reference = best_of(args.repeats, vllm_kernel(q, k, v))
+            reference = best_of(args.repeats, one_row_paged_attention(q, k, v, BLOCK, SCALE))
             times = [best_of(args.repeats, fused_causal, q, k, v)]
-            for scheme in WINDOWS.values():
-                k_far = far_keys(k, 0, scheme, inv_freq)  # kept by the row copy, appended once per key
-                attend_window = partial(two_band_attention, scale=SCALE, k_far=k_far)
-                times.append(best_of(args.repeats, attend_window, q, k, v, first, scheme, inv_freq))
-            times.append(best_of(args.repeats, dual_chunk_attention, q, k, v, first, DCA, inv_freq, SCALE))
+            for scheme in SCHEMES.values():
+                k_far = scheme.far_keys(k, 0, inv_freq)  # kept by the row copy, appended once per key
+                row = RowKV(k, v, k if k_far is None else k_far)
+                times.append(best_of(args.repeats, scheme.attend, q, row, first, inv_freq, SCALE))
             cells = " | ".join(f"{ms:.1f} ({ms / reference:.2f}x)" for ms in times)
             print(f"| {n:,} | {queries} | {reference:.1f} | {cells} |", flush=True)
 

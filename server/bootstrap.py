@@ -13,11 +13,11 @@ from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, is_cpu_buil
 from server.head_padding import needs_padding, pad_checkpoint
 from server.metrics import Metrics
 from server.model_store import DEFAULT_MODEL_NAME, model_cache_dir, resolve_model
+from server.plan import ModelFacts
 from server.queue_admission import admission_controller, all_listeners, learning_from_steps
 from server.service import GenerationService
 from server.settings import Settings
 from strategies.auto_policy import SHIPPED_POLICY, AutoPolicy, load_policy
-from strategies.base import ModelFacts
 from strategies.registry import default_registry
 from strategies.rope import MAX_FACTOR
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from server.engines.base import Engine, EngineBusy, EngineDown, RopeConfig
+from server.engines.base import Engine, EngineBusy, EngineDown
 from server.jobs import Draining, Overloaded, QueueWaitExceeded
+from server.plan import RopeConfig
 
 # The reasons a request is refused for capacity (the `reason` label of the refusals' counter).
 REFUSAL_REASONS = ("draining", "engine_down", "max_concurrent_requests", "rope_slots", "prefill_backlog", "rows_full")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from server.engines.base import Engine, ExecutionPlan, RopeConfig, SamplingOptions
+from server.engines.base import Engine, ExecutionPlan, SamplingOptions
+from server.plan import RopeConfig
 from strategies.base import StrategyError, too_many_rows
 
 

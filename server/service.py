@@ -15,9 +15,10 @@ from typing import Any
 
 from server.admission import AdmissionController, default_priority
 from server.capacity import capacity_refusal, refusal_reason
-from server.engines.base import Engine, ModelFacts, RowRequest, SamplingOptions, StepStream, Tokenizer
+from server.engines.base import Engine, RowRequest, SamplingOptions, StepStream, Tokenizer
 from server.jobs import Job, within_deadline
 from server.metrics import UNKNOWN_STRATEGY, Metrics
+from server.plan import ModelFacts
 from server.plan_checks import RopeVerdicts, check_plan, check_token_ids
 from server.queue_admission import job_work, queue_refusal
 from server.request_record import RequestRecord, failure_status, record_refusal

@@ -1,13 +1,7 @@
 """Long-context strategies: small classes behind one interface, registered by name."""
 
-from strategies.base import (
-    ExecutionPlan,
-    ModelFacts,
-    RopeConfig,
-    Strategy,
-    StrategyError,
-    StrategyRequest,
-)
+from server.plan import ModelFacts, RopeConfig
+from strategies.base import ExecutionPlan, Strategy, StrategyError, StrategyRequest
 from strategies.registry import StrategyRegistry, default_registry
 
 __all__ = [

@@ -33,10 +33,10 @@ from typing import Any
 
 from pydantic import Field
 
+from server.plan import ModelFacts
 from strategies.auto_policy import AutoPolicy
 from strategies.base import (
     ExecutionPlan,
-    ModelFacts,
     PlanContext,
     Strategy,
     StrategyError,

@@ -7,7 +7,7 @@ them. The engine runs plans; it never sees strategies.
 
     >>> from strategies.base import PlanContext, StrategyRequest
     >>> from strategies.registry import default_registry
-    >>> from server.engines.base import ModelFacts
+    >>> from server.plan import ModelFacts
     >>> registry = default_registry()
     >>> model = ModelFacts("m", native_window=8192, rope_parameters={"rope_theta": 1e5}, head_dim=64, vocab_size=100)
     >>> context = PlanContext(model, tokenize=lambda text: [1] * 12_000, resolve=registry.resolve)
@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 # The engine-facing types live with the engine API; strategies produce them (and plugins import
 # them from here).
-from server.engines.base import ExecutionPlan, ModelFacts, RopeConfig
+from server.engines.base import ExecutionPlan
+from server.plan import ModelFacts, RopeConfig
 
 __all__ = [
     "DOCUMENT_SEPARATOR",

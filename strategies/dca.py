@@ -14,26 +14,25 @@ S = 4,096 (w 1,024): 5 / 1, S = 2,048 (w 256): 5 / 5 (docs/eval/long/). Given on
 
     >>> from strategies.base import PlanContext, StrategyRequest
     >>> from strategies.registry import default_registry
-    >>> from server.engines.base import ModelFacts
+    >>> from server.plan import ModelFacts
     >>> registry = default_registry()
     >>> model = ModelFacts("m", native_window=8192, rope_parameters={"rope_theta": 1e5}, head_dim=64,
     ...                    vocab_size=100, max_context_tokens=65536)
     >>> context = PlanContext(model, tokenize=lambda text: [1] * 30_000, resolve=registry.resolve)
     >>> plan = registry.resolve("dca").plan(StrategyRequest("q"), context)
     >>> plan.rope.label(), plan.max_total_tokens, plan.resolved
-    ('native+dca-s2048-l256', 65536, {'name': 'dca', 'chunk_size': 2048, 'local_window': 256})
+    ('native+dca-s2048-l256-mscale', 65536, {'name': 'dca', 'chunk_size': 2048, 'local_window': 256, 'mscale': True})
 """
 
 from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from server.engines.base import AttentionScheme
+from server.attention.dual_chunk import DualChunk
+from server.plan import ModelFacts, RopeConfig
 from strategies.base import (
     ExecutionPlan,
-    ModelFacts,
     PlanContext,
-    RopeConfig,
     Strategy,
     StrategyError,
     StrategyParams,
@@ -58,6 +57,11 @@ class DcaParams(StrategyParams):
         le=MAX_WINDOW,
         description="w: the first w queries of a chunk see the previous chunk at true distances; chunks are "
         "S - w tokens. Default S / 8 (ChunkLlama's ratio is 1/6)",
+    )
+    mscale: bool = Field(
+        default=True,
+        description="ChunkLlama's mscale: past the model's native window L every logit is multiplied by "
+        "(0.05 ln(n / L) + 1)^2, n the row's length (false: off)",
     )
 
     @model_validator(mode="after")
@@ -97,9 +101,15 @@ class DcaStrategy(Strategy[DcaParams]):
         row = request.plain_prompt_ids(context.tokenize)
         limit = model.max_context_tokens or 16 * model.native_window
         check_fits(len(row), request.max_new_tokens, limit, self.name)
-        scheme = AttentionScheme("dca", chunk_size=chunk_size, local_window=local_window)
+        trained_length = model.native_window if self.params.mscale else None
+        scheme = DualChunk(chunk_size=chunk_size, local_window=local_window, trained_length=trained_length)
         # Within one chunk every pair is plain RoPE attention: served as native (bitwise).
         needed = len(row) + request.max_new_tokens
         rope = RopeConfig.native() if needed <= scheme.chunk_len else RopeConfig((), limit, scheme)
-        resolved = {"name": self.name, "chunk_size": chunk_size, "local_window": local_window}
+        resolved = {
+            "name": self.name,
+            "chunk_size": chunk_size,
+            "local_window": local_window,
+            "mscale": self.params.mscale,
+        }
         return ExecutionPlan(rope=rope, rows=[row], max_total_tokens=limit, resolved=resolved)

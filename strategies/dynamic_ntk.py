@@ -18,15 +18,8 @@ from typing import Any
 
 from pydantic import Field
 
-from strategies.base import (
-    DOCUMENT_SEPARATOR,
-    QUESTION_RESERVE_TOKENS,
-    ExecutionPlan,
-    ModelFacts,
-    PlanContext,
-    RopeConfig,
-    StrategyRequest,
-)
+from server.plan import ModelFacts, RopeConfig
+from strategies.base import DOCUMENT_SEPARATOR, QUESTION_RESERVE_TOKENS, ExecutionPlan, PlanContext, StrategyRequest
 from strategies.rope import RopeParams, RopeStrategy, factor_field
 
 

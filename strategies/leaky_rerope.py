@@ -12,8 +12,8 @@ import math
 
 from pydantic import Field
 
-from server.engines.base import AttentionScheme
-from strategies.base import ModelFacts
+from server.attention.leaky_rerope import LeakyRerope
+from server.plan import ModelFacts
 from strategies.rope import logn_field
 from strategies.window import WindowParams, WindowStrategy, window_field
 
@@ -37,9 +37,9 @@ class LeakyReropeStrategy(WindowStrategy[LeakyReropeParams]):
     def settings(self, model: ModelFacts, needed: int) -> LeakyReropeParams:
         return self.params.model_copy(update={"window": self.params.window or model.native_window // 2})
 
-    def scheme(self, p: LeakyReropeParams, model: ModelFacts) -> AttentionScheme:
+    def scheme(self, p: LeakyReropeParams, model: ModelFacts) -> LeakyRerope:
         assert p.window is not None
-        return AttentionScheme("leaky_rerope", window=p.window, leak=p.leak, logn_window=self.logn_window(p, model))
+        return LeakyRerope(window=p.window, leak=p.leak, logn_window=self.logn_window(p, model))
 
     def longest(self, p: LeakyReropeParams, model: ModelFacts) -> int | None:
         assert p.window is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from strategies.base import ModelFacts
+from server.plan import ModelFacts
 from strategies.rope import RopeParams, RopeStrategy, factor_field
 
 

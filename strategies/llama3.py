@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from strategies.base import ModelFacts
+from server.plan import ModelFacts
 from strategies.rope import RopeParams, RopeStrategy, factor_field
 
 

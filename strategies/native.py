@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from strategies.base import (
-    ExecutionPlan,
-    PlanContext,
-    RopeConfig,
-    Strategy,
-    StrategyParams,
-    StrategyRequest,
-    check_fits,
-)
+from server.plan import RopeConfig
+from strategies.base import ExecutionPlan, PlanContext, Strategy, StrategyParams, StrategyRequest, check_fits
 from strategies.rope import longer_context_hint
 
 

@@ -8,8 +8,8 @@ w = 4096 found (4/5 at 12k-32k), so the default is half the model's native windo
 
 from __future__ import annotations
 
-from server.engines.base import AttentionScheme
-from strategies.base import ModelFacts
+from server.attention.rerope import Rerope
+from server.plan import ModelFacts
 from strategies.rope import logn_field
 from strategies.window import WindowParams, WindowStrategy, window_field
 
@@ -32,9 +32,9 @@ class ReropeStrategy(WindowStrategy[ReropeParams]):
     def settings(self, model: ModelFacts, needed: int) -> ReropeParams:
         return self.params.model_copy(update={"window": self.params.window or model.native_window // 2})
 
-    def scheme(self, p: ReropeParams, model: ModelFacts) -> AttentionScheme:
+    def scheme(self, p: ReropeParams, model: ModelFacts) -> Rerope:
         assert p.window is not None
-        return AttentionScheme("rerope", window=p.window, logn_window=self.logn_window(p, model))
+        return Rerope(window=p.window, logn_window=self.logn_window(p, model))
 
     def longest(self, p: ReropeParams, model: ModelFacts) -> int | None:
         return None

@@ -21,17 +21,9 @@ from typing import Any, TypeVar
 
 from pydantic import Field
 
-from server.engines.base import AttentionScheme
-from strategies.base import (
-    ExecutionPlan,
-    ModelFacts,
-    PlanContext,
-    RopeConfig,
-    Strategy,
-    StrategyParams,
-    StrategyRequest,
-    check_fits,
-)
+from server.attention.logn import LogN
+from server.plan import ModelFacts, RopeConfig
+from strategies.base import ExecutionPlan, PlanContext, Strategy, StrategyParams, StrategyRequest, check_fits
 
 # Upper bound of every `factor`: 16 x 8192 = 131072 positions. What the machine can actually hold
 # is narrower and checked per request against ModelFacts.max_context_tokens (the KV cache).
@@ -150,7 +142,7 @@ class RopeStrategy(Strategy[RP]):
         rope = self.rope_config(model, self.config_tokens(request, needed, context))
         if self.params.logn and needed > model.native_window and not rope.is_native:
             # Scales only positions past L0 (s(i) = 1 below), so shorter requests need no scheme.
-            rope = replace(rope, attention=AttentionScheme(logn_window=model.native_window))
+            rope = replace(rope, attention=LogN(window=model.native_window))
         return ExecutionPlan(
             rope=rope,
             rows=[row],

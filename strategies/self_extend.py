@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from server.engines.base import AttentionScheme
-from strategies.base import ModelFacts, StrategyError
+from server.attention.self_extend import SelfExtend
+from server.plan import ModelFacts
+from strategies.base import StrategyError
 from strategies.rope import logn_field
 from strategies.window import WindowParams, WindowStrategy, window_field
 
@@ -74,9 +75,9 @@ class SelfExtendStrategy(WindowStrategy[SelfExtendParams]):
                 )
         return self.params.model_copy(update={"window": window, "group": group})
 
-    def scheme(self, p: SelfExtendParams, model: ModelFacts) -> AttentionScheme:
+    def scheme(self, p: SelfExtendParams, model: ModelFacts) -> SelfExtend:
         assert p.window is not None and p.group is not None
-        return AttentionScheme("self_extend", window=p.window, group=p.group, logn_window=self.logn_window(p, model))
+        return SelfExtend(window=p.window, group=p.group, logn_window=self.logn_window(p, model))
 
     def longest(self, p: SelfExtendParams, model: ModelFacts) -> int | None:
         assert p.window is not None and p.group is not None

@@ -2,7 +2,7 @@
 
 They keep exact relative positions inside a window and clamp (ReRoPE), compress (Leaky ReRoPE)
 or group (Self-Extend) them beyond it, so no score sees a distance the model was not trained on
-(server/engines/base.py `AttentionScheme` has the formulas; docs/design/window-attention.md the
+(one scheme file each in server/attention/ has the formulas; docs/design/window-attention.md the
 sources). The engine computes such rows' attention itself from the cached keys; a request
 whose whole length fits in the window is plain RoPE attention, so it is planned as `native` and
 is exactly native. Parameters a client leaves out are derived from the model's window: the papers'
@@ -11,7 +11,7 @@ strategies*).
 
     >>> from strategies.base import PlanContext, StrategyRequest
     >>> from strategies.registry import default_registry
-    >>> from server.engines.base import ModelFacts
+    >>> from server.plan import ModelFacts
     >>> registry = default_registry()
     >>> model = ModelFacts("m", native_window=8192, rope_parameters={"rope_theta": 1e5}, head_dim=64,
     ...                    vocab_size=100, max_context_tokens=32768)
@@ -28,12 +28,11 @@ from typing import Any, TypeVar
 
 from pydantic import Field
 
-from server.engines.base import AttentionScheme
+from server.attention.banded import TwoBandScheme
+from server.plan import ModelFacts, RopeConfig
 from strategies.base import (
     ExecutionPlan,
-    ModelFacts,
     PlanContext,
-    RopeConfig,
     Strategy,
     StrategyError,
     StrategyParams,
@@ -67,7 +66,7 @@ class WindowStrategy(Strategy[WP]):
         left out derived from the model's window (and, where the paper sizes it so, the length)."""
 
     @abstractmethod
-    def scheme(self, p: WP, model: ModelFacts) -> AttentionScheme:
+    def scheme(self, p: WP, model: ModelFacts) -> TwoBandScheme:
         """The attention scheme the engine runs (logn_window set when `logn`)."""
 
     @abstractmethod

@@ -2,7 +2,6 @@
 
 The API is this module and the three it re-exports, which depend on nothing else of the project:
 
-- rope_config.py: `ModelFacts`, `RopeConfig`, `AttentionScheme` (what a row is rotated with);
 - rows.py: `RowRequest`, `SamplingOptions`, `EngineStep`, `TokenEvent` (a row in, its steps out);
 - engine_stats.py: `Parallelism`, `EngineStats`, `EngineIteration` (what an engine reports);
 - here: `ExecutionPlan` and the protocols at the seams (`Engine`, `RowCombiner`, `StepAware`, ...).
@@ -26,7 +25,6 @@ from server.engines.engine_stats import (
     Parallelism,
     StepWork,
 )
-from server.engines.rope_config import AttentionScheme, ModelFacts, RopeConfig, WindowKind
 from server.engines.rows import (
     EngineStep,
     FinishReason,
@@ -36,9 +34,9 @@ from server.engines.rows import (
     TokenEvent,
     TopToken,
 )
+from server.plan import ModelFacts, RopeConfig
 
 __all__ = [
-    "AttentionScheme",
     "Engine",
     "EngineBusy",
     "EngineDown",
@@ -49,9 +47,7 @@ __all__ = [
     "ExecutorBackend",
     "FinishReason",
     "FinishedRow",
-    "ModelFacts",
     "Parallelism",
-    "RopeConfig",
     "RowCombiner",
     "RowJob",
     "RowRequest",
@@ -64,7 +60,6 @@ __all__ = [
     "TokenEvent",
     "Tokenizer",
     "TopToken",
-    "WindowKind",
 ]
 
 

@@ -15,7 +15,7 @@ and rebuilds the slot's table rows when the slot's key changes. A slot changes h
 row holds it, and rows reach the engine core in order, so no batch ever mixes two configurations
 in one slot.
 
-    >>> from server.engines.base import RopeConfig
+    >>> from server.plan import RopeConfig
     >>> slots = RopeSlots(slots=3)
     >>> ntk = RopeConfig.from_dict({"rope_type": "default", "rope_theta": 4e5}, 16384)
     >>> slots.acquire(RopeConfig.native()), slots.acquire(ntk), slots.in_use()
@@ -28,7 +28,8 @@ import itertools
 from collections import OrderedDict
 from typing import Any
 
-from server.engines.base import EngineBusy, RopeConfig
+from server.engines.base import EngineBusy
+from server.plan import RopeConfig
 
 ROPE_EXTRA_KEY = "ropeserve_rope"
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from server.engines.rope_config import RopeConfig
+from server.plan import RopeConfig
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 

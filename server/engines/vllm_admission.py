@@ -7,14 +7,15 @@ params' `extra_args`, which the multi-RoPE runner and the window-attention step 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from server.engines.base import ModelFacts, RopeConfig, RowRequest, SamplingOptions
+from server.engines.base import RowRequest, SamplingOptions
 from server.engines.rope_slots import ROPE_EXTRA_KEY, RopeSlots
+from server.engines.scheme_attention.step import ATTENTION_EXTRA_KEY
 from server.engines.vllm_config import VllmEngineConfig
 from server.engines.vllm_refusal import RopeRefusal
-from server.engines.window_attention.step import ATTENTION_EXTRA_KEY
+from server.plan import ModelFacts, RopeConfig
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class RowAdmission:
         if (spec := self.slots.slot_spec(row.rope, slot)) is not None:
             extra[ROPE_EXTRA_KEY] = spec
         if row.rope.attention is not None:
-            extra[ATTENTION_EXTRA_KEY] = asdict(row.rope.attention)
+            extra[ATTENTION_EXTRA_KEY] = row.rope.attention.spec()
         try:
             sampling = to_vllm_sampling(row.sampling, extra or None)
         except BaseException:  # vLLM refused the sampling settings: the row never runs

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engines.base import ModelFacts, Parallelism, RopeConfig
+from server.engines.base import Parallelism
+from server.plan import ModelFacts, RopeConfig
 
 # Slots of the RoPE table (slot 0: the model's own): configurations that can be in use at once.
 DEFAULT_ROPE_SLOTS = 32

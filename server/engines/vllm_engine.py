@@ -32,9 +32,7 @@ from server.engines.base import (
     EngineDown,
     EngineIteration,
     EngineStats,
-    ModelFacts,
     Parallelism,
-    RopeConfig,
     RowRequest,
     StatsListener,
     StepStream,
@@ -47,6 +45,7 @@ from server.engines.vllm_groups import RowGroups
 from server.engines.vllm_launch import engine_args, prepare_host
 from server.engines.vllm_outputs import OutputReader
 from server.engines.vllm_stats import IterationRecorder
+from server.plan import ModelFacts, RopeConfig
 
 # The engine's settings and facts are imported from here by its builders (server/bootstrap.py, tests).
 __all__ = ["VllmEngine", "VllmEngineConfig", "is_cpu_build", "read_model_facts"]

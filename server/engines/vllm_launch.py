@@ -11,11 +11,11 @@ import os
 import subprocess
 from typing import Any
 
-from server.engines.base import ModelFacts, RopeConfig
 from server.engines.cpu_ray import RANK_CPUS_ENV, start_local_ray
 from server.engines.multi_rope import CONFIG_KEY, WORKER_CLASSES
 from server.engines.vllm_adapter.runner import prefer_v1_runner
 from server.engines.vllm_config import VllmEngineConfig
+from server.plan import ModelFacts, RopeConfig
 
 # vLLM rope types whose cos/sin table is max_position_embeddings x factor (vLLM's `dynamic` and
 # `ntk` classes build max_position_embeddings rows only, though the config multiplies the allowed

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.engines.base import ModelFacts, RopeConfig
 from server.engines.vllm_config import VllmEngineConfig
+from server.plan import ModelFacts, RopeConfig
 
 # Table checks remembered (configurations are few; the bound keeps a stream of odd ones in check).
 MAX_CHECKED_ROPES = 4096
@@ -43,8 +43,8 @@ class RopeRefusal:
         return self._table_refusal(rope) if rope.parameters else None
 
     def _attention_refusal(self) -> str | None:
-        """Why this engine cannot run window / log-n attention (None: it can): the kernel reads vLLM's
-        CPU paged cache (server/engines/window_attention/), so only the CPU backend with a key
+        """Why this engine cannot run attention schemes (None: it can): the kernel reads vLLM's
+        CPU paged cache (server/engines/scheme_attention/), so only the CPU backend with a key
         layout the probe recognises serves it."""
         if self._attention_support is None:
             self._attention_support = self._probe_attention_support()
@@ -54,17 +54,17 @@ class RopeRefusal:
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
-            return "window attention and log-n scaling run on the CPU engine only (vLLM's CPU attention backend)"
+            return "attention schemes (window strategies, DCA, STRING, log-n) run on the CPU engine only (vLLM's CPU attention backend)"
         if self._vllm_config is None:
             return "the engine is not started"
+        from server.engines.scheme_attention.paged import probe_layout
         from server.engines.vllm_adapter.cpu_attention import attention_isa
-        from server.engines.window_attention.paged import probe_layout
 
         dtype = self._vllm_config.model_config.dtype
         block_size = int(self._vllm_config.cache_config.block_size)
         isa = attention_isa(dtype, block_size, self.model.head_dim)
         if probe_layout(isa, dtype, self.model.head_dim, block_size) is None:
-            return f"window attention cannot read this host's KV cache layout (CPU attention ISA {isa})"
+            return f"scheme attention cannot read this host's KV cache layout (CPU attention ISA {isa})"
         return ""
 
     def _table_refusal(self, rope: RopeConfig) -> str | None:

@@ -25,13 +25,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from server.plan import ModelFacts, RopeConfig
 from strategies.base import (
     DOCUMENT_SEPARATOR,
     QUESTION_RESERVE_TOKENS,
     ExecutionPlan,
-    ModelFacts,
     PlanContext,
-    RopeConfig,
     Strategy,
     StrategyError,
     StrategyParams,

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from clients.bench_passkey import make_case
-from server.engines.base import ModelFacts, RopeConfig
+from server.plan import ModelFacts, RopeConfig
 from strategies.base import StrategyRequest
 from strategies.registry import default_registry
 from tests.support.engine_tokens import run_engines

@@ -1,7 +1,7 @@
 """Window attention and DCA on the default dtype of a CPU with bfloat16 instructions: vLLM's CPU
 backend writes the paged cache in another layout there (`amx` packs keys and values for its tiles;
 `vec` without AMX), which the kernels read back through the probed layout
-(server/engines/window_attention/paged.py). The engine runs in bfloat16; the reference
+(server/engines/scheme_attention/paged.py). The engine runs in bfloat16; the reference
 (tests/support/window_reference.py) in float32, so the check is statistical: every row's logprobs
 follow its own scheme's reference far more closely than plain attention's, and as closely as the
 native row follows the native reference (the bfloat16 floor)."""

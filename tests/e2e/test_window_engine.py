@@ -12,13 +12,18 @@ kernels: vLLM's matmuls and attention, the reference's plain ones; the native ro
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import dataclasses
 from typing import Any
 
 import pytest
 import torch
 
-from server.engines.base import AttentionScheme
+from server.attention.dual_chunk import DualChunk
+from server.attention.leaky_rerope import LeakyRerope
+from server.attention.logn import LogN
+from server.attention.rerope import Rerope
+from server.attention.self_extend import SelfExtend
+from server.plan import AttentionScheme
 from tests.e2e.test_multi_rope_engine import model_path, prompt_ids
 from tests.support import window_reference as ref
 from tests.support.engine_tokens import run_engines
@@ -33,13 +38,13 @@ LOGPROB_TOLERANCE = 1e-4  # measured: <= 3e-5 for every row, the native one incl
 NTK_THETA = 400_000.0
 
 SCHEMES: dict[str, AttentionScheme] = {
-    "rerope": AttentionScheme("rerope", window=64, logn_window=512),
-    "leaky_rerope": AttentionScheme("leaky_rerope", window=64, leak=4.0),
-    "self_extend": AttentionScheme("self_extend", window=128, group=4),
-    "ntk_logn": AttentionScheme(logn_window=512),
+    "rerope": Rerope(window=64, logn_window=512),
+    "leaky_rerope": LeakyRerope(window=64, leak=4.0),
+    "self_extend": SelfExtend(window=128, group=4),
+    "ntk_logn": LogN(window=512),
     # c = 110: chunk boundaries fall inside the 256-token prefill chunks, and decode (positions
-    # 880-891) starts a new chunk.
-    "dca": AttentionScheme("dca", chunk_size=150, local_window=40),
+    # 880-891) starts a new chunk; ChunkLlama's mscale past a trained length of 512.
+    "dca": DualChunk(chunk_size=150, local_window=40, trained_length=512),
 }
 
 
@@ -47,7 +52,7 @@ def rope_spec(name: str) -> dict[str, Any] | None:
     if name == "native":
         return None
     parameters = {"rope_type": "default", "rope_theta": NTK_THETA} if name == "ntk_logn" else {}
-    return {"parameters": parameters, "max_model_len": ENGINE_LEN, "attention": asdict(SCHEMES[name])}
+    return {"parameters": parameters, "max_model_len": ENGINE_LEN, "attention": SCHEMES[name].spec()}
 
 
 def scheme_rows(tokenizer: Any, names: list[str], seed: int, step: int) -> list[dict[str, Any]]:
@@ -101,6 +106,8 @@ def _reference(weights: ref.LlamaWeights, name: str, prompt: list[int], tokens: 
             {**weights.config, "rope_parameters": {**rope, "rope_theta": NTK_THETA}}, weights.tensors
         )
     scheme = ref.Scheme() if name == "native" else ref.Scheme.of(SCHEMES[name])
+    # The prompt is read in one pass (its own length), every generated token at its own length.
+    scheme = dataclasses.replace(scheme, prompt_length=len(prompt))
     with torch.no_grad():
         logits = ref.logits(weights, prompt + tokens[:-1], scheme)[len(prompt) - 1 :]
     logprobs = torch.log_softmax(logits.double(), -1)

@@ -14,7 +14,7 @@ spec: {"model": PATH, "dtype": "float32", "engines": [{"name": ..., "max_model_l
         "max_num_batched_tokens": N | null,
         "runs": [{"concurrent": bool, "rows": [{"id": ..., "prompt": [ids], "rope": RopeSpec | null,
                                                "max_new_tokens": N}]}]}]}
-RopeSpec: {"parameters": {...}, "max_model_len": N, "attention": AttentionScheme fields | absent}
+RopeSpec: {"parameters": {...}, "max_model_len": N, "attention": AttentionScheme.spec() | absent}
 result (the last stdout line): {engine name: {"runs": [{row id: {"tokens": [...], "logprobs": [...]}}],
                                               "preemptions": N, "rope_slot_loads": N}}
 """
@@ -30,15 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.engines.base import AttentionScheme, EngineIteration, ModelFacts, RopeConfig, RowRequest, SamplingOptions
+from server.attention import scheme_from_spec
+from server.engines.base import EngineIteration, RowRequest, SamplingOptions
 from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, read_model_facts
+from server.plan import ModelFacts, RopeConfig
 
 
 def rope_of(spec: dict[str, Any] | str | None) -> RopeConfig:
     if spec is None or spec == "native":
         return RopeConfig.native()
     assert isinstance(spec, dict)
-    attention = AttentionScheme(**spec["attention"]) if spec.get("attention") else None
+    attention = scheme_from_spec(spec["attention"]) if spec.get("attention") else None
     return RopeConfig.from_dict(spec["parameters"], int(spec["max_model_len"]), attention)
 
 

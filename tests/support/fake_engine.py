@@ -5,18 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from server.admission import AdmissionController
-from server.engines.base import (
-    EngineStats,
-    EngineStep,
-    ModelFacts,
-    Parallelism,
-    RopeConfig,
-    RowRequest,
-    StepStream,
-    TokenEvent,
-    TopToken,
-)
+from server.engines.base import EngineStats, EngineStep, Parallelism, RowRequest, StepStream, TokenEvent, TopToken
 from server.metrics import Metrics
+from server.plan import ModelFacts, RopeConfig
 from server.queue_admission import admission_controller
 from server.service import GenerationService
 from server.settings import Settings

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from server.engines.base import ExecutionPlan, ModelFacts
+from server.engines.base import ExecutionPlan
+from server.plan import ModelFacts
 from strategies.base import PlanContext, StrategyRequest, StrategySpec, Tokenize
 from strategies.registry import StrategyRegistry, default_registry
 

@@ -13,12 +13,19 @@ for every (query i, key j) pair, the case it falls in.
 |               | otherwise       | (i + w (k - 1)) / k    | j / k    | linear scaling k, offset w(k-1)|
 | self_extend   | i - j < W       | i                      | j        | datamllab/LongLM Llama.py      |
 |               | otherwise       | i // G + W - W / G     | j // G   | (`group_query_position`)       |
+| string        | i - j < S       | i                      | j        | HKUNLP/STRING string_for_llama |
+|               | otherwise       | i - S + W              | j        | (`position_ids - diag_size +   |
+|               |                 |                        |          |  local_window`, query_states_2)|
+|               | beyond the cap  | C                      | 0        | ReRoPE's clamp, at C           |
 | dca           | same chunk      | i mod c                | j mod c  | HKUNLP/ChunkLlama              |
 |               | previous chunk  | min(i mod c + c, S)    | j mod c  | chunkllama_attn_replace.py     |
 |               | earlier chunks  | min(2c - 1, S)         | j mod c  | (q_t, qc_t, k_t tables)        |
 
 DCA's chunks are c = S - w tokens long (S the chunk size, w the local window), counted from token 0.
-log-n scaling multiplies the unrotated query at position i by max(1, ln(i + 1) / ln L0).
+log-n scaling multiplies the unrotated query at position i by max(1, ln(i + 1) / ln L0). Two schemes
+scale every logit by a constant, which the papers' code puts into every cos/sin (so squared in a
+score): STRING's `attention_factor` (0.1 ln 2 + 1) and ChunkLlama's `mscale` (0.05 ln(n / L) + 1
+past the trained length L, n the sequence length, `get_mscale`).
 
 This module imports nothing of the engine's position code: the kernels are checked against it, and
 `relative_positions` against the papers' own statements of what each pair sees (the unit tests).
@@ -44,7 +51,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # only the type: the reference computes nothing with the engine's code
     from server.engines.base import AttentionScheme
 
-SchemeKind = Literal["native", "rerope", "leaky_rerope", "self_extend", "dca"]
+SchemeKind = Literal["native", "rerope", "leaky_rerope", "self_extend", "dca", "string"]
 
 
 @dataclass(frozen=True)
@@ -70,19 +77,41 @@ class Scheme:
     local_window: int = 0
     # log-n scaling past the native window L0 (None: off).
     logn_window: int | None = None
+    # dca: ChunkLlama's mscale past this trained length (None: off).
+    trained_length: int | None = None
+    # string: the shifted offset S (its local value W is `local_window`), the cap C (None: none),
+    # and the factor on every cos/sin.
+    shift: int = 0
+    cap: int | None = None
+    attention_factor: float = 1.0
+    # dca with mscale: the prompt's length, read in one pass (ChunkLlama's n for every prompt
+    # query); each later token is computed at its own length. None: the whole row is the prompt.
+    prompt_length: int | None = None
 
     @classmethod
     def of(cls, attention: AttentionScheme) -> Scheme:
-        """The reference's scheme for the engine API's `AttentionScheme` (the same parameters)."""
-        return cls(
-            attention.kind or "native",
-            window=attention.window,
-            k=attention.leak,
-            group=attention.group,
-            chunk_size=attention.chunk_size,
-            local_window=attention.local_window,
-            logn_window=attention.logn_window,
-        )
+        """The reference's scheme for a served scheme with the same parameters (read by name)."""
+        if attention.kind == "logn":
+            return cls(logn_window=attention.window)
+        names = ("window", "group", "chunk_size", "local_window", "logn_window", "trained_length", "shift", "cap")
+        given = {name: getattr(attention, name) for name in names if hasattr(attention, name)}
+        if hasattr(attention, "leak"):
+            given["k"] = attention.leak
+        if hasattr(attention, "attention_factor"):
+            given["attention_factor"] = attention.attention_factor
+        return cls(attention.kind, **given)  # type: ignore[arg-type]
+
+    def logit_factors(self, n: int) -> torch.Tensor:
+        """What every score of query i of an n-token row is multiplied by (each cos/sin's factor squared)."""
+        if self.kind == "string":
+            return torch.full((n,), self.attention_factor**2, dtype=torch.float64)
+        if self.kind == "dca" and self.trained_length is not None:
+            prompt = n if self.prompt_length is None else self.prompt_length
+            lengths = torch.arange(1, n + 1, dtype=torch.float64).clamp(min=prompt)
+            scale = lengths / self.trained_length
+            mscale = torch.where(scale <= 1, 1.0, 0.05 * torch.log(scale) + 1.0)  # ChunkLlama's get_mscale
+            return mscale**2
+        return torch.ones(n, dtype=torch.float64)
 
     def cases(self, n: int) -> list[Case]:
         i = torch.arange(n, dtype=torch.float64)
@@ -105,7 +134,26 @@ class Scheme:
             # LongLM: group_query_position = i // G + W - W / G; group_key_position = j // G.
             g, big_w = self.group, float(self.window)
             return [near, Case(far, torch.floor(i / g) + big_w - big_w / g, torch.floor(i / g))]
+        if self.kind == "string":
+            return self._string_cases(i, distance)
         raise ValueError(self.kind)
+
+    def _string_cases(self, i: torch.Tensor, distance: torch.Tensor) -> list[Case]:
+        """STRING: `query_states_1` at i for the sliding window of S, `query_states_2` at
+        i - S + W (`position_ids - diag_size + local_window`) for the rest, keys at j; past the cap,
+        the ReRoPE clamp at C (query at C, key unrotated)."""
+        s, w = self.shift, self.local_window
+        near = distance < s
+        shifted = ~near
+        cases = [Case(near, i, i)]
+        if self.cap is None:
+            return [*cases, Case(shifted, i - s + w, i)]
+        capped = distance - s + w >= self.cap
+        return [
+            *cases,
+            Case(shifted & ~capped, i - s + w, i),
+            Case(shifted & capped, torch.full_like(i, float(self.cap)), torch.zeros_like(i)),
+        ]
 
     def _dual_chunk_cases(self, n: int) -> list[Case]:
         """ChunkLlama's three RoPE tables: q_t = arange(c), qc_t = (arange(c) + c).clamp(max=S),
@@ -179,6 +227,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: Scheme,
     if scheme.logn_window is not None:
         scale = (torch.log(pos.to(torch.float64) + 1) / math.log(scheme.logn_window)).clamp(min=1)
         q = q * scale.to(q.dtype)[None, :, None]
+    q = q * scheme.logit_factors(n).to(q.dtype)[None, :, None]
     scores = torch.full((q.shape[0], n, n), float("nan"), dtype=q.dtype)
     for case in scheme.cases(n):
         case_scores = rotate(q, case.query_positions, theta) @ rotate(k, case.key_positions, theta).transpose(-1, -2)

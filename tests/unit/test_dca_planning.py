@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.engines.base import AttentionScheme, ModelFacts, RopeConfig
+from server.attention.dual_chunk import DualChunk
+from server.plan import ModelFacts, RopeConfig
 from strategies.base import StrategyError, StrategyRequest
 from strategies.registry import default_registry
 from tests.support.planning import plan_for
@@ -23,22 +24,29 @@ def test_defaults_follow_the_models_window(window: int, chunk_size: int, local_w
     worse on the bundled model)."""
     model = ModelFacts("m", window, {"rope_theta": 1e4}, head_dim=64, vocab_size=100, max_context_tokens=10 * window)
     planned = plan("dca", 5 * window, model=model)
-    assert planned.rope == RopeConfig(
-        (), 10 * window, AttentionScheme("dca", chunk_size=chunk_size, local_window=local_window)
-    )
-    assert planned.resolved == {"name": "dca", "chunk_size": chunk_size, "local_window": local_window}
+    scheme = DualChunk(chunk_size=chunk_size, local_window=local_window, trained_length=window)
+    assert planned.rope == RopeConfig((), 10 * window, scheme)
+    assert planned.resolved == {"name": "dca", "chunk_size": chunk_size, "local_window": local_window, "mscale": True}
+
+
+def test_mscale_is_chunkllamas_and_can_be_turned_off() -> None:
+    """ChunkLlama scales logits past the trained length (its `get_mscale`); `mscale: false` does not."""
+    on = plan("dca", 20_000).rope.attention
+    off = plan({"name": "dca", "mscale": False}, 20_000).rope.attention
+    assert isinstance(on, DualChunk) and on.trained_length == 8192
+    assert off == DualChunk(chunk_size=2048, local_window=256, trained_length=None)
 
 
 def test_a_chunk_size_alone_keeps_the_default_ratio() -> None:
     scheme = plan({"name": "dca", "chunk_size": 6144}, 20_000).rope.attention
-    assert scheme == AttentionScheme("dca", chunk_size=6144, local_window=768)
+    assert scheme == DualChunk(chunk_size=6144, local_window=768, trained_length=8192)
 
 
 def test_a_request_inside_one_chunk_is_planned_native() -> None:
     c = 2048 - 256
     assert plan("dca", c - 16, new_tokens=16).rope == RopeConfig.native()
-    assert plan("dca", c - 16, new_tokens=17).rope.attention == AttentionScheme(
-        "dca", chunk_size=2048, local_window=256
+    assert plan("dca", c - 16, new_tokens=17).rope.attention == DualChunk(
+        chunk_size=2048, local_window=256, trained_length=8192
     )
 
 
@@ -68,4 +76,4 @@ def test_bad_parameters_are_refused_with_the_field(spec: dict[str, object], fiel
 def test_the_schema_says_how_defaults_follow_the_window() -> None:
     schema = default_registry().get("dca").parameters_schema()
     assert "a quarter of the native window" in schema["properties"]["chunk_size"]["description"]
-    assert set(schema["properties"]) == {"chunk_size", "local_window"}
+    assert set(schema["properties"]) == {"chunk_size", "local_window", "mscale"}

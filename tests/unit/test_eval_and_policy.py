@@ -11,7 +11,7 @@ import pytest
 from clients.eval import plots
 from clients.eval.policy import measured_policy, merged_policy
 from clients.eval.results import Curve, EvalResults, Score
-from server.engines.base import ModelFacts
+from server.plan import ModelFacts
 from strategies.auto_policy import SHIPPED_POLICY, AutoPolicy, load_policy
 from strategies.base import StrategyError, StrategyRequest
 from strategies.registry import default_registry

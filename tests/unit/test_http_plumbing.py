@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.engines.base import RopeConfig
+from server.plan import RopeConfig
 from server.settings import Settings
 from tests.support.fake_engine import FakeEngine, fake_service_factory
 

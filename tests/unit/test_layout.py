@@ -4,6 +4,7 @@ including those inside functions)."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,11 +42,40 @@ def offending(room: str, allowed: tuple[str, ...], banned: tuple[str, ...] = ())
 
 
 def test_engines_know_nothing_of_strategies_or_http() -> None:
-    assert offending("server/engines", allowed=("server.engines",), banned=("fastapi", "starlette")) == {}
+    allowed = ("server.engines", "server.plan", "server.attention")
+    assert offending("server/engines", allowed=allowed, banned=("fastapi", "starlette")) == {}
 
 
-# The engine API: base.py and the modules it re-exports (strategies import it through base.py).
-ENGINE_API = ("server.engines.base", "server.engines.rope_config", "server.engines.rows", "server.engines.engine_stats")
+def runtime_imports(path: Path) -> set[str]:
+    """`imports`, less those only a type checker reads (under `if TYPE_CHECKING:`)."""
+    tree = ast.parse(path.read_text())
+    typing_only = [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]
+    for node in typing_only:
+        node.body = []
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def test_the_plan_types_depend_on_nothing() -> None:
+    """Strategies, engines, the server and the Python client all read them; at run time they
+    need nothing but the standard library (the engine side's tensors are types only)."""
+    third_party = {
+        m for m in runtime_imports(ROOT / "server" / "plan.py") if m.split(".")[0] not in sys.stdlib_module_names
+    }
+    assert third_party == set()
+
+
+def test_attention_schemes_are_plain_torch_over_the_plan_types() -> None:
+    assert offending("server/attention", allowed=("server.attention", "server.plan"), banned=("vllm",)) == {}
+
+
+# The engine API: base.py and the modules it re-exports (the service imports it through base.py).
+ENGINE_API = ("server.engines.base", "server.engines.rows", "server.engines.engine_stats", "server.plan")
 
 
 @pytest.mark.parametrize("module", ENGINE_API)
@@ -60,7 +90,8 @@ def test_the_vllm_adapter_depends_on_nothing_else_of_the_project() -> None:
 
 
 def test_strategies_see_only_the_engine_api_and_vllm_only_inside_the_engine() -> None:
-    assert offending("strategies", allowed=("strategies", "server.engines.base"), banned=("fastapi",)) == {}
+    allowed = ("strategies", "server.engines.base", "server.plan", "server.attention")
+    assert offending("strategies", allowed=allowed, banned=("fastapi",)) == {}
     with_vllm = {str(p.relative_to(ROOT)) for p in files("strategies") if any(under(m, "vllm") for m in imports(p))}
     # The NBCE logits processor runs in vLLM's engine core; no other strategy code touches vLLM.
     assert with_vllm == {"strategies/nbce/processor.py"}

@@ -17,13 +17,12 @@ from server.engines.base import (
     EngineDown,
     EngineStep,
     ExecutionPlan,
-    ModelFacts,
-    RopeConfig,
     RowRequest,
     SamplingOptions,
     StepStream,
     TokenEvent,
 )
+from server.plan import ModelFacts, RopeConfig
 from strategies.nbce.protocol import Combination, RowTag
 from strategies.nbce.runner import MAX_RESUBMITS, NbceCombiner, NbceError
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from server.model_store import default_checkpoint_dir
-from strategies.base import ModelFacts, PlanContext, StrategyError, StrategyRequest
+from server.plan import ModelFacts
+from strategies.base import PlanContext, StrategyError, StrategyRequest
 from strategies.nbce import NbceParams, NbceStrategy
 from strategies.nbce.chunking import split_document
 from strategies.nbce.combine import choose_token, combine, top_p_filter

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.engines.base import RopeConfig
+from server.plan import RopeConfig
 from server.presets import BUILTIN_PRESETS, PresetError, parse_presets
 from server.settings import Settings
 from tests.support.fake_engine import FakeEngine, fake_service_factory

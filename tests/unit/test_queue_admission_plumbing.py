@@ -18,11 +18,12 @@ from pydantic import ValidationError
 
 from server.admission import AdmissionController, RequestWork, Throughput
 from server.app import create_app
-from server.engines.base import EngineDown, EngineIteration, ModelFacts, RowRequest, StepStream, StepWork
+from server.engines.base import EngineDown, EngineIteration, RowRequest, StepStream, StepWork
 from server.engines.vllm_config import VllmEngineConfig
 from server.engines.vllm_stats import iteration_from_vllm, step_from_vllm
 from server.errors import as_api_error
 from server.jobs import QueueWaitExceeded
+from server.plan import ModelFacts
 from server.queue_admission import admission_controller, all_listeners, learning_from_steps
 from server.settings import Settings
 from server.watchdog import watch_engine

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from server.engines.vllm_launch import hf_overrides_for
-from strategies.base import ModelFacts, StrategyRequest
+from server.plan import ModelFacts
+from strategies.base import StrategyRequest
 from strategies.dynamic_ntk import bucket_length
 from strategies.registry import default_registry
 from tests.support.planning import plan_context

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engines.base import RopeConfig
 from server.engines.rope_slots import RopeSlots, RopeSlotsFull
 from server.engines.vllm_launch import hf_overrides_for
-from strategies.base import ModelFacts, StrategyRequest
+from server.plan import ModelFacts, RopeConfig
+from strategies.base import StrategyRequest
 from tests.support.planning import plan_for
 
 HEAD_DIM = 64

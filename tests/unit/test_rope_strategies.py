@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from strategies.base import ModelFacts, StrategyError, StrategyRequest
+from server.plan import ModelFacts
+from strategies.base import StrategyError, StrategyRequest
 from strategies.registry import default_registry
 from strategies.rope import suggest_rope_strategy
 from tests.support.planning import plan_for

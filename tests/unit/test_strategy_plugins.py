@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from strategies.base import ModelFacts, StrategyRequest
+from server.plan import ModelFacts
+from strategies.base import StrategyRequest
 from strategies.registry import BUILTIN_STRATEGIES, ENTRY_POINT_GROUP, StrategyRegistry, default_registry
 from strategies.yarn import YarnStrategy
 from tests.support.planning import plan_for

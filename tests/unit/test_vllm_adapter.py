@@ -191,6 +191,12 @@ def check_request_sampling_params() -> None:
     assert "sampling_params" in fields
 
 
+def check_request_prompt_length() -> None:
+    # Set from the prompt as the state is built (not a dataclass field).
+    source = inspect.getsource(obj("vllm.v1.worker.gpu_input_batch.CachedRequestState").__post_init__)
+    assert "self.num_prompt_tokens =" in source
+
+
 def vllm_env(name: str) -> Callable[[], None]:
     def check() -> None:
         assert name in obj("vllm.envs.environment_variables")
@@ -236,6 +242,25 @@ def check_reshape_and_cache() -> None:
         "value_cache",
         "slot_mapping",
         "isa",
+    ]
+
+
+def check_attention_with_kv_cache() -> None:
+    assert params(obj("vllm._custom_ops.cpu_attention_with_kv_cache"))[:14] == [
+        "query",
+        "key_cache",
+        "value_cache",
+        "output",
+        "query_start_loc",
+        "seq_lens",
+        "scale",
+        "causal",
+        "alibi_slopes",
+        "sliding_window",
+        "block_table",
+        "softcap",
+        "scheduler_metadata",
+        "s_aux",
     ]
 
 
@@ -420,6 +445,7 @@ SYMBOLS: dict[str, Callable[[], None]] = {
     "InputBatch.req_ids": check_input_batch_req_ids,
     "InputBatch.logitsprocs": check_input_batch_logitsprocs,
     "CachedRequestState.sampling_params": check_request_sampling_params,
+    "CachedRequestState.num_prompt_tokens": check_request_prompt_length,
     "envs.VLLM_USE_V2_MODEL_RUNNER": vllm_env("VLLM_USE_V2_MODEL_RUNNER"),
     "cpu_worker.CPUWorker": check_cpu_worker,
     "gpu_worker.Worker": check_gpu_worker,
@@ -427,6 +453,7 @@ SYMBOLS: dict[str, Callable[[], None]] = {
     "vllm._custom_ops": check_custom_ops,
     "_custom_ops.cpu_attn_reshape_and_cache": check_reshape_and_cache,
     "_custom_ops.cpu_attn_get_scheduler_metadata": check_scheduler_metadata,
+    "_custom_ops.cpu_attention_with_kv_cache": check_attention_with_kv_cache,
     "cpu_attn._get_attn_isa": check_get_attn_isa,
     "CPUAttentionBackendImpl.forward": check_impl_forward,
     "CPUAttentionBackendImpl attributes": check_impl_attributes,
@@ -467,7 +494,7 @@ def pattern(name: str) -> re.Pattern[str]:
 def test_private_vllm_names_appear_only_in_the_adapter() -> None:
     here = Path(__file__).resolve()
     found: dict[str, list[str]] = {}
-    for room in ("server", "strategies", "clients", "tests"):
+    for room in ("server", "strategies", "clients", "tests", "scripts"):
         for path in sorted((ROOT / room).rglob("*.py")):
             if path == here or ADAPTER in path.parents:
                 continue

@@ -1,17 +1,19 @@
-"""Reading window rows' keys and values back from vLLM's paged CPU cache, written by vLLM's own
+"""Reading scheme rows' keys and values back from vLLM's paged CPU cache, written by vLLM's own
 cache-write op (the one the engine uses, through server/engines/vllm_adapter/), and the rows'
 contiguous copies."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from server.engines.base import AttentionScheme
-from server.engines.window_attention.kernel import far_keys, far_rotation
-from server.engines.window_attention.paged import BlockLayout, probe_layout, read_range, read_row
-from server.engines.window_attention.positions import inverse_frequencies
-from server.engines.window_attention.row_cache import RowKVCache
+from server.attention.dual_chunk import DualChunk
+from server.attention.rotary import inverse_frequencies
+from server.attention.self_extend import SelfExtend
+from server.engines.scheme_attention.paged import BlockLayout, probe_layout, read_range, read_row
+from server.engines.scheme_attention.row_cache import RowKVCache
 
 BLOCK, KV_HEADS, HEAD_DIM = 32, 3, 64
 
@@ -85,7 +87,7 @@ def test_row_copies_grow_step_by_step_and_restart_after_preemption(isa: str, lay
         got = cache.read("row", 0, key_cache, value_cache, blocks, first, n, layout)
         assert torch.equal(got.keys, k[:, :n]) and torch.equal(got.values, v[:, :n]), (first, n)
         assert got.far_keys is got.keys  # no far rotation asked (DCA's case): the keys themselves
-    assert far_rotation(AttentionScheme("dca", chunk_size=16, local_window=4), torch.ones(4)) is None
+    assert DualChunk(chunk_size=16, local_window=4).far_keys(k, 0, torch.ones(4)) is None
     assert cache.rows() == 1
     cache.drop(["row", "unknown"])
     assert cache.rows() == 0
@@ -96,13 +98,13 @@ def test_far_keys_are_rotated_once_and_equal_rotating_the_whole_row(isa: str, la
     are bit for bit the whole row's keys rotated at floor(j/G), which the kernel would compute."""
     blocks = torch.tensor([3, 8, 1, 5, 10, 0])
     key_cache, value_cache, k, _ = paged_row(isa, 180, blocks.tolist())
-    scheme = AttentionScheme("self_extend", window=16, group=4)
+    scheme = SelfExtend(window=16, group=4)
     inv_freq = inverse_frequencies(1e4, HEAD_DIM)
-    far = far_rotation(scheme, inv_freq)
+    far = functools.partial(scheme.far_keys, inv_freq=inv_freq)
     cache = RowKVCache()
     for first, n in [(0, 64), (64, 128), (128, 129), (0, 100), (100, 180)]:
         got = cache.read("row", 0, key_cache, value_cache, blocks, first, n, layout, far)
-        assert torch.equal(got.far_keys, far_keys(k[:, :n], 0, scheme, inv_freq)), (first, n)
+        assert torch.equal(got.far_keys, scheme.far_keys(k[:, :n], 0, inv_freq)), (first, n)
         assert not torch.equal(got.far_keys, got.keys)
 
 
@@ -111,7 +113,7 @@ def test_dropping_a_held_row_hands_freed_memory_back(
 ) -> None:
     """glibc keeps a dropped row's many freed buffers; measured without the trim: tens of MB of
     resident memory a long-document request, for good (docs/benchmarks.md, the long soak)."""
-    from server.engines.window_attention import row_cache
+    from server.engines.scheme_attention import row_cache
 
     trims: list[int] = []
     monkeypatch.setattr(row_cache, "return_freed_memory", lambda: trims.append(1))

@@ -6,7 +6,11 @@ import dataclasses
 
 import pytest
 
-from server.engines.base import AttentionScheme, ModelFacts, RopeConfig
+from server.attention.leaky_rerope import LeakyRerope
+from server.attention.logn import LogN
+from server.attention.rerope import Rerope
+from server.attention.self_extend import SelfExtend
+from server.plan import AttentionScheme, ModelFacts, RopeConfig
 from strategies.base import StrategyError, StrategyRequest
 from tests.support.planning import plan_context, plan_for
 from tests.support.window_reference import Scheme, relative_positions
@@ -21,10 +25,10 @@ def plan(spec: object, prompt_tokens: int, new_tokens: int = 16):  # type: ignor
 @pytest.mark.parametrize(
     ("spec", "scheme"),
     [
-        ("rerope", AttentionScheme("rerope", window=4096, logn_window=8192)),
-        ("leaky_rerope", AttentionScheme("leaky_rerope", window=4096, leak=16.0, logn_window=8192)),
-        ("self_extend", AttentionScheme("self_extend", window=2048, group=4)),
-        ({"name": "rerope", "window": 2048, "logn": False}, AttentionScheme("rerope", window=2048)),
+        ("rerope", Rerope(window=4096, logn_window=8192)),
+        ("leaky_rerope", LeakyRerope(window=4096, leak=16.0, logn_window=8192)),
+        ("self_extend", SelfExtend(window=2048, group=4)),
+        ({"name": "rerope", "window": 2048, "logn": False}, Rerope(window=2048)),
     ],
 )
 def test_defaults_follow_the_models_window(spec: object, scheme: AttentionScheme) -> None:
@@ -38,14 +42,14 @@ def test_defaults_follow_the_models_window(spec: object, scheme: AttentionScheme
 
 def test_self_extend_sizes_its_group_to_the_request_as_longlm_does() -> None:
     """G (L0 - W + W/G) must hold the request: G = 4 up to 26,624 tokens with W = 2048, then 8."""
-    assert plan("self_extend", 26_600, new_tokens=16).rope.attention == AttentionScheme("self_extend", 2048, group=4)
+    assert plan("self_extend", 26_600, new_tokens=16).rope.attention == SelfExtend(window=2048, group=4)
     longer = plan("self_extend", 26_700, new_tokens=16)
-    assert longer.rope.attention == AttentionScheme("self_extend", 2048, group=8)
+    assert longer.rope.attention == SelfExtend(window=2048, group=8)
     assert longer.resolved == {"name": "self_extend", "window": 2048, "group": 8, "logn": False}
     assert plan({"name": "self_extend", "group": 4}, 20_000).max_total_tokens == 26_624
     small = ModelFacts("s", 4096, {"rope_theta": 1e4}, head_dim=8, vocab_size=10, max_context_tokens=40_000)
     defaults = plan_for("self_extend", StrategyRequest("q", max_new_tokens=1), small, lambda _t: [1] * 9000)  # type: ignore[arg-type]
-    assert defaults.rope.attention == AttentionScheme("self_extend", 1024, group=4)
+    assert defaults.rope.attention == SelfExtend(window=1024, group=4)
 
 
 @pytest.mark.parametrize("spec", ["rerope", {"name": "self_extend", "window": 2048, "group": 4}, "leaky_rerope"])
@@ -93,7 +97,7 @@ def test_bad_parameters_are_refused_with_the_field(spec: object, field: str) -> 
 @pytest.mark.parametrize("name", ["linear", "ntk", "yarn", "llama3", "dynamic_ntk"])
 def test_logn_rides_on_every_rope_scaling_past_the_native_window(name: str) -> None:
     long = plan({"name": name, "factor": 4, "logn": True}, 20_000)
-    assert long.rope.attention == AttentionScheme(logn_window=8192)
+    assert long.rope.attention == LogN(window=8192)
     assert long.resolved["logn"] is True
     without = plan({"name": name, "factor": 4}, 20_000)
     assert without.rope.attention is None and without.rope.parameters == long.rope.parameters
@@ -108,7 +112,7 @@ def test_nbce_rows_run_under_a_window_strategy_when_longer_than_its_window() -> 
     tokenize = lambda text: [1] * len(text.split())  # noqa: E731 - one token per word
     spec = {"name": "nbce", "chunk_tokens": 1000, "rope": {"name": "rerope", "window": 512}}
     planned = plan_for(spec, request, MODEL, tokenize)
-    assert len(planned.rows) >= 3 and planned.rope.attention == AttentionScheme("rerope", 512, logn_window=8192)
+    assert len(planned.rows) >= 3 and planned.rope.attention == Rerope(window=512, logn_window=8192)
     short = {"name": "nbce", "chunk_tokens": 400, "rope": {"name": "rerope", "window": 512}}
     assert plan_for(short, request, MODEL, tokenize).rope == RopeConfig.native()
 
@@ -125,9 +129,9 @@ def test_auto_scores_past_the_window_with_the_lowest_measured_perplexity() -> No
     """A scoring request (prompt logprobs) past the window gets self_extend W=2048 G=4; past what
     it allows (26,624), rerope w=4096; inside the window, and for generation, auto as before."""
     chosen = scoring_plan(12_000)
-    assert chosen.rope.attention == AttentionScheme("self_extend", window=2048, group=4)
+    assert chosen.rope.attention == SelfExtend(window=2048, group=4)
     assert "scoring request" in chosen.resolved["reason"]
-    assert scoring_plan(30_000).rope.attention == AttentionScheme("rerope", window=4096, logn_window=8192)
+    assert scoring_plan(30_000).rope.attention == Rerope(window=4096, logn_window=8192)
     assert scoring_plan(8_000).rope == RopeConfig.native()
     generating = scoring_plan(12_000, reads_prompt=False)
     assert generating.rope.attention is None and generating.resolved["chosen"]["name"] == "dynamic_ntk"

@@ -11,8 +11,8 @@ package, through the hook points of server/engines/vllm_adapter/runner.py. It ch
   configuration and nothing else (KV placement, causal masks, sequence lengths) sees a shifted
   position.
 
-Rows with an attention scheme (window kinds, DCA, log-n; server/engines/window_attention/) are
-published to the attention impls for the step; DCA rows' tokens are rotated at i mod c.
+Rows with an attention scheme (server/attention/) are published to the attention impls for the step
+(server/engines/scheme_attention/), and their tokens rotated at the scheme's `table_positions`.
 
 It also hands logits processors that declare `StepAware` (server/engines/base.py) the rows that
 are mid-prefill this step (those whose sampled token vLLM discards), e.g. NBCE's processor.
@@ -35,14 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from server.attention.rotary import inverse_frequencies
 from server.engines.base import StepAware
 from server.engines.multi_rope import CONFIG_KEY
 from server.engines.multi_rope.table import SlotTableRotaryEmbedding, install_slot_table
 from server.engines.rope_slots import ROPE_EXTRA_KEY
+from server.engines.scheme_attention import step as step_plan
+from server.engines.scheme_attention.row_cache import ROW_CACHE
 from server.engines.vllm_adapter.runner import V1RunnerHooks, mix_into_v1_runner
-from server.engines.window_attention import step as step_plan
-from server.engines.window_attention.positions import inverse_frequencies, table_positions
-from server.engines.window_attention.row_cache import ROW_CACHE
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +63,22 @@ class MultiRopeRunner(V1RunnerHooks):
         self.rope_positions = torch.zeros_like(self.positions_buffer())
         if self.rope_force_slot0:
             log.warning("multi-RoPE: force_slot0 is set; every row is rotated with the native RoPE")
-        self.window_layers = self._install_window_attention()
+        self.scheme_layers = self._install_scheme_attention()
         self.rope_inv_freq = inverse_frequencies(float(self.rope_table.base), self.rope_table.rotary_dim)
 
-    def _install_window_attention(self) -> int:
-        """Attention layers whose impl serves window rows (0 where the backend is not vLLM's CPU one,
-        or the RoPE is not neox-style; the API process refuses window schemes there)."""
+    def _install_scheme_attention(self) -> int:
+        """Attention layers whose impl serves scheme rows (0 where the backend is not vLLM's CPU one,
+        or the RoPE is not neox-style; the API process refuses attention schemes there)."""
         if not self.rope_table.is_neox_style:
             return 0
         try:
-            from server.engines.window_attention import impl
+            from server.engines.scheme_attention import impl
         except ImportError:  # a vLLM build without the CPU attention backend
             return 0
         return impl.install(self.model)
 
     def on_rows_released(self, request_ids: Iterable[str]) -> None:
-        # The rows vLLM finished, aborted or preempted give back their contiguous KV copies (window attention).
+        # The rows vLLM finished, aborted or preempted give back their contiguous KV copies (scheme attention).
         ROW_CACHE.drop(request_ids)
 
     def on_step_positions(self, step: Any, num_input_tokens: int, positions: torch.Tensor) -> torch.Tensor | None:
@@ -90,18 +90,17 @@ class MultiRopeRunner(V1RunnerHooks):
         counts = self.token_counts(step)
         shifted = self.rope_positions[:num_input_tokens]
         shifted.copy_(positions)
+        if plan is not None:
+            # A scheme row's keys enter the paged cache where its attention reads them (DCA: i mod c).
+            ends = np.cumsum(counts)
+            for r, scheme in enumerate(plan.schemes):
+                if scheme is not None:
+                    tokens = slice(ends[r] - counts[r], ends[r])
+                    shifted[tokens] = scheme.table_positions(positions[tokens])
         if bases is not None:
+            # Then into the row's slot of the table.
             offsets = torch.from_numpy(np.repeat(np.asarray(bases, dtype=np.int64), counts))
             shifted[: len(offsets)] += offsets.to(shifted.device, non_blocking=True)
-        if plan is not None:
-            # DCA rows are rotated at i mod c, so their keys enter the paged cache where every part
-            # of their attention reads them (window rows stay at their own positions).
-            ends = np.cumsum(counts)
-            for r in plan.window_rows():
-                tokens = slice(ends[r] - counts[r], ends[r])
-                scheme = plan.schemes[r]
-                assert scheme is not None  # a window row has one
-                shifted[tokens] = table_positions(scheme, positions[tokens])
         return shifted
 
     def _attention_plan(self) -> step_plan.StepPlan | None:
@@ -112,9 +111,13 @@ class MultiRopeRunner(V1RunnerHooks):
             step_plan.scheme_from_extra_args(params.extra_args if params is not None else None)
             for params in (self.row_sampling_params(r) for r in req_ids)
         )
-        plan = step_plan.StepPlan(schemes, req_ids, self.rope_inv_freq) if any(schemes) else None
-        if plan is not None and plan.window_rows() and not self.window_layers:
-            raise RuntimeError("window attention needs vLLM's CPU attention backend and a neox-style RoPE")
+        if not any(schemes):
+            step_plan.publish(None)
+            return None
+        lengths = tuple(self.row_prompt_length(r) for r in req_ids)
+        plan = step_plan.StepPlan(schemes, req_ids, lengths, self.rope_inv_freq)
+        if plan.computed_rows() and not self.scheme_layers:
+            raise RuntimeError("scheme attention needs vLLM's CPU attention backend and a neox-style RoPE")
         step_plan.publish(plan)
         return plan
 

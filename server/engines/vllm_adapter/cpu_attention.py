@@ -1,5 +1,5 @@
-"""vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py), as window attention uses it
-(server/engines/window_attention/): the impl class it extends and the swap that puts it into the
+"""vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py), as scheme attention uses it
+(server/engines/scheme_attention/): the impl class it extends and the swap that puts it into the
 model, the kernel ISA, the op that writes keys and values into the paged cache, the cache's layout,
 and the metadata of a step and of a sub-batch of its rows.
 """
@@ -7,6 +7,7 @@ and the metadata of a step and of a sub-batch of its rows.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "attention_isa",
     "block_ids",
     "layer_isa",
+    "one_row_paged_attention",
     "query_starts",
     "reshape_and_cache",
     "row_lengths",
@@ -131,3 +133,35 @@ def rows_metadata(impl: Any, layer: Any, dtype: torch.dtype, attn_metadata: Any,
         block_table=attn_metadata.block_table[rows],
         scheduler_metadata=scheduler_metadata,
     )
+
+
+def one_row_paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, scale: float
+) -> Callable[[], torch.Tensor]:
+    """vLLM's CPU attention kernel for one row, as a call to time (scripts/bench_window_kernel.py):
+    the queries q [C, heads, d] are the last C of a row whose keys and values k, v [kv_heads, n, d]
+    are written into a paged cache of `block_size`-token blocks with vLLM's own op."""
+    kv_heads, n, head_dim = k.shape
+    queries, heads = q.shape[0], q.shape[1]
+    isa = attention_isa(q.dtype, block_size, head_dim)
+    blocks = -(-n // block_size)
+    cache = torch.zeros(blocks, kv_heads, 2 * block_size, head_dim, dtype=q.dtype)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    reshape_and_cache(k.transpose(0, 1), v.transpose(0, 1), key_cache, value_cache, torch.arange(n), isa)
+    starts = torch.tensor([0, queries], dtype=torch.int32)
+    lengths = torch.tensor([n], dtype=torch.int32)
+    table = torch.arange(blocks, dtype=torch.int32)[None]
+    metadata = _custom_ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, seq_lens=lengths,
+        dtype=q.dtype, query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa,
+        enable_kv_split=False,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+
+    def run() -> torch.Tensor:
+        _custom_ops.cpu_attention_with_kv_cache(
+            q, key_cache, value_cache, out, starts, lengths, scale, True, None, -1, table, 0.0, metadata, None
+        )
+        return out
+
+    return run

@@ -70,6 +70,10 @@ class V1RunnerHooks:
         """A running row's `SamplingParams` (None for rows without any, e.g. pooling)."""
         return self.requests[request_id].sampling_params
 
+    def row_prompt_length(self, request_id: str) -> int:
+        """A running row's prompt length, in tokens."""
+        return int(self.requests[request_id].num_prompt_tokens)
+
     def token_counts(self, step: Any) -> list[int]:
         """Tokens each scheduled row runs this step, in batch order."""
         return [step.num_scheduled_tokens[r] for r in self.input_batch.req_ids]

@@ -14,15 +14,8 @@ from typing import Any
 from pydantic import Field
 
 from server.engines.base import Engine, EngineStep, RowJob, RowRequest, StepStream
-from strategies.base import (
-    ExecutionPlan,
-    ModelFacts,
-    PlanContext,
-    Strategy,
-    StrategyError,
-    StrategyParams,
-    StrategyRequest,
-)
+from server.plan import ModelFacts
+from strategies.base import ExecutionPlan, PlanContext, Strategy, StrategyError, StrategyParams, StrategyRequest
 from strategies.rope import RopeParams, RopeStrategy
 
 

@@ -12,25 +12,29 @@ from typing import Any
 
 import torch
 
-from server.engines.base import AttentionScheme
+from server.attention import scheme_from_spec
+from server.plan import AttentionScheme
 
-# SamplingParams.extra_args key carrying a row's scheme (dataclasses.asdict of AttentionScheme).
+# SamplingParams.extra_args key carrying a row's scheme (`AttentionScheme.spec()`).
 ATTENTION_EXTRA_KEY = "ropeserve_attention"
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Per scheduled row, in the batch order of the attention metadata: its scheme, or None."""
+    """Per scheduled row, in the batch order of the attention metadata: its scheme (or None) and
+    the length its scheme sizes itself by (`AttentionScheme.query_scale`)."""
 
     schemes: tuple[AttentionScheme | None, ...]
     request_ids: tuple[str, ...]
-    # The model's native RoPE frequencies (window rows are rotated by the kernel, not the table).
+    lengths: tuple[int, ...]
+    # The model's native RoPE frequencies (schemes rotate queries and keys on with them).
     inv_freq: torch.Tensor
     # What the attention layers compute once per step and share (e.g. the other rows' sub-batch).
     memo: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def window_rows(self) -> list[int]:
-        return [r for r, s in enumerate(self.schemes) if s is not None and s.kind is not None]
+    def computed_rows(self) -> list[int]:
+        """Rows whose attention their scheme computes (the others go to vLLM's kernel)."""
+        return [r for r, s in enumerate(self.schemes) if s is not None and s.computes_attention]
 
 
 _current: StepPlan | None = None
@@ -47,4 +51,4 @@ def current() -> StepPlan | None:
 
 def scheme_from_extra_args(extra_args: dict[str, Any] | None) -> AttentionScheme | None:
     spec = (extra_args or {}).get(ATTENTION_EXTRA_KEY)
-    return None if spec is None else AttentionScheme(**spec)
+    return None if spec is None else scheme_from_spec(spec)

@@ -9,10 +9,10 @@ Rows are dropped when vLLM finishes or preempts them (the runner tells `drop`). 
 after preemption starts again from position 0; a step whose first position is below what the
 buffer holds truncates it there.
 
-A window scheme also keeps its far keys (rerope unrotated, self_extend at floor(j/G), leaky_rerope
-at j/k): b(j) depends on j alone, so each key is rotated once, when appended, instead of all of
-them in every layer of every decode step (that was 96 ms a layer at 32k: 3 s a token). DCA needs
-none: the paged cache holds its keys where every part reads them.
+A scheme may also keep far keys (`AttentionScheme.far_keys`: rerope's unrotated, self_extend's at
+floor(j/G), leaky_rerope's at j/k): b(j) depends on j alone, so each key is rotated once, when
+appended, instead of all of them in every layer of every decode step (that was 96 ms a layer at
+32k: 3 s a token). DCA and STRING keep none: the paged cache holds their keys where they are read.
 Memory: at most a second copy of the rows' KV (46 KB per token for SmolLM2 in float32), and half
 as much again for far keys (one more set of keys), released with the row.
 """
@@ -23,20 +23,15 @@ import contextlib
 import ctypes
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
-from server.engines.window_attention.paged import BlockLayout, read_range
+from server.engines.scheme_attention.paged import BlockLayout, read_range
+from server.plan import RowKV
 
-FarKeys = Callable[[torch.Tensor, int], torch.Tensor]
-"""(keys [kv_heads, m, d] at positions first.., first) -> those keys rotated at b(j)."""
-
-
-class RowKV(NamedTuple):
-    keys: torch.Tensor  # [kv_heads, n, head_dim], as the paged cache holds them
-    values: torch.Tensor
-    far_keys: torch.Tensor  # the keys rotated at b(j); the keys themselves when no far rotation is kept
+FarKeys = Callable[[torch.Tensor, int], torch.Tensor | None]
+"""(keys [kv_heads, m, d] at positions first.., first) -> those keys at their far positions, or
+None when the row's scheme keeps no far keys (the same answer for every call of one row)."""
 
 
 @dataclass
@@ -64,18 +59,20 @@ class RowKVCache:
         far: FarKeys | None = None,
     ) -> RowKV:
         """Keys and values [kv_heads, n, head_dim] of a row whose step starts at position `first`,
-        and its far keys (`far` rotates the newly appended ones; None: the keys are the far keys)."""
+        and its far keys (`far` places the newly appended ones; None, or None from it: the keys
+        are the far keys)."""
         buffer = self._rows.setdefault(request_id, {}).get(layer)
         held = 0 if buffer is None else min(buffer.length, first)
         keys, values = read_range(key_cache, value_cache, block_ids, held, n, layout)
+        far_keys_new = None if far is None else far(keys, held)
         if buffer is None or buffer.keys.shape[1] < n:
-            buffer = self._grown(buffer, held, n, keys, far is not None)
+            buffer = self._grown(buffer, held, n, keys, far_keys_new is not None)
             self._rows[request_id][layer] = buffer
         buffer.keys[:, held:n] = keys
         buffer.values[:, held:n] = values
-        if far is not None:
+        if far_keys_new is not None:
             assert buffer.far_keys is not None  # a row's scheme is fixed: its first step allocated them
-            buffer.far_keys[:, held:n] = far(keys, held)
+            buffer.far_keys[:, held:n] = far_keys_new
         buffer.length = n
         row_keys = buffer.keys[:, :n]
         far_keys = row_keys if buffer.far_keys is None else buffer.far_keys[:, :n]
