@@ -47,7 +47,7 @@ IN_FLIGHT: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "rerope streamed": (
         "/v1/completions",
-        {"prompt": "The harbour at night", "strategy": {"name": "rerope", "window": 64}, "stream": True},
+        {"prompt": "The harbour at night", "strategy": {"name": "rerope", "window": 128}, "stream": True},
     ),
     "native chat streamed": (
         "/v1/chat/completions",

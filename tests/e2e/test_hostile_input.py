@@ -179,7 +179,7 @@ def test_a_preset_with_its_replys_own_strategy_is_served(http: httpx.Client) -> 
     served = http.get("/v1/models").json()["data"][0]["id"]
     body = {"prompt": "Hello", "max_tokens": 1, "temperature": 0}
     resolved = http.post("/v1/completions", json={**body, "model": f"{served}-dca"}).json()["strategy"]
-    assert resolved == {"name": "dca", "chunk_size": 2048, "local_window": 256}
+    assert {"name": "dca", "chunk_size": 2048, "local_window": 256}.items() <= resolved.items()
     for model, strategy in ((f"{served}-dca", resolved), (f"{served}-rerope", {"name": "rerope", "logn": True})):
         reply = http.post("/v1/completions", json={**body, "model": model, "strategy": strategy})
         assert reply.status_code == 200 and reply.json()["model"] == model, reply.text

@@ -236,6 +236,15 @@ def test_chat_messages_over_the_character_limit_are_refused_before_the_template(
 # --- a preset with its own strategy spelled out -------------------------------------------------------
 
 
+class WideEngine(FakeEngine):
+    """A fake engine with a 4,096-token window: the window strategies' and DCA's smallest
+    parameters (128) fit under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = dataclasses.replace(FAKE_MODEL, native_window=4096)
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_a_preset_with_the_same_strategy_spelled_out_is_served(path):
     """`…-dca` with the reply's own resolved strategy, or `…-rerope` with its default logn, was a 422."""
@@ -247,9 +256,9 @@ def test_a_preset_with_the_same_strategy_spelled_out_is_served(path):
             "max_tokens": 2,
         }
     )
-    with _client() as client:
+    with _client(engine=WideEngine()) as client:
         resolved = client.post(path, json={**body, "model": "fake-dca"}).json()["strategy"]
-        assert set(resolved) == {"name", "chunk_size", "local_window"}
+        assert {"name", "chunk_size", "local_window"} <= set(resolved)
         for model, strategy in (
             ("fake-dca", resolved),
             ("fake-dca", {"name": "dca", "chunk_size": resolved["chunk_size"]}),
@@ -409,3 +418,32 @@ def test_a_trailing_slash_redirects_relative_whatever_the_host_header():
     for path in ("//evil.example/", "//generate/", "/nope/", "/generate//evil.example/"):
         status, headers, _ = asyncio.run(_call(app, path, [(b"host", b"evil.example")], b"", method="GET"))
         assert status == 404 and not any(name == b"location" for name, _ in headers), path
+
+
+# --- strategy parameters bounded where their cost stops being sane -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "says"),
+    [
+        ({"name": "rerope", "window": 1}, "strategy.window: Input should be greater than or equal to 128"),
+        ({"name": "rerope", "window": 127}, "strategy.window: Input should be greater than or equal to 128"),
+        ({"name": "leaky_rerope", "window": 64}, "strategy.window"),
+        ({"name": "self_extend", "window": 64, "group": 4}, "strategy.window"),
+        (
+            {"name": "dca", "chunk_size": 2, "local_window": 1},
+            "strategy.chunk_size: Input should be greater than or equal to 256",
+        ),
+        (
+            {"name": "dca", "chunk_size": 300, "local_window": 200},
+            "chunk_size - local_window (300 - 200) must be >= 128",
+        ),
+        ({"name": "auto", "scoring": [{"name": "rerope", "window": 8}]}, "strategy.scoring[0].window"),
+        ({"name": "nbce", "rope": {"name": "rerope", "window": 8}}, "window"),
+    ],
+)
+def test_window_and_chunk_parameters_below_their_bound_are_refused(strategy, says):
+    """`rerope` window 1 and `dca` chunks of one token made a request 2.5-3.2x as long, unseen by admission."""
+    with _client() as client:
+        reply = client.post("/generate", json={"inputs": "x", "context": ["a"], "strategy": strategy})
+        _assert_refused(reply, 422, says)
