@@ -14,6 +14,7 @@ from server.api_keys import key_bytes
 from server.body_limit import BodyLimitMiddleware
 from server.body_timeout import BodyTimeoutMiddleware
 from server.errors import install_error_handlers
+from server.gc_heap import freeze_startup_heap
 from server.http_chat import router as chat_router
 from server.http_meta import router as meta_router
 from server.http_openai import router as openai_router
@@ -45,6 +46,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory | None = None
         try:
             app.state.models = await served_models(settings, service)
             app.state.service = service
+            freeze_startup_heap()
             watchdog = asyncio.create_task(service.watch_engine())
             yield
         finally:
