@@ -117,5 +117,9 @@ def parse_json_body(body: bytes, max_items: int = MAX_JSON_ITEMS) -> Any:
         raise BodyShapeError(f"the JSON body is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
         return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:  # an integer past Python's digit limit (4,300), which JSON allows
+        raise BodyShapeError(f"a number the parser refuses ({exc})") from None
     except RecursionError:  # the depth bound keeps the parser far from it; a safety net all the same
         raise BodyShapeError(f"the JSON body nests too deep; the limit is {MAX_JSON_DEPTH}") from None

@@ -47,12 +47,12 @@ def repeated(item: bytes, size: int, opening: bytes = b"[", closing: bytes = b"]
 
 def with_field(route: str, field: str, raw: bytes) -> bytes:
     """The route's body with `field` set to the raw JSON `raw` (added last, or replacing it)."""
-    base = {k: v for k, v in BODIES[route].items() if k != field}
-    return json.dumps(base).encode()[:-1] + b", " + json.dumps(field).encode() + b": " + raw + b"}"
+    base = json.dumps({k: v for k, v in BODIES[route].items() if k != field}).encode()[:-1]
+    return base + (b", " if base != b"{" else b"") + json.dumps(field).encode() + b": " + raw + b"}"
 
 
 def _keys(size: int) -> bytes:
-    count = max(1, size // 10)
+    count = max(1, size // 12)
     return b"{" + b",".join(b'"k%d":1' % i for i in range(count)) + b"}"
 
 
