@@ -439,3 +439,11 @@ def test_window_and_chunk_parameters_below_their_bound_are_refused(strategy, say
     with _client() as client:
         reply = client.post("/generate", json={"inputs": "x", "context": ["a"], "strategy": strategy})
         _assert_refused(reply, 422, says)
+
+
+@pytest.mark.parametrize("name", ["server.json_body", "server.api_keys", "tests.support.hostile"])
+def test_docstring_examples_of_the_bounding_modules(name):
+    import doctest
+    import importlib
+
+    assert doctest.testmod(importlib.import_module(name)).failed == 0
