@@ -26,6 +26,7 @@ from server.attention.leaky_rerope import LeakyRerope
 from server.attention.rerope import Rerope
 from server.attention.rotary import inverse_frequencies
 from server.attention.self_extend import SelfExtend
+from server.attention.string import String
 from server.engines.vllm_adapter.cpu_attention import one_row_paged_attention
 from server.plan import AttentionScheme, RowKV
 
@@ -36,6 +37,7 @@ SCHEMES: dict[str, AttentionScheme] = {
     "leaky w=4096 k=16 +logn": LeakyRerope(window=4096, leak=16.0, logn_window=8192),
     "self_extend W=2048 G=8": SelfExtend(window=2048, group=8),
     "dca S=2048 w=256": DualChunk(chunk_size=2048, local_window=256, trained_length=8192),
+    "string S=2703 W=128 C=5616": String(shift=2703, local_window=128, cap=5616),
 }
 
 

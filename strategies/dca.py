@@ -26,19 +26,14 @@ S = 4,096 (w 1,024): 5 / 1, S = 2,048 (w 256): 5 / 5 (docs/eval/long/). Given on
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from server.attention.dual_chunk import DualChunk
-from server.plan import ModelFacts, RopeConfig
-from strategies.base import (
-    ExecutionPlan,
-    PlanContext,
-    Strategy,
-    StrategyError,
-    StrategyParams,
-    StrategyRequest,
-    check_fits,
-)
+from server.plan import AttentionScheme, ModelFacts
+from strategies.base import StrategyParams
+from strategies.scheme import SchemeStrategy, require
 from strategies.window import MAX_WINDOW
 
 # Shortest chunk (S - w) a request may ask for, and so the smallest S: attention is computed chunk
@@ -87,7 +82,7 @@ class DcaParams(StrategyParams):
         return self
 
 
-class DcaStrategy(Strategy[DcaParams]):
+class DcaStrategy(SchemeStrategy[DcaParams]):
     name = "dca"
     description = (
         "Dual Chunk Attention: chunks of S - w tokens; true distances within a chunk, capped positions "
@@ -95,37 +90,24 @@ class DcaStrategy(Strategy[DcaParams]):
     )
     Params = DcaParams
 
-    def sizes(self, model: ModelFacts) -> tuple[int, int]:
-        """(S, w) for this model: the given values, else ChunkLlama's defaults from its window."""
-        chunk_size = self.params.chunk_size or model.native_window // 4
+    def scheme(self, model: ModelFacts) -> DualChunk:
+        """S and w: the given values, else the defaults from the model's window; mscale past it."""
+        window = model.native_window
+        chunk_size = self.params.chunk_size or window // 4
         local_window = self.params.local_window or max(1, chunk_size // 8)
-        if chunk_size > model.native_window:
-            raise StrategyError(
-                f"strategy.chunk_size: {chunk_size} must be <= the model's native window ({model.native_window})",
-                field="strategy.chunk_size",
-            )
-        if local_window >= chunk_size:
-            raise StrategyError(
-                f"strategy.local_window: {local_window} must be < chunk_size ({chunk_size})",
-                field="strategy.local_window",
-            )
-        return chunk_size, local_window
+        require(chunk_size <= window, "chunk_size", f"{chunk_size} must be <= the model's native window ({window})")
+        require(local_window < chunk_size, "local_window", f"{local_window} must be < chunk_size ({chunk_size})")
+        trained_length = window if self.params.mscale else None
+        return DualChunk(chunk_size=chunk_size, local_window=local_window, trained_length=trained_length)
 
-    def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
-        model = context.model
-        chunk_size, local_window = self.sizes(model)
-        row = request.plain_prompt_ids(context.tokenize)
-        limit = model.max_context_tokens or 16 * model.native_window
-        check_fits(len(row), request.max_new_tokens, limit, self.name)
-        trained_length = model.native_window if self.params.mscale else None
-        scheme = DualChunk(chunk_size=chunk_size, local_window=local_window, trained_length=trained_length)
-        # Within one chunk every pair is plain RoPE attention: served as native (bitwise).
-        needed = len(row) + request.max_new_tokens
-        rope = RopeConfig.native() if needed <= scheme.chunk_len else RopeConfig((), limit, scheme)
-        resolved = {
-            "name": self.name,
-            "chunk_size": chunk_size,
-            "local_window": local_window,
-            "mscale": self.params.mscale,
+    def is_plain(self, scheme: AttentionScheme, needed: int) -> bool:
+        assert isinstance(scheme, DualChunk)
+        return needed <= scheme.chunk_len  # every pair inside the first chunk
+
+    def settings(self, scheme: AttentionScheme) -> dict[str, Any]:
+        assert isinstance(scheme, DualChunk)
+        return {
+            "chunk_size": scheme.chunk_size,
+            "local_window": scheme.local_window,
+            "mscale": scheme.trained_length is not None,
         }
-        return ExecutionPlan(rope=rope, rows=[row], max_total_tokens=limit, resolved=resolved)

@@ -28,6 +28,7 @@ BUILTIN_STRATEGIES = (
     "strategies.leaky_rerope:LeakyReropeStrategy",
     "strategies.self_extend:SelfExtendStrategy",
     "strategies.dca:DcaStrategy",
+    "strategies.string:StringStrategy",
     "strategies.nbce:NbceStrategy",
     "strategies.auto:AutoStrategy",
 )

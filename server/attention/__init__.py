@@ -5,6 +5,7 @@
 | `rerope`       | rerope.py         | ReRoPE: relative positions clamped at the window            |
 | `leaky_rerope` | leaky_rerope.py   | Leaky ReRoPE: slope 1/k beyond the window                   |
 | `self_extend`  | self_extend.py    | Self-Extend: grouped positions beyond the neighbour window  |
+| `string`       | string.py         | STRING: far positions shifted onto well-trained ones        |
 | `dca`          | dual_chunk.py     | Dual Chunk Attention (with ChunkLlama's mscale)             |
 | `logn`         | logn.py           | log-n query scaling alone (vLLM's kernel runs the row)      |
 
@@ -26,10 +27,11 @@ from server.attention.leaky_rerope import LeakyRerope
 from server.attention.logn import LogN
 from server.attention.rerope import Rerope
 from server.attention.self_extend import SelfExtend
+from server.attention.string import String
 from server.plan import AttentionScheme
 
 SCHEMES: dict[str, type[AttentionScheme]] = {
-    scheme.kind: scheme for scheme in (Rerope, LeakyRerope, SelfExtend, DualChunk, LogN)
+    scheme.kind: scheme for scheme in (Rerope, LeakyRerope, SelfExtend, String, DualChunk, LogN)
 }
 
 

@@ -1,4 +1,4 @@
-"""Window attention and Dual Chunk Attention in the real engine (vLLM CPU, the bundled model,
+"""Attention schemes (window strategies, log-n, Dual Chunk Attention, STRING) in the real engine (vLLM CPU, the bundled model,
 float32) against the reference written from the papers' code (tests/support/window_reference.py: a
 plain-PyTorch Llama with a score matrix per case, recomputed from scratch for every position).
 
@@ -23,6 +23,7 @@ from server.attention.leaky_rerope import LeakyRerope
 from server.attention.logn import LogN
 from server.attention.rerope import Rerope
 from server.attention.self_extend import SelfExtend
+from server.attention.string import String
 from server.plan import AttentionScheme
 from tests.e2e.test_multi_rope_engine import model_path, prompt_ids
 from tests.support import window_reference as ref
@@ -45,6 +46,8 @@ SCHEMES: dict[str, AttentionScheme] = {
     # c = 110: chunk boundaries fall inside the 256-token prefill chunks, and decode (positions
     # 880-891) starts a new chunk; ChunkLlama's mscale past a trained length of 512.
     "dca": DualChunk(chunk_size=150, local_window=40, trained_length=512),
+    # All three bands: exact below 150, shifted to 16.. beyond, clamped at 300 past 434.
+    "string": String(shift=150, local_window=16, cap=300),
 }
 
 

@@ -1,5 +1,5 @@
-"""The window strategies (rerope, leaky_rerope, self_extend), Dual Chunk Attention (dca) and log-n
-through the real server:
+"""The window strategies (rerope, leaky_rerope, self_extend), Dual Chunk Attention (dca), STRING
+(string) and log-n through the real server:
 listed with their schemas, served on the same routes as every strategy (streaming, metrics,
 cancellation, concurrent requests), exactly native when the window covers the request, and bad
 parameters answered with a 422 naming the field. Their numerics against the reference:
@@ -28,6 +28,7 @@ WINDOWED = {
     "self_extend": {"name": "self_extend", "window": 512, "group": 4},
     "ntk+logn": {"name": "ntk", "factor": 2, "logn": True},
     "dca": {"name": "dca", "chunk_size": 1024, "local_window": 256},  # chunks of 768 tokens
+    "string": {"name": "string"},  # the paper's S = 2703, W = 128 inside the native window
 }
 
 
@@ -57,7 +58,9 @@ def test_the_strategies_are_listed_with_their_schemas(http: httpx.Client) -> Non
     assert "holds the request" in listed["self_extend"]["parameters_schema"]["properties"]["group"]["description"]
     assert listed["ntk"]["parameters_schema"]["properties"]["logn"]["default"] is False
     dca = listed["dca"]["parameters_schema"]["properties"]
-    assert set(dca) == {"chunk_size", "local_window"} and "native window" in dca["chunk_size"]["description"]
+    assert set(dca) == {"chunk_size", "local_window", "mscale"} and "native window" in dca["chunk_size"]["description"]
+    string = listed["string"]["parameters_schema"]["properties"]
+    assert set(string) == {"shift", "local_window", "cap", "attention_factor"}
 
 
 @pytest.mark.parametrize("name", list(WINDOWED))
@@ -83,6 +86,7 @@ def test_a_window_covering_the_request_is_native_exactly(http: httpx.Client) -> 
         {"name": "rerope", "window": 4096},
         {"name": "self_extend", "window": 4096, "group": 8},
         {"name": "dca", "chunk_size": 5000, "local_window": 500},
+        {"name": "string", "shift": 4000, "attention_factor": 1.0},
     ):
         got = generate(http, strategy, "Which box is on shelf 3?", short, tokens=12)
         assert got["details"]["tokens"] == native["details"]["tokens"], strategy
@@ -186,6 +190,8 @@ def test_auto_scores_a_prompt_past_the_window_with_a_window_strategy(http: httpx
         ({"name": "ntk", "logn": "sometimes"}, "strategy.logn", ["bool"]),
         ({"name": "dca", "chunk_size": 9000}, "strategy.chunk_size", ["8192"]),
         ({"name": "dca", "chunk_size": 2048, "local_window": 2048}, "strategy", ["must be < chunk_size"]),
+        ({"name": "string", "shift": 8192}, "strategy.shift", ["8192"]),
+        ({"name": "string", "shift": 512, "local_window": 512}, "strategy", ["must be < shift"]),
     ],
 )
 def test_bad_window_parameters_get_a_422_naming_the_field(

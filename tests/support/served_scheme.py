@@ -15,6 +15,15 @@ from server.plan import AttentionScheme, RowKV
 from tests.support import window_reference as ref
 
 
+def random_qkv(n: int, seed: int, heads: int = 6, kv_heads: int = 2, d: int = 16) -> tuple[torch.Tensor, ...]:
+    """Queries [n, heads, d], keys and values [kv_heads, n, d], float64, from `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, heads, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(kv_heads, n, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(kv_heads, n, d, generator=gen, dtype=torch.float64)
+    return q, k, v
+
+
 def served(
     scheme: AttentionScheme,
     q: torch.Tensor,

@@ -12,23 +12,14 @@ import torch
 
 from server.attention.dual_chunk import DualChunk
 from tests.support import window_reference as ref
-from tests.support.served_scheme import reference, served
+from tests.support.served_scheme import random_qkv, reference, served
 
-HEADS, KV_HEADS, D = 6, 2, 16
 SCHEMES = [
     DualChunk(chunk_size=12, local_window=4),  # c = 8
     DualChunk(chunk_size=10, local_window=3),  # c = 7, successive clamp at S = 10
     DualChunk(chunk_size=6, local_window=1),  # c = 5
     DualChunk(chunk_size=12, local_window=4, trained_length=16),  # mscale past 16 tokens
 ]
-
-
-def tensors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, HEADS, D, generator=gen, dtype=torch.float64)
-    k = torch.randn(KV_HEADS, n, D, generator=gen, dtype=torch.float64)
-    v = torch.randn(KV_HEADS, n, D, generator=gen, dtype=torch.float64)
-    return q, k, v
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
@@ -39,14 +30,14 @@ def tensors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 )
 def test_dual_chunk_equals_the_three_matrix_reference(scheme: DualChunk, steps: list[int]) -> None:
     n = sum(steps)
-    q, k, v = tensors(n, seed=n * 7 + len(steps))
+    q, k, v = random_qkv(n, seed=n * 7 + len(steps))
     expected = reference(q, k, v, ref.Scheme.of(scheme))
     torch.testing.assert_close(served(scheme, q, k, v, steps), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_row_inside_one_chunk_is_plain_rope_attention() -> None:
     scheme = SCHEMES[0]
-    q, k, v = tensors(scheme.chunk_len, seed=5)
+    q, k, v = random_qkv(scheme.chunk_len, seed=5)
     native = reference(q, k, v, ref.Scheme())
     torch.testing.assert_close(served(scheme, q, k, v, [scheme.chunk_len]), native, rtol=1e-5, atol=1e-6)
 
@@ -55,7 +46,7 @@ def test_past_one_chunk_the_scheme_changes_the_result() -> None:
     """Negative control: past the first chunk DCA is not plain RoPE attention (else the tests
     above would pass without it)."""
     scheme = SCHEMES[0]
-    q, k, v = tensors(40, seed=6)
+    q, k, v = random_qkv(40, seed=6)
     got = served(scheme, q, k, v, [40])
     native = reference(q, k, v, ref.Scheme())
     assert (got[scheme.chunk_len :] - native[scheme.chunk_len :]).abs().max() > 1e-3
@@ -68,7 +59,7 @@ def test_mscale_changes_the_result_only_past_the_trained_length() -> None:
         DualChunk(chunk_size=12, local_window=4),
         DualChunk(chunk_size=12, local_window=4, trained_length=16),
     )
-    q, k, v = tensors(40, seed=8)
+    q, k, v = random_qkv(40, seed=8)
     torch.testing.assert_close(
         served(scaled, q[:16], k[:, :16], v[:, :16], [16]), served(plain, q[:16], k[:, :16], v[:, :16], [16])
     )

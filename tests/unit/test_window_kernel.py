@@ -17,9 +17,7 @@ from server.attention.rerope import Rerope
 from server.attention.self_extend import SelfExtend
 from server.plan import AttentionScheme
 from tests.support import window_reference as ref
-from tests.support.served_scheme import reference, served
-
-HEADS, KV_HEADS, D = 6, 2, 16
+from tests.support.served_scheme import random_qkv, reference, served
 
 SCHEMES: list[AttentionScheme] = [
     Rerope(window=8),
@@ -30,21 +28,13 @@ SCHEMES: list[AttentionScheme] = [
 ]
 
 
-def tensors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, HEADS, D, generator=gen, dtype=torch.float64)
-    k = torch.randn(KV_HEADS, n, D, generator=gen, dtype=torch.float64)
-    v = torch.randn(KV_HEADS, n, D, generator=gen, dtype=torch.float64)
-    return q, k, v
-
-
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
 @pytest.mark.parametrize(("n", "queries"), [(40, 40), (40, 1), (40, 7), (9, 9), (70, 30)])
 def test_banded_equals_the_two_matrix_reference(
     scheme: AttentionScheme, n: int, queries: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(banded, "QUERY_BLOCK", 16)  # several blocks, so block edges are covered
-    q, k, v = tensors(n, seed=n * 100 + queries)
+    q, k, v = random_qkv(n, seed=n * 100 + queries)
     steps = [n - queries, queries] if queries < n else [n]
     expected = reference(q, k, v, ref.Scheme.of(scheme))[n - queries :]
     got = served(scheme, q, k, v, steps)[n - queries :]
@@ -53,7 +43,7 @@ def test_banded_equals_the_two_matrix_reference(
 
 def test_a_window_covering_the_row_is_plain_rope_attention() -> None:
     n = 30
-    q, k, v = tensors(n, seed=3)
+    q, k, v = random_qkv(n, seed=3)
     got = served(Rerope(window=n), q, k, v, [n])
     torch.testing.assert_close(got, reference(q, k, v, ref.Scheme()), rtol=1e-5, atol=1e-6)
 
@@ -62,7 +52,7 @@ def test_the_far_part_changes_the_result() -> None:
     """Negative control: the window really rotates far keys differently (else the tests above
     would pass with plain RoPE attention)."""
     n = 40
-    q, k, v = tensors(n, seed=4)
+    q, k, v = random_qkv(n, seed=4)
     got = served(SCHEMES[0], q, k, v, [n])
     assert (got - reference(q, k, v, ref.Scheme())).abs().max() > 1e-3
 

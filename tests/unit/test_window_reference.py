@@ -81,6 +81,11 @@ def papers_relative_position(scheme: Scheme, i: int, j: int) -> float:
     if scheme.kind == "self_extend":  # Self-Extend: grouped distance shifted by W - W/G past W
         g, big_w = scheme.group, scheme.window
         return float(d) if d < big_w else float(i // g - j // g + big_w - big_w // g)
+    if scheme.kind == "string":  # STRING: d - S + W from the shifted offset S on (capped at C)
+        if d < scheme.shift:
+            return float(d)
+        shifted = d - scheme.shift + scheme.local_window
+        return float(shifted if scheme.cap is None else min(shifted, scheme.cap))
     # DCA (ChunkLlama, section 3): the true distance within a chunk and from the first w queries of
     # a chunk into the previous one; otherwise S - (j mod c), at most S.
     s = scheme.chunk_size
@@ -99,8 +104,10 @@ def papers_relative_position(scheme: Scheme, i: int, j: int) -> float:
         Scheme("self_extend", window=6, group=3),
         Scheme("dca", chunk_size=6, local_window=2),
         Scheme("dca", chunk_size=7, local_window=1),
+        Scheme("string", shift=8, local_window=2),
+        Scheme("string", shift=8, local_window=2, cap=12),
     ],
-    ids=lambda s: s.kind,
+    ids=lambda s: f"{s.kind}-cap{s.cap}" if s.kind == "string" else s.kind,
 )
 def test_relative_positions_follow_each_paper(scheme: Scheme) -> None:
     n = 30
