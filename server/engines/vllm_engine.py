@@ -79,9 +79,16 @@ class VllmEngine:
 
     def start(self) -> None:
         """Build the AsyncLLM (blocking: tens of seconds). Call from a worker thread if needed."""
-        from server.engines.vllm_adapter.engine import AsyncLLM, engine_core_processes, silent_prometheus_logger
+        from server.engines.vllm_adapter.engine import (
+            AsyncLLM,
+            engine_core_processes,
+            memoize_logprob_token_texts,
+            silent_prometheus_logger,
+        )
 
         started = time.monotonic()
+        # Logprob texts are made on the API's event loop: each token id decoded once (the adapter's doc).
+        memoize_logprob_token_texts()
         cpu = is_cpu_build()
         self._ray_holder = prepare_host(self.config, cpu)
         # Our recorder feeds the stats listener. vLLM adds its own Prometheus logger (metric names
