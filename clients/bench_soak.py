@@ -9,6 +9,11 @@ strategies (yarn, ntk, dynamic_ntk, llama3), NBCE over three documents, streamed
 streamed ones whose client disconnects after the first token. Every request has a timeout; loopback
 only; the number of requests is bounded by rate x duration.
 
+With `--costly-every N`, one arrival in N is instead a request with the parameters the fourth
+hostile-input probe found costly (COSTLY, in turn, on a ~3,300-token document of fresh text): the
+smallest attention windows and DCA chunks the strategies accept, the probe's own values (a 422 now),
+and `echo` with 20 logprobs; they get `--long-timeout` seconds.
+
 With `--long-documents`, one arrival in `--long-every` is a long document instead (12k-24k tokens
 of fresh text, `--long-min-tokens`/`--long-max-tokens`), cycling through window, DCA, RoPE-scaled
 and NBCE strategies (LONG_STRATEGIES); they get `--long-timeout` seconds. A server that cannot start
@@ -48,6 +53,18 @@ LONG_STRATEGIES: list[Any] = [
     "nbce",
 ]
 NBCE_DOCUMENTS = 4
+# The fourth probe's costly parameters: the smallest the strategies accept (strategies/window.py,
+# dca.py), the probe's own (refused: 422), and echo with 20 logprobs of every prompt token.
+COSTLY: list[tuple[str, dict[str, Any]]] = [
+    ("/generate", {"strategy": {"name": "rerope", "window": 128}}),
+    ("/generate", {"strategy": {"name": "dca", "chunk_size": 256, "local_window": 128}}),
+    ("/generate", {"strategy": {"name": "self_extend", "window": 128, "group": 4}}),
+    ("/generate", {"strategy": {"name": "leaky_rerope", "window": 128}}),
+    ("/generate", {"strategy": {"name": "rerope", "window": 1}}),
+    ("/generate", {"strategy": {"name": "dca", "chunk_size": 2, "local_window": 1}}),
+    ("/v1/completions", {"echo": True, "logprobs": 20}),
+]
+COSTLY_WORDS = 3_300
 ROPE = [{"name": "yarn", "factor": 2}, {"name": "ntk", "factor": 3}, "dynamic_ntk", {"name": "llama3", "factor": 4}]
 WORDS = [
     "river",
@@ -94,6 +111,16 @@ def long_body(n: int, rng: random.Random, min_tokens: int, max_tokens: int, max_
     return {"inputs": inputs, "context": context, "strategy": strategy, "parameters": {"max_new_tokens": max_new}}
 
 
+def costly_body(n: int, rng: random.Random, max_new: int) -> tuple[str, dict[str, Any]]:
+    """The n-th costly request (COSTLY in turn) on a fresh document: its route and body."""
+    route, extra = COSTLY[n % len(COSTLY)]
+    document = text(rng, COSTLY_WORDS)
+    if route == "/v1/completions":
+        return route, {"prompt": document, "max_tokens": 1, "temperature": 0, **extra}
+    question = f"Document {n}: which word comes most often in the text?"
+    return route, {"inputs": question, "context": document, "parameters": {"max_new_tokens": max_new}, **extra}
+
+
 def arrival_kind(i: int, long_every: int) -> str:
     """The kind of the i-th arrival: KINDS in turn, every `long_every`-th a long document (0: none)."""
     if long_every > 0 and i % long_every == long_every - 1:
@@ -101,7 +128,9 @@ def arrival_kind(i: int, long_every: int) -> str:
     return KINDS[(i - (i // long_every if long_every > 0 else 0)) % len(KINDS)]
 
 
-async def send(client: httpx.AsyncClient, kind: str, payload: dict[str, Any], timeout: float) -> str:
+async def send(
+    client: httpx.AsyncClient, kind: str, payload: dict[str, Any], timeout: float, route: str = "/generate"
+) -> str:
     """The outcome of one request: its status code, 'disconnected', 'lost', 'hung', 'stream-error',
     'missing-retry-after' or 'bad-retry-after'."""
     try:
@@ -117,7 +146,7 @@ async def send(client: httpx.AsyncClient, kind: str, payload: dict[str, Any], ti
                         if '"error"' in line and json.loads(line[5:]).get("error"):
                             return "stream-error"
             return "200"
-        reply = await client.post("/generate", json=payload, timeout=timeout)
+        reply = await client.post(route, json=payload, timeout=timeout)
         return _status(reply)
     except httpx.TimeoutException:
         return "hung"
@@ -165,7 +194,7 @@ async def load(
     `--long-documents`); waits for every answer."""
     rng = random.Random(seed)
     long_every = args.long_every if args.long_documents else 0
-    kinds = KINDS + (("long",) if long_every else ())
+    kinds = KINDS + (("long",) if long_every else ()) + (("costly",) if args.costly_every else ())
     outcomes: dict[str, collections.Counter[str]] = {k: collections.Counter() for k in kinds}
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=None)) as client:
@@ -173,16 +202,22 @@ async def load(
         for i in range(int(rate * seconds)):
             await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
             kind = arrival_kind(i, long_every)
-            if kind == "long":
+            route = "/generate"
+            if args.costly_every and i % args.costly_every == args.costly_every // 2 and kind != "long":
+                kind = "costly"
+                route, payload = costly_body(i // args.costly_every, rng, args.max_new_tokens)
+            elif kind == "long":
                 payload = long_body(
                     i // long_every, rng, args.long_min_tokens, args.long_max_tokens, args.max_new_tokens
                 )
             else:
                 payload = body(kind, i, rng, args.max_new_tokens)
-            timeout = args.long_timeout if kind == "long" else args.timeout
+            timeout = args.long_timeout if kind in ("long", "costly") else args.timeout
 
-            async def run(kind: str = kind, payload: dict[str, Any] = payload, timeout: float = timeout) -> None:
-                outcomes[kind][await send(client, kind, payload, timeout)] += 1
+            async def run(
+                kind: str = kind, payload: dict[str, Any] = payload, timeout: float = timeout, route: str = route
+            ) -> None:
+                outcomes[kind][await send(client, kind, payload, timeout, route)] += 1
 
             tasks.append(asyncio.create_task(run()))
         await asyncio.gather(*tasks)
@@ -200,7 +235,8 @@ async def drained(url: str, wait_s: float = 120) -> None:
         await send(client, "native", body("native", -1, random.Random(0), 2), 120)
 
 
-ACCEPTED = ("200", "disconnected", "429")
+# 422: a costly request's parameters past the strategies' bounds, refused as they should be.
+ACCEPTED = ("200", "disconnected", "429", "422")
 FAILED = ("lost", "hung", "missing-retry-after", "bad-retry-after")
 
 
@@ -211,7 +247,8 @@ def summary(outcomes: dict[str, collections.Counter[str]]) -> tuple[str, bool]:
     other = {k: v for k, v in sorted(every.items()) if k not in ACCEPTED + ("lost", "hung")}
     line = (
         f"{sum(every.values())} requests: {every['200'] + every['disconnected']} served, "
-        f"{every['429']} refused with 429 + Retry-After, {every['lost']} lost, {every['hung']} hung, other: {other}"
+        f"{every['429']} refused with 429 + Retry-After, {every['422']} refused with 422, {every['lost']} lost, "
+        f"{every['hung']} hung, other: {other}"
     )
     return line, all(every[k] == 0 for k in FAILED)
 
@@ -231,6 +268,7 @@ async def soak(args: argparse.Namespace) -> int:
     before = memory(url)
     total = int(rate * args.minutes * 60)
     mix = f", one in {args.long_every} a long document" if args.long_documents else ""
+    mix += f", one in {args.costly_every} a costly one" if args.costly_every else ""
     print(f"capacity {served:.2f} req/s; sending {total} requests at {rate:.2f} req/s for {args.minutes:g} min{mix}")
     started = time.perf_counter()
     outcomes = await load(url, rate, args.minutes * 60, args, seed=7)
@@ -261,6 +299,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, default=300.0, help="seconds a request may take before it counts as hung"
     )
     parser.add_argument(
+        "--costly-every",
+        type=int,
+        default=0,
+        help="one arrival in this many is a request with the hostile probe's costly parameters (COSTLY); 0: none",
+    )
+    parser.add_argument(
         "--long-documents", action="store_true", help="mix in long documents (12k-24k tokens, several strategies)"
     )
     parser.add_argument("--long-every", type=int, default=10, help="with --long-documents: one arrival in this many")
@@ -272,7 +316,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def argument_problem(args: argparse.Namespace) -> str | None:
-    """What is inconsistent in the long-document options, if anything."""
+    """What is inconsistent in the long-document and costly options, if anything."""
+    if args.costly_every < 0:
+        return f"--costly-every must be >= 0 (got {args.costly_every})"
     if not args.long_documents:
         return None
     if args.long_every < 1:

@@ -11,29 +11,31 @@ from collections.abc import Sequence
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from pydantic import ValidationError
 
     from server.app import create_app
     from server.drain import DrainingServer
+    from server.http_protocol import server_config
     from server.logging_setup import configure_logging
     from server.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # one line per setting, not a traceback
+        for error in exc.errors():
+            where = "ROPESERVE_" + "_".join(str(p) for p in error["loc"]).upper()
+            message = str(error["msg"]).removeprefix("Value error, ")
+            print(
+                f"ropeserve serve: {message if message.startswith(where) else f'{where}: {message}'}", file=sys.stderr
+            )
+        return 2
     configure_logging(settings.log_level)
     app = create_app(settings)
     # uvicorn shuts down gracefully on SIGTERM and then re-raises it, so the process would die of the
     # signal (exit -15) after a clean shutdown; supervisors read that as a crash.
     signal.signal(signal.SIGTERM, _exit_after_shutdown)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        # What a drain that timed out leaves: cut after this (server/drain.py waits first).
-        timeout_graceful_shutdown=5,
-    )
+    config = server_config(app, settings)
     # Ctrl-C: uvicorn re-raises SIGINT after its clean shutdown, and asyncio turns it into
     # KeyboardInterrupt; uvicorn.run() swallows it the same way.
     with contextlib.suppress(KeyboardInterrupt):

@@ -10,9 +10,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
+from server.api_keys import key_bytes
 from server.body_limit import BodyLimitMiddleware
 from server.body_timeout import BodyTimeoutMiddleware
 from server.errors import install_error_handlers
+from server.gc_heap import freeze_startup_heap
 from server.http_chat import router as chat_router
 from server.http_meta import router as meta_router
 from server.http_openai import router as openai_router
@@ -22,6 +24,7 @@ from server.http_tokenize import router as tokenize_router
 from server.presets import UnknownModel, parse_presets, served_models, unknown_model_handler
 from server.service import GenerationService
 from server.settings import Settings
+from server.slash_redirect import SlashRedirect
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory | None = None
         try:
             app.state.models = await served_models(settings, service)
             app.state.service = service
+            freeze_startup_heap()
             watchdog = asyncio.create_task(service.watch_engine())
             yield
         finally:
@@ -54,12 +58,17 @@ def create_app(settings: Settings, service_factory: ServiceFactory | None = None
 
     app = FastAPI(title="ropeserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
+    # Compared as bytes with the header's (server/api_keys.py), by the routes that take keys.
+    app.state.api_key_bytes = key_bytes(settings.api_keys)
     app.state.service = None
     app.state.models = None
     install_error_handlers(app)
     app.add_exception_handler(UnknownModel, unknown_model_handler)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_s)
+    # Starlette's own redirect builds its Location from the Host header.
+    app.router.redirect_slashes = False
+    app.add_middleware(SlashRedirect, router=app.router)
     app.include_router(meta_router)
     app.include_router(tgi_router)
     app.include_router(openai_router)

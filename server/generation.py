@@ -29,10 +29,16 @@ def documents_of(context: str | list[str] | None) -> tuple[str, ...]:
 def check_limits(settings: Settings, max_new_tokens: int, field_name: str, texts: list[str]) -> None:
     if max_new_tokens > settings.max_new_tokens_limit:
         raise validation_error(f"{field_name}: must be <= {settings.max_new_tokens_limit} (got {max_new_tokens})")
+    check_input_chars(settings, texts)
+
+
+def check_input_chars(settings: Settings, texts: list[str], field_name: str = "inputs") -> None:
+    """The prompt's texts and the documents together hold at most `max_input_chars` characters."""
     chars = sum(len(t) for t in texts)
     if chars > settings.max_input_chars:
         raise validation_error(
-            f"inputs: inputs and context together hold {chars} characters; the limit is {settings.max_input_chars}"
+            f"{field_name}: {field_name} and context together hold {chars} characters; the limit is "
+            f"{settings.max_input_chars}"
         )
 
 

@@ -8,16 +8,17 @@ strategy reads `documents + "\\n\\n" + templated conversation`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
-from server.deps import require_api_key
 from server.engines.base import TokenEvent
 from server.errors import as_api_error, error_body, validation_error
-from server.generation import GenerationResult, openai_sampling
+from server.generation import GenerationResult, check_input_chars, documents_of, openai_sampling
+from server.guarded_route import GuardedRoute
 from server.http_openai import ERRORS, LOGPROB_FLOOR, OpenAIReply, answer, finish, include_usage, logprob, usage
 from server.jobs import Job
 from server.preparation import Serving, get_serving
@@ -39,16 +40,35 @@ from server.schemas import (
 from server.service import GenerationService
 from server.sse import sse_event
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", route_class=GuardedRoute)
 
 
-def chat_prompt(service: GenerationService, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+# Conversations this large are templated off the event loop (the template runs in Python).
+TEMPLATE_IN_THREAD_MESSAGES = 64
+TEMPLATE_IN_THREAD_CHARS = 20_000
+
+
+async def chat_prompt(
+    service: GenerationService, messages: list[ChatMessage], add_generation_prompt: bool = True
+) -> str:
     """The conversation through the model's chat template (by default the assistant's turn opened)."""
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-    try:
-        return service.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # noqa: BLE001 - a template that refuses the conversation refuses the request
-        raise validation_error(f"messages: the model's chat template does not accept them ({exc})") from None
+
+    def templated() -> str:
+        try:
+            return service.tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # noqa: BLE001 - a template that refuses the conversation refuses the request
+            raise validation_error(f"messages: the model's chat template does not accept them ({exc})") from None
+
+    if len(turns) >= TEMPLATE_IN_THREAD_MESSAGES or sum(len(t["content"]) for t in turns) >= TEMPLATE_IN_THREAD_CHARS:
+        return await asyncio.to_thread(templated)
+    return templated()
+
+
+def message_texts(messages: list[ChatMessage]) -> list[str]:
+    return [m.text() for m in messages]
 
 
 def chat_logprobs(tokens: list[TokenEvent], top: int) -> ChatLogprobs:
@@ -71,7 +91,9 @@ def chat_logprobs(tokens: list[TokenEvent], top: int) -> ChatLogprobs:
 async def chat_completions(
     request: Request, body: ChatCompletionRequest, serving: Serving = Depends(get_serving)
 ) -> BaseModel | Response:
-    prompt = chat_prompt(serving.service, body.messages)
+    # The messages' own characters first: a conversation over the limit is not templated.
+    check_input_chars(serving.settings, [*message_texts(body.messages), *documents_of(body.context)], "messages")
+    prompt = await chat_prompt(serving.service, body.messages)
     reply = OpenAIReply(
         respond=lambda job, model, result: _chat_completion(job, body, model, result),
         stream=lambda job, model: _stream(serving.service, job, body, model),

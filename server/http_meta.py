@@ -1,6 +1,8 @@
-"""Read-only routes: /info, /health, /strategies, /metrics."""
+"""Read-only routes: /info, /health (with its readiness and liveness halves), /strategies, /metrics."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,17 +24,16 @@ from server.settings import Settings
 router = APIRouter()
 
 
-@router.get(
-    "/health",
-    response_model=HealthResponse,
-    responses={
-        503: {
-            "model": ErrorResponse,
-            "description": "the engine is starting, down or restarting, or the server is draining",
-        }
-    },
-)
-async def health(request: Request) -> HealthResponse | Response:
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": ErrorResponse,
+        "description": "the engine is starting, down or restarting, or the server is draining",
+    }
+}
+
+
+def readiness(request: Request) -> Response | None:
+    """Why the server cannot take requests now (a 503), or None when it can."""
     service: GenerationService | None = getattr(request.app.state, "service", None)
     if service is None:
         return error_response(503, "the engine is still starting", "generation")
@@ -40,11 +41,52 @@ async def health(request: Request) -> HealthResponse | Response:
         return error_response(503, "the server is shutting down (draining requests in flight)", "generation")
     if service.restarting or not service.engine.alive:
         return error_response(503, "the engine is down and being restarted", "generation")
+    return None
+
+
+async def _ready(request: Request) -> HealthResponse | Response:
+    if (refusal := readiness(request)) is not None:
+        return refusal
     try:
-        await service.engine.check_health()
+        await request.app.state.service.engine.check_health()
     except Exception as exc:  # noqa: BLE001 - a dead engine core makes the server unhealthy, not the request invalid
         return error_response(503, f"engine unhealthy: {exc}", "generation")
     return HealthResponse(status="ok")
+
+
+async def health(request: Request) -> HealthResponse | Response:
+    """200 while the server takes requests (its engine alive, not draining); as `/health/ready`."""
+    return await _ready(request)
+
+
+async def health_ready(request: Request) -> HealthResponse | Response:
+    """Readiness: 200 while the server takes requests; 503 while the engine starts, is down or
+    restarts, and while the server drains (send no traffic; the process is fine)."""
+    return await _ready(request)
+
+
+async def health_live() -> HealthResponse:
+    """Liveness: 200 whenever the server answers, also while its engine restarts (the watchdog's
+    work) or it drains; a process that cannot answer this needs restarting."""
+    return HealthResponse(status="ok")
+
+
+# GET and HEAD (what load balancers and probes send), each its own operation in the OpenAPI document.
+NO_ERRORS: dict[int | str, dict[str, Any]] = {}
+for path, endpoint, errors in (
+    ("/health", health, NOT_READY),
+    ("/health/ready", health_ready, NOT_READY),
+    ("/health/live", health_live, NO_ERRORS),
+):
+    for method in ("GET", "HEAD"):
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=[method],
+            response_model=HealthResponse,
+            responses=errors,
+            operation_id=f"{endpoint.__name__}_{method.lower()}",
+        )
 
 
 @router.get("/info", response_model=InfoResponse)

@@ -8,6 +8,7 @@ its `top_logprobs` (the token itself and the N likeliest); `max_tokens: 0` retur
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -17,11 +18,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from server.deps import require_api_key
 from server.engines.base import FinishReason, SamplingOptions, TokenEvent
 from server.errors import as_api_error, error_body
 from server.generation import GenerationResult, collect, documents_of, openai_sampling
+from server.guarded_route import GuardedRoute
 from server.jobs import Job
+from server.large_replies import ENTRIES_IN_THREAD, built_reply, logprob_entries
 from server.preparation import RouteRequest, Serving, dry_run, get_serving, prepare_job
 from server.presets import ServedModels, get_served_models
 from server.schemas import (
@@ -40,7 +42,7 @@ from server.schemas import (
 from server.service import GenerationService, JobDraft
 from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", route_class=GuardedRoute)
 # The OpenAI routes' errors: the generation routes' and vLLM's 404 for a model it does not serve.
 ERRORS: dict[int | str, dict[str, Any]] = {
     **GENERATION_ERRORS,
@@ -109,13 +111,15 @@ async def answer(
     strategy when it names a preset, and is echoed."""
     model, strategy = serving.models.resolve(body.model, body.strategy)
     draft = JobDraft(prompt, documents_of(body.context), sampling, strategy, body.deadline_s, body.priority)
+    await serving.models.check_same_strategy(serving.service, body.model, body.strategy, draft)
     asked, service = RouteRequest(draft, logprobs_field, echo), serving.service
     if body.dry_run:
         return await dry_run(service, asked, model)
     job = await prepare_job(service, asked)
     if body.stream:
         return StreamingResponse(reply.stream(job, model), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
-    return reply.respond(job, model, await until_disconnect(request, collect(service.run(job))))
+    result = await until_disconnect(request, collect(service.run(job)))
+    return await built_reply(lambda: reply.respond(job, model, result), result)
 
 
 def include_usage(body: OpenAIRequest) -> bool:
@@ -180,6 +184,14 @@ async def _stream(service: GenerationService, job: Job, body: CompletionRequest,
         data = body.model_dump(mode="json")
         return sse_event({k: v for k, v in data.items() if v is not None})
 
+    async def _event(tokens: list[TokenEvent], offset: int, text: str, reason: Literal["length", "stop"] | None) -> str:
+        def event() -> str:
+            logprobs = completion_logprobs(tokens, offset) if body.logprobs is not None else None
+            return chunk([CompletionChoice(text=text, finish_reason=reason, logprobs=logprobs)])
+
+        # The echoed prompt's logprobs come in one event: made off the event loop when large.
+        return await asyncio.to_thread(event) if logprob_entries(tokens) >= ENTRIES_IN_THREAD else event()
+
     try:
         async for step in service.run(job):
             result.add(step)
@@ -191,9 +203,8 @@ async def _stream(service: GenerationService, job: Job, body: CompletionRequest,
             if step.finished:
                 reason = "length" if body.max_tokens == 0 else finish(step.finish_reason)
             if tokens or text or reason:
-                logprobs = completion_logprobs(tokens, offset) if body.logprobs is not None else None
+                yield await _event(tokens, offset, text, reason)
                 offset += sum(len(t.text) for t in tokens)
-                yield chunk([CompletionChoice(text=text, finish_reason=reason, logprobs=logprobs)])
         if include_usage(body):
             yield chunk([], usage(job, 0 if body.max_tokens == 0 else len(result.tokens)))
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band, as vLLM does

@@ -14,11 +14,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from server.deps import require_api_key
 from server.engines.base import TokenEvent
 from server.errors import as_api_error, error_body
 from server.generation import GenerationResult, collect, tgi_request_values
+from server.guarded_route import GuardedRoute
 from server.jobs import Job
+from server.large_replies import built_reply
 from server.preparation import RouteRequest, Serving, dry_run, get_serving, prepare_job
 from server.schemas import (
     DRY_RUN_JSON,
@@ -37,7 +38,7 @@ from server.service import GenerationService, JobDraft
 from server.settings import Settings
 from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(route_class=GuardedRoute)
 
 ERRORS = GENERATION_ERRORS
 
@@ -78,8 +79,9 @@ async def _route_request(
 
 
 async def _answer(
-    request: Request, body: GenerateRequest, serving: Serving, stream: bool
+    request: Request, body: GenerateRequest, serving: Serving, stream: bool, listed: bool = False
 ) -> GenerateResponse | Response:
+    """The reply: SSE, or one object (`listed`: a large reply rendered here comes in a list, as `/` answers)."""
     service = serving.service
     asked, reply = await _route_request(body, service, serving.settings)
     if body.dry_run:
@@ -88,7 +90,10 @@ async def _answer(
     if stream:
         return StreamingResponse(_stream_events(service, job, reply), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
     result = await until_disconnect(request, collect(service.run(job)))
-    return _response(job, reply, result, body.parameters.details)
+    details = body.parameters.details
+    answer = await built_reply(lambda: _response(job, reply, result, details), result, exclude_none=True, listed=listed)
+    assert isinstance(answer, GenerateResponse | Response)
+    return answer
 
 
 def _token(event: TokenEvent) -> Token:
@@ -192,5 +197,5 @@ async def compat_generate(
     body: GenerateRequest,
     serving: Serving = Depends(get_serving),
 ) -> list[GenerateResponse] | Response:
-    answer = await _answer(request, body, serving, stream=body.stream)
+    answer = await _answer(request, body, serving, stream=body.stream, listed=True)
     return answer if isinstance(answer, Response) else [answer]

@@ -9,16 +9,18 @@ generation route, so that `count` is what the plain strategies read.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol, runtime_checkable
 
 from fastapi import APIRouter, Body, Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from server.deps import get_service, require_api_key
+from server.deps import get_service, get_settings_dep
 from server.errors import validation_error
-from server.generation import documents_of
-from server.http_chat import chat_prompt
+from server.generation import check_input_chars, documents_of
+from server.guarded_route import GuardedRoute
+from server.http_chat import chat_prompt, message_texts
 from server.http_openai import ERRORS
 from server.presets import ServedModels, get_served_models
 from server.schemas import (
@@ -29,8 +31,9 @@ from server.schemas import (
     TokenizeResponse,
 )
 from server.service import GenerationService
+from server.settings import Settings
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(route_class=GuardedRoute)
 SCHEMA_REF = "#/components/schemas/{model}"
 _BODY_SCHEMA = TypeAdapter(TokenizeCompletionRequest | TokenizeChatRequest).json_schema(ref_template=SCHEMA_REF)
 # The two shapes (and what they use), for the OpenAPI document's components.
@@ -70,14 +73,25 @@ def _parsed(model: type[BaseModel], data: Any) -> Any:
         raise RequestValidationError(exc.errors()) from None
 
 
-async def _tokens(service: GenerationService, body: TokenizeCompletionRequest | TokenizeChatRequest) -> list[int]:
+async def _tokens(
+    service: GenerationService, settings: Settings, body: TokenizeCompletionRequest | TokenizeChatRequest
+) -> list[int]:
+    """The body's prompt tokenized, under the generation routes' limit on input characters."""
+    documents = documents_of(body.context)
     if isinstance(body, TokenizeChatRequest):
-        prompt = chat_prompt(service, body.messages, body.add_generation_prompt)
+        check_input_chars(settings, [*message_texts(body.messages), *documents], "messages")
+        prompt = await chat_prompt(service, body.messages, body.add_generation_prompt)
     else:
+        check_input_chars(settings, [body.prompt, *documents], "prompt")
         prompt = body.prompt
-    return await service.tokenize_text(
-        service.plain_prompt(prompt, documents_of(body.context)), body.add_special_tokens
-    )
+    return await service.tokenize_text(service.plain_prompt(prompt, documents), body.add_special_tokens)
+
+
+def _token_strings(service: GenerationService, tokens: list[int]) -> list[str]:
+    tokenizer = service.tokenizer
+    if isinstance(tokenizer, TokenStrings):
+        return tokenizer.convert_ids_to_tokens(tokens)
+    return [tokenizer.decode([t]) for t in tokens]
 
 
 @router.post(
@@ -90,20 +104,16 @@ async def _tokens(service: GenerationService, body: TokenizeCompletionRequest | 
 async def tokenize(
     data: Any = Body(...),
     service: GenerationService = Depends(get_service),
+    settings: Settings = Depends(get_settings_dep),
     served: ServedModels = Depends(get_served_models),
 ) -> TokenizeResponse:
     chat = isinstance(data, dict) and "messages" in data
     body = _parsed(TokenizeChatRequest if chat else TokenizeCompletionRequest, data)
     max_model_len = served.max_model_len_of(body.model)
-    tokens = await _tokens(service, body)
+    tokens = await _tokens(service, settings, body)
     strings = None
     if body.return_token_strs:
-        tokenizer = service.tokenizer
-        strings = (
-            tokenizer.convert_ids_to_tokens(tokens)
-            if isinstance(tokenizer, TokenStrings)
-            else [tokenizer.decode([t]) for t in tokens]
-        )
+        strings = await asyncio.to_thread(_token_strings, service, tokens)
     return TokenizeResponse(count=len(tokens), max_model_len=max_model_len, tokens=tokens, token_strs=strings)
 
 
@@ -117,4 +127,4 @@ async def detokenize(
     vocab = service.model.vocab_size
     if (bad := next((t for t in body.tokens if not 0 <= t < vocab), None)) is not None:
         raise validation_error(f"tokens: token id {bad} is outside the vocabulary (0..{vocab - 1})")
-    return DetokenizeResponse(prompt=service.tokenizer.decode(body.tokens))
+    return DetokenizeResponse(prompt=await service.decode(body.tokens))

@@ -30,10 +30,20 @@ class RopeVerdicts:
             raise StrategyError(f"strategy: {refusal}")
 
 
-def check_token_ids(ids: list[int], documents: tuple[str, ...], vocab_size: int) -> None:
-    """A token-id prompt: non-empty, every id in the vocabulary, no documents (StrategyError)."""
+def check_token_ids(
+    ids: list[int], documents: tuple[str, ...], vocab_size: int, max_new_tokens: int = 0, max_tokens: int | None = None
+) -> None:
+    """A token-id prompt: non-empty, not longer (with `max_new_tokens`) than the engine's
+    `max_tokens` (counted before an id is looked at), every id in the vocabulary, no documents
+    (StrategyError)."""
     if not ids:
         raise StrategyError("prompt: a token-id prompt must hold at least one token", field="prompt")
+    if max_tokens is not None and len(ids) + max_new_tokens > max_tokens:
+        raise StrategyError(
+            f"prompt: the token-id prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}; together "
+            f"they must be <= {max_tokens}, the longest request this server's engine takes",
+            field="prompt",
+        )
     if (bad := next((t for t in ids if not 0 <= t < vocab_size), None)) is not None:
         raise StrategyError(f"prompt: token id {bad} is outside the vocabulary (0..{vocab_size - 1})", field="prompt")
     if documents:

@@ -12,7 +12,7 @@ request's `strategy` field takes, e.g. `{"smollm2-32k": {"name": "dca"}}`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,20 +107,37 @@ class ServedModels:
     presets: dict[str, Preset] = field(default_factory=dict)
 
     def resolve(self, asked: str | None, strategy: StrategySpec | None) -> tuple[str, StrategySpec | None]:
-        """The model name a reply echoes and the request's strategy. `asked` left out or empty: the
-        served model, as vLLM does; a preset with a different `strategy` field: 422 naming both."""
+        """The model name a reply echoes and the request's strategy (a preset's, when `asked` names
+        one). `asked` left out or empty: the served model, as vLLM does. A preset together with a
+        `strategy` field is checked by `check_same_strategy`."""
         if not asked or asked == self.served:
             return self.served, strategy
         preset = self.presets.get(asked)
         if preset is None:
             raise UnknownModel(asked, self.served)
-        if strategy is not None and _as_object(strategy) != _as_object(preset.strategy):
-            raise validation_error(
-                f"strategy: the model `{asked}` is a preset for the strategy {json.dumps(preset.strategy)}, "
-                f"and the request's `strategy` is {clipped(json.dumps(strategy))}; send one of them "
-                f"(or the served model `{self.served}` with any strategy)"
-            )
         return asked, preset.strategy
+
+    async def check_same_strategy(
+        self, service: GenerationService, asked: str | None, strategy: StrategySpec | None, draft: JobDraft
+    ) -> None:
+        """A preset named with a `strategy` field too is served when that strategy is the preset's:
+        the same spec, or one that plans to the same values for this request (the reply's own
+        `strategy`, or the preset's with its defaults spelled out); otherwise 422 naming both."""
+        preset = self.presets.get(asked or "")
+        if preset is None or strategy is None or _as_object(strategy) == _as_object(preset.strategy):
+            return
+        theirs = (await service.plan_job(replace(draft, strategy=preset.strategy))).plan.resolved
+        try:
+            mine = (await service.plan_job(replace(draft, strategy=strategy))).plan.resolved
+        except StrategyError:
+            mine = None
+        if mine != theirs:
+            raise validation_error(
+                f"strategy: the model `{asked}` is a preset for the strategy {json.dumps(preset.strategy)} "
+                f"(here {clipped(json.dumps(theirs))}), and the request's `strategy` is "
+                f"{clipped(json.dumps(strategy))}; send one of them (or the served model `{self.served}` with "
+                "any strategy)"
+            )
 
     def max_model_len_of(self, asked: str | None) -> int:
         """`max_model_len` of a served name (404 for an unknown one)."""

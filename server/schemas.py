@@ -39,10 +39,22 @@ DRY_RUN_DESCRIPTION = (
     "admitted now) without running it"
 )
 
+# Every list of a body is bounded in count, and checked against its bound before its items (a
+# JSON body's values are bounded as a whole before it is parsed: server/json_body.py).
+# Documents of a `context` list: NBCE runs at most 64 rows; the plain strategies join them.
+MAX_DOCUMENTS = 1024
+# Messages of a conversation (OpenAI's own bound), and text parts in all its messages together.
+MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 4096
+# Token ids of one prompt: a static cap; the engine's max_model_len refuses before they are decoded.
+MAX_TOKEN_IDS = 2**20
+# Items of fields refused unless empty (`tools`, `logit_bias`): counted first all the same.
+MAX_REFUSED_ITEMS = 128
+
 # Lists stop at their first bad item (pydantic's fail_fast): one error for a list of a million bad
 # items, not a million errors, each built in Python and then written into the reply.
-Texts = Annotated[list[str], Field(fail_fast=True)]
-TokenIds = Annotated[list[int], Field(fail_fast=True)]
+Texts = Annotated[list[str], Field(max_length=MAX_DOCUMENTS, fail_fast=True)]
+TokenIds = Annotated[list[int], Field(max_length=MAX_TOKEN_IDS, fail_fast=True)]
 StopList = Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES, fail_fast=True)]
 
 
@@ -74,6 +86,27 @@ def _unencodable(value: Any, path: str) -> str | None:
             if found := _unencodable(item, f"{path}.{i}"):
                 return found
     return None
+
+
+def documents_not_empty(context: str | list[str] | None) -> str | list[str] | None:
+    """A `context` list holds at least one document, none of them empty (every route's rule)."""
+    if isinstance(context, list):
+        if not context:
+            raise ValueError("context must hold at least one document when given as a list")
+        if any(not doc for doc in context):
+            raise ValueError("context documents must be non-empty strings")
+    return context
+
+
+def count_content_parts(data: Any) -> Any:
+    """A conversation's `before` validator: its text parts in all messages together are bounded,
+    counted before any message is validated (the messages' own count is their field's bound)."""
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if isinstance(messages, list) and len(messages) <= MAX_MESSAGES:
+        parts = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if parts > MAX_CONTENT_PARTS:
+            raise ValueError(f"messages: {parts} content parts in all messages; the limit is {MAX_CONTENT_PARTS}")
+    return data
 
 
 class RequestBody(BaseModel):
@@ -243,15 +276,7 @@ class GenerateRequest(RequestBody):
     priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY, description=PRIORITY_DESCRIPTION)
     dry_run: StrictBool = Field(default=False, description=DRY_RUN_DESCRIPTION)
 
-    @field_validator("context")
-    @classmethod
-    def _documents_not_empty(cls, context: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(context, list):
-            if not context:
-                raise ValueError("context must hold at least one document when given as a list")
-            if any(not doc for doc in context):
-                raise ValueError("context documents must be non-empty strings")
-        return context
+    _documents = field_validator("context")(documents_not_empty)
 
 
 class Token(BaseModel):
@@ -388,7 +413,7 @@ class OpenAIRequest(RequestBody):
     ignore_eos: StrictBool = False
     user: str | None = None
     # Refused unless empty: its values are not checked one by one.
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = Field(default=None, max_length=MAX_REFUSED_ITEMS)
     strategy: StrategySpec | None = None
     context: str | Texts | None = None
     deadline_s: float | None = Field(
@@ -400,6 +425,8 @@ class OpenAIRequest(RequestBody):
     # A top-level field, as in vLLM's OpenAI server.
     priority: int | None = Field(default=None, ge=MIN_PRIORITY, le=MAX_PRIORITY, description=PRIORITY_DESCRIPTION)
     dry_run: StrictBool = Field(default=False, description=DRY_RUN_DESCRIPTION)
+
+    _documents = field_validator("context")(documents_not_empty)
 
     @model_validator(mode="before")
     @classmethod
@@ -447,7 +474,9 @@ class CompletionRequest(OpenAIRequest):
     `echo` with `logprobs: N` returns the prompt's tokens and logprobs before the completion's, as
     vLLM does; `max_tokens: 0` (only with `echo`) returns the prompt alone."""
 
-    prompt: str | Texts | TokenIds | Annotated[list[TokenIds], Field(fail_fast=True)] = Field(min_length=1)
+    prompt: str | Texts | TokenIds | Annotated[list[TokenIds], Field(max_length=MAX_DOCUMENTS, fail_fast=True)] = Field(
+        min_length=1
+    )
     max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
@@ -551,7 +580,7 @@ class TextPart(RequestBody):
 
 class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | Annotated[list[TextPart], Field(fail_fast=True)] | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS, fail_fast=True)] | None = None
     name: str | None = None
     tool_call_id: str | None = None
 
@@ -567,13 +596,15 @@ class ChatCompletionRequest(OpenAIRequest):
     The messages go through the model's chat template (with the assistant's turn opened); the
     `context` documents come before that text as for every route (docs/CONTRACT.md's join)."""
 
-    messages: Annotated[list[ChatMessage], Field(fail_fast=True)] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES, fail_fast=True)] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None
+    tools: list[Any] | None = Field(default=None, max_length=MAX_REFUSED_ITEMS)
     response_format: dict[str, Any] | None = None
+
+    _parts = model_validator(mode="before")(count_content_parts)
 
     @field_validator("tools")
     @classmethod
@@ -666,16 +697,21 @@ class TokenizeCompletionRequest(RequestBody):
     return_token_strs: StrictBool | None = False
     context: str | Texts | None = None
 
+    _documents = field_validator("context")(documents_not_empty)
+
 
 class TokenizeChatRequest(RequestBody):
     """vLLM's /tokenize body for a conversation: through the model's chat template."""
 
     model: str | None = None
-    messages: Annotated[list[ChatMessage], Field(fail_fast=True)] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES, fail_fast=True)] = Field(min_length=1)
     add_generation_prompt: StrictBool = True
     add_special_tokens: StrictBool = False
     return_token_strs: StrictBool | None = False
     context: str | Texts | None = None
+
+    _documents = field_validator("context")(documents_not_empty)
+    _parts = model_validator(mode="before")(count_content_parts)
 
 
 class TokenizeResponse(BaseModel):

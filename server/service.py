@@ -26,8 +26,10 @@ from server.watchdog import watch_engine
 from strategies.base import PlanContext, Strategy, StrategyError, StrategyRequest, StrategySpec
 from strategies.registry import StrategyRegistry
 
-# Texts this long are tokenized off the event loop so other requests keep streaming.
+# Texts this long are tokenized off the event loop so other requests keep streaming; token-id
+# lists this long are decoded off it.
 TOKENIZE_IN_THREAD_CHARS = 20_000
+DECODE_IN_THREAD_IDS = 5_000
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,12 @@ class GenerationService:
         # By keyword: a Hugging Face tokenizer's second positional parameter is `text_pair`.
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
+    async def decode(self, ids: list[int]) -> str:
+        """The text of token ids, off the event loop for a long list."""
+        if len(ids) >= DECODE_IN_THREAD_IDS:
+            return await asyncio.to_thread(self.tokenizer.decode, ids)
+        return self.tokenizer.decode(ids)
+
     @staticmethod
     def plain_prompt(inputs: str, documents: tuple[str, ...]) -> str:
         """The text the plain strategies read (docs/CONTRACT.md): documents, blank line, inputs."""
@@ -132,10 +140,11 @@ class GenerationService:
         arrived = time.perf_counter()
         strategy = self.resolve_strategy(draft.strategy)
         ids = draft.prompt if isinstance(draft.prompt, list) else None
-        if ids is not None:
-            check_token_ids(ids, draft.documents, self.model.vocab_size)  # before decoding them
+        if ids is not None:  # before decoding them
+            max_new = draft.sampling.max_new_tokens
+            check_token_ids(ids, draft.documents, self.model.vocab_size, max_new, self.model.max_context_tokens)
         request = StrategyRequest(
-            inputs=str(draft.prompt) if ids is None else self.tokenizer.decode(ids),
+            inputs=str(draft.prompt) if ids is None else await self.decode(ids),
             documents=draft.documents,
             max_new_tokens=draft.sampling.max_new_tokens,
             token_ids=None if ids is None else tuple(ids),

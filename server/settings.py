@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.admission import DEFAULT_MAX_QUEUE_WAIT_S
+from server.api_keys import FORMAT as API_KEYS_FORMAT
+from server.api_keys import parse_api_keys
+from server.json_body import MAX_JSON_ITEMS
 
 # A day: a longer bound is no bound (use 0 for off).
 MAX_QUEUE_WAIT_S = 86_400.0
@@ -88,6 +91,19 @@ class Settings(BaseSettings):
         description="a request's body must arrive within this many seconds of its headers, else 408 "
         "(a client that stops half-way through its body cannot hold a connection)",
     )
+    max_json_items: int = Field(
+        default=MAX_JSON_ITEMS,
+        ge=1024,
+        description="values and keys a JSON body may hold, counted on its bytes before it is parsed (422 past it); "
+        "raise it for token-id prompts longer than half of it",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a request's headers must be complete within this many seconds of the connection opening (or "
+        "of the previous response on it), else 408 and the connection closes (a client that dribbles or sends "
+        "nothing cannot hold a connection)",
+    )
     max_concurrent_requests: int = Field(default=256, ge=1)
     max_queue_wait_s: float = Field(
         default=DEFAULT_MAX_QUEUE_WAIT_S,
@@ -99,8 +115,17 @@ class Settings(BaseSettings):
     request_timeout_s: float | None = Field(
         default=None, gt=0, description="abort a request this many seconds after it arrived (408); none: no limit"
     )
-    api_keys: list[str] = Field(default_factory=list)
+    # NoDecode: pydantic-settings would read a list as JSON only; parse_api_keys takes the plain forms too.
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=f"keys a request must send as `Authorization: Bearer <key>`: {API_KEYS_FORMAT}; none: no check",
+    )
     log_level: str = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_from_text(cls, value: Any) -> Any:
+        return parse_api_keys(value) if isinstance(value, str) else value
 
 
 @lru_cache(maxsize=1)

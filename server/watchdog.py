@@ -9,6 +9,7 @@ from typing import Protocol
 
 from server.admission import AdmissionController
 from server.engines.base import Engine
+from server.gc_heap import freeze_startup_heap
 
 log = logging.getLogger("ropeserve.access")
 
@@ -44,6 +45,7 @@ async def watch_engine(
         except Exception:  # a dead engine may not shut down cleanly; the new one starts anyway
             log.exception("shutting down the dead engine failed")
         service.engine = await _start_with_backoff(engine_factory, max_backoff_s)
+        freeze_startup_heap()  # the new engine's objects, as the first one's (server/gc_heap.py)
         # Nothing the dead engine held is queued in the new one.
         service.admission.reset()
         service.refresh_gauges()

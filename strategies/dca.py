@@ -36,11 +36,18 @@ from strategies.base import StrategyParams
 from strategies.scheme import SchemeStrategy, require
 from strategies.window import MAX_WINDOW
 
+# Shortest chunk (S - w) a request may ask for, and so the smallest S: attention is computed chunk
+# by chunk, so chunks of 1 token (S = 2, w = 1) made a 3,300-token request 3.2x as long as the
+# default chunks (35.3 s against 10.9 s); chunks of 128 cost as much as the default's (docs/benchmarks.md,
+# "Costly strategy parameters").
+MIN_CHUNK_TOKENS = 128
+MIN_CHUNK_SIZE = 2 * MIN_CHUNK_TOKENS
+
 
 class DcaParams(StrategyParams):
     chunk_size: int | None = Field(
         default=None,
-        ge=2,
+        ge=MIN_CHUNK_SIZE,
         le=MAX_WINDOW,
         description="S: the largest relative position any score sees (<= the model's native window); "
         "default a quarter of the native window (ChunkLlama's 3/4 and 1/2 measured worse past 16k on the "
@@ -63,6 +70,15 @@ class DcaParams(StrategyParams):
     def _local_window_inside_the_chunk(self) -> DcaParams:
         if self.chunk_size is not None and self.local_window is not None and self.local_window >= self.chunk_size:
             raise ValueError(f"local_window ({self.local_window}) must be < chunk_size ({self.chunk_size})")
+        if (
+            self.chunk_size is not None
+            and self.local_window is not None
+            and (self.chunk_size - self.local_window < MIN_CHUNK_TOKENS)
+        ):
+            raise ValueError(
+                f"chunk_size - local_window ({self.chunk_size} - {self.local_window}) must be >= "
+                f"{MIN_CHUNK_TOKENS}: the chunks' length, below which their cost stops being sane"
+            )
         return self
 
 

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from server.attention.string import PAPER_ATTENTION_FACTOR, String
 from server.plan import AttentionScheme, ModelFacts
 from strategies.base import StrategyParams
 from strategies.scheme import SchemeStrategy, require
-from strategies.window import MAX_WINDOW
+from strategies.window import MAX_WINDOW, MIN_WINDOW
 
 PAPER_SHIFT_RATIO = 0.33
 PAPER_LOCAL_WINDOW = 128
@@ -44,7 +44,7 @@ PAPER_LOCAL_WINDOW = 128
 class StringParams(StrategyParams):
     shift: int | None = Field(
         default=None,
-        ge=2,
+        ge=MIN_WINDOW,
         le=MAX_WINDOW,
         description="S: distances from S on are shifted down to W (< the native window); default 0.33 x the "
         "native window (the paper's)",
@@ -75,6 +75,16 @@ class StringParams(StrategyParams):
         if self.shift is not None and self.local_window is not None and self.local_window >= self.shift:
             raise ValueError(f"local_window ({self.local_window}) must be < shift ({self.shift})")
         return self
+
+    @field_validator("cap")
+    @classmethod
+    def _capped_band_not_narrow(cls, cap: int | None, info: ValidationInfo) -> int | None:
+        """The shifted band is cap - local_window wide, and the kernel's query blocks are no wider
+        than the narrowest band (as a window strategy's `window`: strategies/window.py MIN_WINDOW)."""
+        local_window = info.data.get("local_window") or PAPER_LOCAL_WINDOW
+        if cap is not None and cap - local_window < MIN_WINDOW:
+            raise ValueError(f"cap - local_window ({cap} - {local_window}) must be >= {MIN_WINDOW}")
+        return cap
 
 
 class StringStrategy(SchemeStrategy[StringParams]):

@@ -43,10 +43,15 @@ from strategies.base import (
 # Longest window a request may ask for (16 x the bundled model's native window); each strategy
 # also needs window < the model's native window, checked per model when planning.
 MAX_WINDOW = 131072
+# Shortest window a request may ask for: the kernel works in query blocks of at most the window,
+# so a window of 1 made a 3,300-token request 2.5x as long as a window of 1,024 (30.6 s against
+# 12.2 s); from 128 up, windows cost within 1.03x of the default at 6,000 tokens (docs/benchmarks.md,
+# "Costly strategy parameters").
+MIN_WINDOW = 128
 
 
 def window_field(description: str) -> Any:
-    return Field(default=None, ge=1, le=MAX_WINDOW, description=description)
+    return Field(default=None, ge=MIN_WINDOW, le=MAX_WINDOW, description=description)
 
 
 class WindowParams(StrategyParams):

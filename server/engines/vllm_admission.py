@@ -101,6 +101,10 @@ def to_vllm_sampling(options: SamplingOptions, extra_args: dict[str, Any] | None
         ignore_eos=options.ignore_eos,
         logprobs=options.top_logprobs,
         prompt_logprobs=options.prompt_logprobs,
+        # A prompt's logprobs kept as flat lists, not an object per entry: vLLM builds them on the
+        # API's event loop (21 an entry per prompt token with 20 logprobs); the outputs read them
+        # position by position, off the loop (vllm_outputs.py).
+        flat_logprobs=options.prompt_logprobs is not None,
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra_args,
         skip_special_tokens=True,

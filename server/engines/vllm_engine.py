@@ -72,20 +72,30 @@ class VllmEngine:
         self._groups: RowGroups | None = None
         # The local Ray instance start() started (the CPU build's `ray` backend), if any.
         self._ray_holder: subprocess.Popen[str] | None = None
+        # The engine-core processes vLLM started (server/engines/vllm_adapter/engine.py), polled by `alive`.
+        self._core_processes: list[Any] = []
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Build the AsyncLLM (blocking: tens of seconds). Call from a worker thread if needed."""
-        from server.engines.vllm_adapter.engine import AsyncLLM, silent_prometheus_logger
+        from server.engines.vllm_adapter.engine import (
+            AsyncLLM,
+            engine_core_processes,
+            memoize_logprob_token_texts,
+            silent_prometheus_logger,
+        )
 
         started = time.monotonic()
+        # Logprob texts are made on the API's event loop: each token id decoded once (the adapter's doc).
+        memoize_logprob_token_texts()
         cpu = is_cpu_build()
         self._ray_holder = prepare_host(self.config, cpu)
         # Our recorder feeds the stats listener. vLLM adds its own Prometheus logger (metric names
         # with colons, in prometheus_client's global registry) unless one is given: give a silent one.
         stat_loggers = [self.iterations.vllm_logger(), silent_prometheus_logger()]
         self._llm = AsyncLLM.from_engine_args(engine_args(self.config, self.model, cpu), stat_loggers=stat_loggers)
+        self._core_processes = engine_core_processes(self._llm)
         self._outputs = OutputReader(self._llm.get_tokenizer())
         self._groups = RowGroups(self._llm, self.admission, self._outputs)
         self.admission.refusal.engine_started(self._llm.vllm_config)
@@ -115,7 +125,11 @@ class VllmEngine:
 
     @property
     def alive(self) -> bool:
-        return self._llm is not None and not self._llm.errored
+        """The engine runs: vLLM has not flagged it dead, and no engine-core process has exited
+        (polled directly: it is seen within a system call of its death, vLLM's flag can lag)."""
+        if self._llm is None or self._llm.errored:
+            return False
+        return all(process.is_alive() for process in self._core_processes)
 
     @property
     def dtype(self) -> str:
@@ -175,7 +189,7 @@ class VllmEngine:
             async for output in self._llm.generate(
                 admitted.prompt, admitted.sampling, row.request_id, priority=row.priority
             ):
-                yield outputs.step(output, row)
+                yield await outputs.step_off_loop(output, row)
         except EngineDeadError as exc:
             raise EngineDown(f"the engine died while serving this request ({exc}); retry later") from exc
         finally:

@@ -3,6 +3,7 @@ why a row finished."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from server.engines.base import EngineStep, FinishReason, RowRequest, TokenEvent, TopToken
@@ -26,6 +27,11 @@ def finish_reason(completion: Any) -> FinishReason | None:
     raise EngineAborted(f"request ended with '{reason}'")
 
 
+# Prompt logprobs of at least this many tokens are turned into steps off the event loop: each of
+# their (1 + `logprobs`) entries per token is a Python object, 61,000 of them at 2,900 tokens.
+PROMPT_LOGPROBS_IN_THREAD = 256
+
+
 class OutputReader:
     """Turns one row's `RequestOutput`s (delta outputs: each holds the new tokens only) into steps."""
 
@@ -46,6 +52,12 @@ class OutputReader:
                 self.token_events(row.prompt_token_ids, output.prompt_logprobs) if output.prompt_logprobs else None
             ),
         )
+
+    async def step_off_loop(self, output: Any, row: RowRequest) -> EngineStep:
+        """`step`, in a worker thread when the output carries many prompt logprobs."""
+        if output.prompt_logprobs and len(row.prompt_token_ids) >= PROMPT_LOGPROBS_IN_THREAD:
+            return await asyncio.to_thread(self.step, output, row)
+        return self.step(output, row)
 
     def token_events(self, token_ids: Any, logprobs: Any) -> list[TokenEvent]:
         """vLLM's token ids and their per-position {token id: Logprob} dicts (None where there is

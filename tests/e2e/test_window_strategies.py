@@ -184,7 +184,8 @@ def test_auto_scores_a_prompt_past_the_window_with_a_window_strategy(http: httpx
     [
         ({"name": "self_extend", "window": 1000, "group": 6}, "strategy", ["multiple of group"]),
         ({"name": "rerope", "window": 9000}, "strategy.window", ["8192"]),
-        ({"name": "rerope", "window": 0}, "strategy.window", ["greater than or equal to 1"]),
+        ({"name": "rerope", "window": 0}, "strategy.window", ["greater than or equal to 128"]),
+        ({"name": "dca", "chunk_size": 2, "local_window": 1}, "strategy.chunk_size", ["greater than or equal to 256"]),
         ({"name": "leaky_rerope", "leak": 0.5}, "strategy.leak", ["greater than or equal to 1"]),
         ({"name": "ntk", "logn": "sometimes"}, "strategy.logn", ["bool"]),
         ({"name": "dca", "chunk_size": 9000}, "strategy.chunk_size", ["8192"]),

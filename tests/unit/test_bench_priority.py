@@ -110,6 +110,18 @@ def test_soak_default_mix_is_unchanged_and_long_documents_are_an_option() -> Non
     assert "long-min-tokens" in (bench_soak.argument_problem(bad) or "")
 
 
+def test_soak_costly_requests_cycle_through_the_probes_parameters_on_fresh_documents() -> None:
+    rng = random.Random(0)
+    requests = [bench_soak.costly_body(n, rng, 16) for n in range(len(bench_soak.COSTLY))]
+    for (route, body), (costly_route, extra) in zip(requests, bench_soak.COSTLY, strict=True):
+        assert route == costly_route and {k: body[k] for k in extra} == extra
+    count = load_token_counter(None)
+    assert count is not None
+    texts = [body.get("context") or body["prompt"] for _, body in requests]
+    assert all(3_200 <= count(t) <= 3_400 for t in texts) and len({t[:200] for t in texts}) == len(texts)
+    assert bench_soak.argument_problem(parser_for(bench_soak).parse_args(["--costly-every", "-1"]))
+
+
 def test_soak_long_documents_lengths_and_strategies() -> None:
     rng = random.Random(0)
     bodies = [bench_soak.long_body(n, rng, 12_000, 24_000, 16) for n in range(len(bench_soak.LONG_STRATEGIES))]
@@ -143,6 +155,8 @@ def test_a_429_needs_a_retry_after_of_whole_seconds(value: str | None, problem: 
 def test_soak_summary_passes_only_without_lost_hung_or_bare_429() -> None:
     good = {"native": collections.Counter({"200": 5, "429": 3}), "long": collections.Counter({"429": 2, "200": 1})}
     line, passed = bench_soak.summary(good)
-    assert passed and "11 requests: 6 served, 5 refused with 429 + Retry-After, 0 lost, 0 hung" in line
+    assert (
+        passed and "11 requests: 6 served, 5 refused with 429 + Retry-After, 0 refused with 422, 0 lost, 0 hung" in line
+    )
     for failure in ("lost", "hung", "missing-retry-after"):
         assert not bench_soak.summary({"long": collections.Counter({"200": 1, failure: 1})})[1]

@@ -41,6 +41,7 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
 
+from server.http_meta import router as meta_router
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,13 +270,16 @@ deployments = pytest.mark.parametrize(
 
 
 @deployments
-def test_probes_ask_health_on_the_served_port(deployment: dict[str, Any]) -> None:
+def test_probes_ask_readiness_and_liveness_on_the_served_port(deployment: dict[str, Any]) -> None:
     main = container(deployment)
     port = int(env_of(main).get("ROPESERVE_PORT", Settings.model_fields["port"].default))
     assert [p["containerPort"] for p in main["ports"] if p["name"] == "http"] == [port]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Readiness fails while the engine is down or the pod drains; liveness only when the server cannot answer.
+    paths = {"startupProbe": "/health/ready", "readinessProbe": "/health/ready", "livenessProbe": "/health/live"}
+    served = {route.path for route in meta_router.routes if "GET" in getattr(route, "methods", ())}
+    for probe, path in paths.items():
         get = main[probe]["httpGet"]
-        assert get["path"] == "/health", probe
+        assert get["path"] == path and path in served, probe
         assert get["port"] in port_names(deployment) | {port}, probe
     # Start-up (minutes) is the startup probe's; liveness must not kill a pod that drains.
     assert main["startupProbe"]["periodSeconds"] * main["startupProbe"]["failureThreshold"] >= 300

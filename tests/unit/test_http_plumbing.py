@@ -233,8 +233,19 @@ def test_a_draining_server_refuses_new_requests_with_503_and_fails_readiness():
 @pytest.mark.parametrize(
     ("path", "body", "names"),
     [
-        ("/generate", {"inputs": "x", "context": [1] * 350_000}, "context.0"),
-        ("/generate", {"inputs": "x", "parameters": {"stop": [1] * 350_000}}, "parameters.stop.0"),
+        # Over the body's bound of values: refused before it is parsed.
+        ("/generate", {"inputs": "x", "context": [1] * 350_000}, "more than 262144 values"),
+        ("/generate", {"inputs": "x", "parameters": {"stop": [1] * 350_000}}, "more than 262144 values"),
+        ("/v1/completions", {"prompt": [[1, "a"]] * 100_000}, "more than 262144 values"),
+        # Under it: each list refused by its own bound, or at its first bad item.
+        ("/generate", {"inputs": "x", "context": ["a"] * 200_000}, "context: List should have at most 1024 items"),
+        ("/generate", {"inputs": "x", "context": [1] * 1000}, "context.0"),
+        (
+            "/generate",
+            {"inputs": "x", "parameters": {"stop": ["a"] * 200_000}},
+            "parameters.stop: List should have at most 16",
+        ),
+        ("/v1/completions", {"prompt": [[1, "a"]] * 1000}, "prompt"),
         ("/generate", {"inputs": "x", **{f"k{i}": 1 for i in range(70_000)}}, "70000 unknown fields"),
         ("/generate", {"inputs": "x", "parameters": {f"k{i}": 1 for i in range(70_000)}}, "parameters: 70000 unknown"),
         (
@@ -242,7 +253,6 @@ def test_a_draining_server_refuses_new_requests_with_503_and_fails_readiness():
             {"inputs": "x", "strategy": {"name": "yarn", **{f"k{i}": 1 for i in range(70_000)}}},
             "strategy: 70000",
         ),
-        ("/v1/completions", {"prompt": [[1, "a"]] * 100_000}, "prompt"),
         ("/v1/completions", {"prompt": "x", "logit_bias": {str(i): "x" for i in range(70_000)}}, "logit_bias"),
         ("/v1/chat/completions", {"messages": [{"role": "bogus", "content": 1}] * 50_000}, "messages.0.role"),
     ],
@@ -267,14 +277,16 @@ def test_validation_errors_are_capped_with_a_count_of_the_rest():
     assert len(message) < 10 * 340  # each line cut to 300 characters and its length
 
 
-def test_an_nbce_request_with_a_hundred_thousand_documents_is_refused_before_tokenizing():
+def test_an_nbce_request_with_more_documents_than_rows_is_refused_before_tokenizing():
     with _client() as client:
-        body = {"inputs": "Q?", "strategy": "nbce", "context": [f"d{i}" for i in range(100_000)]}
+        body = {"inputs": "Q?", "strategy": "nbce", "context": [f"d{i}" for i in range(1000)]}
         started = time.monotonic()
         reply = client.post("/generate", json=body)
         assert reply.status_code == 422, reply.text
-        assert reply.json()["error"].startswith("context: ") and "100001 rows" in reply.json()["error"]
+        assert reply.json()["error"].startswith("context: ") and "1001 rows" in reply.json()["error"]
         assert time.monotonic() - started < 2
+        many = client.post("/generate", json={**body, "context": [f"d{i}" for i in range(100_000)]})
+        assert many.status_code == 422 and "at most 1024 items" in many.json()["error"], many.text
 
 
 def test_a_stop_string_is_one_sequence_of_any_length_and_the_limit_counts_a_lists_items():

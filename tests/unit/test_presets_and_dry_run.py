@@ -168,7 +168,7 @@ class CountingEngine(FakeEngine):
 
 
 @pytest.mark.parametrize(
-    "strategy", ["yarn", "auto", {"name": "auto", "scoring": [{"name": "self_extend", "window": 16, "group": 2}]}]
+    "strategy", ["yarn", "auto", {"name": "auto", "scoring": [{"name": "self_extend", "group": 2}]}]
 )
 def test_a_requests_rope_configuration_is_asked_of_the_engine_once(strategy):
     engine = CountingEngine()

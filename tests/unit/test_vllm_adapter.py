@@ -349,6 +349,24 @@ def check_engine_core() -> None:
     assert assigns(obj(ASYNC_LLM).__init__, "engine_core")
 
 
+def check_engine_core_processes() -> None:
+    """server/engines/vllm_adapter/engine.py polls the engine-core processes vLLM started."""
+    resources = obj("vllm.v1.engine.core_client.BackgroundResources")
+    assert "engine_manager" in {f.name for f in dataclasses.fields(resources)}
+    assert assigns(obj("vllm.v1.engine.utils.CoreEngineProcManager").__init__, "processes")
+    assert assigns(obj("vllm.v1.engine.core_client.MPClient").__init__, "resources")
+
+
+def check_logprob_token_texts() -> None:
+    """server/engines/vllm_adapter/engine.py memoizes the function the logprobs processor names."""
+    import vllm.v1.engine.logprobs as logprobs
+
+    assert "convert_ids_list_to_tokens(" in source(
+        obj("vllm.v1.engine.logprobs.LogprobsProcessor._update_prompt_logprobs")
+    )
+    assert params(logprobs.convert_ids_list_to_tokens) == ["tokenizer", "token_ids"]
+
+
 def check_pause_scheduler() -> None:
     signature = inspect.signature(obj(f"{CORE_CLIENT}.pause_scheduler_async"))
     assert {"mode", "clear_cache"} <= set(signature.parameters)
@@ -455,6 +473,8 @@ SYMBOLS: dict[str, Callable[[], None]] = {
     "CPU KV cache layout": check_kv_cache_layout,
     "envs.VLLM_CPU_ATTN_SPLIT_KV": vllm_env("VLLM_CPU_ATTN_SPLIT_KV"),
     "AsyncLLM.engine_core": check_engine_core,
+    "BackgroundResources.engine_manager.processes": check_engine_core_processes,
+    "logprobs.convert_ids_list_to_tokens": check_logprob_token_texts,
     "AsyncMPClient.pause_scheduler_async": check_pause_scheduler,
     "AsyncMPClient.resume_scheduler_async": check_resume_scheduler,
     "AsyncLLM.add_request -> RequestOutputCollector": check_add_request,
@@ -614,3 +634,30 @@ def test_the_class_swap_is_made_once_per_runner_class_and_refuses_other_runners(
     assert type(first) is type(second)
     with pytest.raises(RuntimeError, match="recording needs vLLM's V1 model runner"):
         mix_into_v1_runner(SimpleNamespace(), Recorder, class_prefix="Recording", feature="recording")
+
+
+def test_memoized_logprob_token_texts_are_the_functions_own() -> None:
+    """Each id decoded once, the same texts as vLLM's own function, in the same order."""
+    import random
+
+    import vllm.v1.engine.logprobs as logprobs
+    from transformers import AutoTokenizer
+
+    from server.engines.vllm_adapter.engine import memoize_logprob_token_texts
+    from server.model_store import DEFAULT_MODEL_NAME, model_cache_dir
+
+    path = model_cache_dir(None) / DEFAULT_MODEL_NAME
+    if not path.is_dir():
+        pytest.skip("the bundled model is not converted here (scripts/setup.sh does it)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    original = logprobs.convert_ids_list_to_tokens
+    memoize_logprob_token_texts()
+    memoize_logprob_token_texts()  # once is enough
+    try:
+        memoized = logprobs.convert_ids_list_to_tokens
+        assert memoized is not original and getattr(memoized, "memoized", False)
+        rng = random.Random(7)
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(3000)] * 2
+        assert memoized(tokenizer, ids) == original(tokenizer, ids) == memoized(tokenizer, ids)
+    finally:
+        logprobs.convert_ids_list_to_tokens = original

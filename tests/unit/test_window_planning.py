@@ -62,15 +62,15 @@ def test_a_window_covering_the_request_is_planned_native(spec: object) -> None:
 
 def test_longest_rows_keep_every_distance_inside_the_native_window() -> None:
     """The allowed length is where the farthest relative position reaches L0 - 1 (the reference's
-    relative positions, at small sizes: L0 = 64)."""
-    small = ModelFacts("s", 64, {"rope_theta": 1e4}, head_dim=8, vocab_size=10)
+    relative positions, at small sizes: L0 = 512, the smallest window a request may ask for)."""
+    small = ModelFacts("s", 512, {"rope_theta": 1e4}, head_dim=8, vocab_size=10)
     for spec, scheme in [
-        ({"name": "self_extend", "window": 16, "group": 4}, Scheme("self_extend", window=16, group=4)),
-        ({"name": "leaky_rerope", "window": 16, "leak": 4}, Scheme("leaky_rerope", window=16, k=4.0)),
+        ({"name": "self_extend", "window": 128, "group": 4}, Scheme("self_extend", window=128, group=4)),
+        ({"name": "leaky_rerope", "window": 128, "leak": 4}, Scheme("leaky_rerope", window=128, k=4.0)),
     ]:
         limit = plan_for(spec, StrategyRequest("q", max_new_tokens=1), small, lambda _t: [1] * 40).max_total_tokens  # type: ignore[arg-type]
-        assert float(relative_positions(scheme, limit).nan_to_num(0).max()) <= 63
-        assert float(relative_positions(scheme, limit + 1).nan_to_num(0).max()) > 63
+        assert float(relative_positions(scheme, limit).nan_to_num(0).max()) <= 511
+        assert float(relative_positions(scheme, limit + 1).nan_to_num(0).max()) > 511
 
 
 def test_rerope_allows_what_the_kv_cache_holds() -> None:

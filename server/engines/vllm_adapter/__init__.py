@@ -14,7 +14,7 @@ project file names any of `PRIVATE_NAMES`.
 - cpu_attention.py: vLLM's CPU attention backend (impl class, kernel ISA, cache-write op, paged KV
   cache layout, sub-batch metadata) and the impl class swap;
 - engine.py: `AsyncLLM` and what the engine uses beyond `generate` (scheduler pause, request
-  queues, stat loggers);
+  queues, stat loggers, the engine-core processes, the logprobs processor's token texts);
 - platform.py, platform_plugin.py: vLLM's CPU platform class, and its built-in platform check.
 
 What was verified where:
@@ -67,10 +67,13 @@ PRIVATE_NAMES = (
     "vllm.v1.attention",
     # engine.py
     ".engine_core",
+    ".engine_manager",
     "pause_scheduler_async",
     "resume_scheduler_async",
     "STREAM_FINISHED",
     "vllm.v1.engine.async_llm",
+    "vllm.v1.engine.logprobs",
+    "convert_ids_list_to_tokens",
     "vllm.v1.engine.exceptions",
     "vllm.v1.metrics.loggers",
     # platform.py, platform_plugin.py
