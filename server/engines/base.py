@@ -1,10 +1,12 @@
 """The engine API: the plain data strategies produce and engines consume, and the `Engine` protocol.
 
-The API is this module and the three it re-exports, which depend on nothing else of the project:
+The API is this module and the four it re-exports, which depend on nothing else of the project:
 
 - rope_config.py: `ModelFacts`, `RopeConfig`, `AttentionScheme` (what a row is rotated with);
 - rows.py: `RowRequest`, `SamplingOptions`, `EngineStep`, `TokenEvent` (a row in, its steps out);
 - engine_stats.py: `Parallelism`, `EngineStats`, `EngineIteration` (what an engine reports);
+- output_constraint.py: `OutputConstraint` (what a row's output must match: structured output) and
+  `compile_constraint`;
 - here: `ExecutionPlan` and the protocols at the seams (`Engine`, `RowCombiner`, `StepAware`, ...).
 
 Strategies import it from here (they produce `RopeConfig` and `ExecutionPlan` from `ModelFacts`),
@@ -26,6 +28,7 @@ from server.engines.engine_stats import (
     Parallelism,
     StepWork,
 )
+from server.engines.output_constraint import OutputConstraint, compile_constraint
 from server.engines.rope_config import AttentionScheme, ModelFacts, RopeConfig, WindowKind
 from server.engines.rows import (
     EngineStep,
@@ -50,6 +53,7 @@ __all__ = [
     "FinishReason",
     "FinishedRow",
     "ModelFacts",
+    "OutputConstraint",
     "Parallelism",
     "RopeConfig",
     "RowCombiner",
@@ -65,6 +69,7 @@ __all__ = [
     "Tokenizer",
     "TopToken",
     "WindowKind",
+    "compile_constraint",
 ]
 
 

@@ -45,7 +45,13 @@ def test_engines_know_nothing_of_strategies_or_http() -> None:
 
 
 # The engine API: base.py and the modules it re-exports (strategies import it through base.py).
-ENGINE_API = ("server.engines.base", "server.engines.rope_config", "server.engines.rows", "server.engines.engine_stats")
+ENGINE_API = (
+    "server.engines.base",
+    "server.engines.rope_config",
+    "server.engines.rows",
+    "server.engines.engine_stats",
+    "server.engines.output_constraint",
+)
 
 
 @pytest.mark.parametrize("module", ENGINE_API)
