@@ -75,7 +75,10 @@ class GrammarWorker:
             except OSError as exc:
                 self._stop()
                 raise GrammarWorkerError(f"the grammar checker is gone ({exc})") from None
-            reply = self._read_line(process, self.timeout_s)
+            try:
+                reply = self._read_line(process, self.timeout_s)
+            except GrammarWorkerError:  # the child died on this constraint: it is the constraint's
+                return CompileVerdict("the grammar compiler failed on it", time.perf_counter() - started)
             seconds = time.perf_counter() - started
             if reply is None:
                 # Still compiling: stop it (the next constraint gets a fresh child).

@@ -178,7 +178,7 @@ class NbceLogitsProcessor(LogitsProcessor):
         """The group's grammar state, after the tokens confirmed before it (its prompts' last `base`)."""
         if tag.constraint is None:
             return None
-        confirmed = (prompt or [])[len(prompt or []) - tag.base :] if tag.base else []
+        confirmed = list(prompt or [])[-tag.base :] if tag.base else []
         return GroupGrammar(self.grammars.prepare(tag.constraint), tag.stop_token_ids, confirmed)
 
     def _combined_token(self, logits: torch.Tensor, ordered: list[int]) -> int:

@@ -196,12 +196,14 @@ def test_vllms_structured_outputs(http, structured, check):
 
 def test_tgi_grammar_on_every_tgi_route(http):
     grammar = {"type": "json", "value": PERSON}
-    body = {"inputs": QUESTION, "parameters": {"max_new_tokens": 64, "grammar": grammar, "details": True}}
+    params = {"max_new_tokens": 64, "grammar": grammar, "details": True, "decoder_input_details": True}
+    body = {"inputs": QUESTION, "parameters": params}
     reply = http.post("/generate", json=body).json()
     assert reply["details"]["finish_reason"] == "eos_token"
     validates(PERSON, reply["generated_text"])
+    assert len(reply["details"]["prefill"]) == reply["details"]["input_length"]  # the prompt's logprobs too
     as_schema = {"type": "json_schema", "value": {"name": "person", "schema": PERSON}}
-    listed = http.post("/", json={**body, "parameters": {**body["parameters"], "grammar": as_schema}}).json()
+    listed = http.post("/", json={**body, "parameters": {**params, "grammar": as_schema}}).json()
     assert listed[0]["generated_text"] == reply["generated_text"]
     regex = {
         "inputs": "A phone number:",
