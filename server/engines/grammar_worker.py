@@ -45,10 +45,23 @@ def build_compiler(tokenizer_path: str, vocab_size: int) -> Any:
 def answer(compiler: Any, line: str) -> dict[str, Any]:
     started = time.perf_counter()
     try:
-        compile_constraint(compiler, OutputConstraint.from_dict(json.loads(line)))
+        compiled = compile_constraint(compiler, OutputConstraint.from_dict(json.loads(line)))
     except Exception as exc:  # noqa: BLE001 - every compiler error is the constraint's
         return {"ok": False, "error": compiler_message(exc)}
+    if not can_start(compiled):
+        return {"ok": False, "error": "no output can match it (it allows no first token)"}
     return {"ok": True, "seconds": round(time.perf_counter() - started, 4)}
+
+
+def can_start(compiled: Any) -> bool:
+    """Whether the grammar allows some first token: one that matches nothing (`root ::= root`, a
+    schema that only refers to itself) compiles, and would leave the engine no token to sample."""
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(compiled)
+    bitmask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask)
+    return bool(bitmask.ne(0).any())
 
 
 def serve(compiler: Any, requests: TextIO, replies: TextIO) -> None:

@@ -104,8 +104,13 @@ def _depth(value: Any) -> int:
 
 
 def _meta_problem(schema: dict[str, Any]) -> str | None:
-    """The schema against its own meta-schema (its `$schema`, else draft 2020-12)."""
+    """The schema against its own meta-schema (its `$schema`, else draft 2020-12; not draft 3,
+    whose `required` sits on each property)."""
+    if not isinstance(schema.get("$schema", ""), str):
+        return "$schema: must be a string (the URI of a meta-schema)"
     validator = validators.validator_for(schema, default=validators.Draft202012Validator)
+    if validator is validators.Draft3Validator:
+        return "$schema: draft 3 schemas are not supported (use draft 4 or later)"
     error = exceptions.best_match(validator(validator.META_SCHEMA).iter_errors(schema))
     if error is None:
         return None

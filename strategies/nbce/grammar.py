@@ -82,14 +82,19 @@ class GroupGrammar:
 
     def mask(self, logits: torch.Tensor, rows: Sequence[int], output: Sequence[int]) -> bool:
         """Disallow in `logits[rows]` every token the grammar does not allow next, after the confirmed
-        tokens and `output` (the rows' output so far). False when those tokens are not the grammar's
-        (the group must then be resubmitted: it is out of step)."""
+        tokens and `output` (the rows' output so far). False when those tokens are not the grammar's,
+        or it allows none next (the group is then out of step: resubmitted)."""
         matcher = self._synced(output)
         if matcher is None:
             return False
         if matcher.is_terminated():
             return True  # the output is complete (its stop token accepted): nothing left to constrain
         allowed = self._allowed(matcher, logits.shape[1]).to(logits.device)
+        if not bool(allowed.any()):
+            # A dead end of the grammar (a rule that can never end): no token to combine. Out of step;
+            # the runner's resubmissions are bounded and then fail the request.
+            log.warning("nbce grammar: no token allowed after %d tokens", self._consumed)
+            return False
         index = torch.as_tensor(list(rows), device=logits.device)
         logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
         return True

@@ -284,10 +284,18 @@ BAD_SCHEMAS: list[Any] = [
     {"oneOf": [{"type": "integer"}, {"type": "string"}]},
     {"type": "array", "items": {"type": "integer"}, "minItems": 5, "maxItems": 2},
     {"type": "string", "pattern": "(unclosed"},
+    {"$ref": "#"},  # compiles, and matches nothing
     {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(3000)}},
 ]
 BAD_REGEXES = ["(a", "[z-a]", "a{5,2}", "\\", "(?P<x>a)(?P=y)", "a" * 40_000]
-BAD_GRAMMARS = ['root ::= "a" |', "root ::= missing", "start: (", 'root ::= "a"\nroot ::= "b"', "x" * 40_000]
+BAD_GRAMMARS = [
+    'root ::= "a" |',
+    "root ::= missing",
+    "root ::= root",
+    "start: (",
+    'root ::= "a"\nroot ::= "b"',
+    "x" * 40_000,
+]
 
 
 def test_no_malformed_constraint_is_a_5xx_or_harms_the_engine(http):

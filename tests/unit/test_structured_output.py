@@ -247,6 +247,9 @@ DRAFT_04, DRAFT_07 = "http://json-schema.org/draft-04/schema#", "http://json-sch
         ({"$schema": DRAFT_04, "type": "integer", "minimum": 1, "exclusiveMinimum": True}, ["boolean"]),
         ({"type": "array", "items": [{"type": "integer"}]}, ["items", "is not of type"]),
         ({"type": "object", "required": "a"}, ["required", "array"]),
+        ({"$schema": ["not", "a string"], "type": "integer"}, ["$schema", "string"]),
+        ({"$schema": 5}, ["$schema", "string"]),
+        ({"$schema": "http://json-schema.org/draft-03/schema#", "type": "integer"}, ["draft 3"]),
         (["not", "an object"], ["JSON object"]),
     ],
 )
@@ -383,6 +386,10 @@ def test_the_grammar_worker_compiles_refuses_and_is_stopped_past_its_bound() -> 
         assert refused.error is not None and "parenthesis" in refused.error and "/project" not in refused.error
         grammar = worker.compile(OutputConstraint("grammar", "root ::= foo"))
         assert grammar.error is not None and 'Rule "foo" is not defined' in grammar.error
+        # Compiles, and matches nothing: the engine would have no token to sample.
+        for empty in (OutputConstraint("grammar", "root ::= root"), OutputConstraint("json", '{"$ref": "#"}')):
+            verdict = worker.compile(empty)
+            assert verdict.error is not None and "no output can match it" in verdict.error
         first = worker._process
         # A bounded repetition that takes seconds to compile (measured ~7 s on the project's host).
         slow = worker.compile(OutputConstraint("json", json.dumps({"type": "string", "maxLength": 160})))
