@@ -51,9 +51,15 @@ class ConstraintField(BaseModel):
 def schema_text(schema: Any) -> str:
     """A schema as the constraint's text: compact JSON, its properties in the client's order (the
     order the output writes them in). ValueError when it is not a usable schema or too large."""
-    if (problem := schema_problem(schema)) is not None:
+    # Bounded first: the checks below walk the whole schema.
+    text = bounded(json.dumps(schema, separators=(",", ":"), ensure_ascii=False), "the schema")
+    try:
+        problem = schema_problem(schema)
+    except Exception as exc:  # noqa: BLE001 - a schema the checker cannot read is the client's 422, not a 500
+        problem = f"cannot be checked ({type(exc).__name__}: {str(exc)[:200]})"
+    if problem is not None:
         raise ValueError(problem)
-    return bounded(json.dumps(schema, separators=(",", ":"), ensure_ascii=False), "the schema")
+    return text
 
 
 def bounded(text: str, what: str) -> str:
