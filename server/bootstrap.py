@@ -11,6 +11,7 @@ from pathlib import Path
 from server.engines.base import Parallelism
 from server.engines.grammar_check import GrammarWorker
 from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, is_cpu_build, read_model_facts
+from server.engines.vllm_structured import regex_compile_bound_s
 from server.head_padding import needs_padding, pad_checkpoint
 from server.metrics import Metrics
 from server.model_store import DEFAULT_MODEL_NAME, model_cache_dir, resolve_model
@@ -157,7 +158,9 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
     engine = await start_engine()
     metrics.refresh_engine(engine)
     # Structured output's compile check: its child process starts beside the engine.
-    constraint_check = ConstraintCheck(GrammarWorker(model_path, model.vocab_size))
+    constraint_check = ConstraintCheck(
+        GrammarWorker(model_path, model.vocab_size, regex_timeout_s=regex_compile_bound_s())
+    )
     constraint_check.start_soon()
     return GenerationService(
         engine=engine,

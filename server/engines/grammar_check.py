@@ -49,10 +49,18 @@ class CompileVerdict:
 class GrammarWorker:
     """A child process that compiles constraints for the model at `tokenizer_path`."""
 
-    def __init__(self, tokenizer_path: str, vocab_size: int, timeout_s: float = COMPILE_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        tokenizer_path: str,
+        vocab_size: int,
+        timeout_s: float = COMPILE_TIMEOUT_S,
+        regex_timeout_s: float | None = None,
+    ) -> None:
         self.tokenizer_path = tokenizer_path
         self.vocab_size = vocab_size
         self.timeout_s = timeout_s
+        # A regex's own bound where the engine has a tighter one (vLLM's, with room for a busy engine core).
+        self.regex_timeout_s = timeout_s if regex_timeout_s is None else min(timeout_s, regex_timeout_s)
         self._process: subprocess.Popen[str] | None = None
         self._lock = threading.Lock()
         # The child also exits when its stdin closes (its server is gone); this stops it at once.
@@ -75,8 +83,9 @@ class GrammarWorker:
             except OSError as exc:
                 self._stop()
                 raise GrammarWorkerError(f"the grammar checker is gone ({exc})") from None
+            timeout_s = self.regex_timeout_s if constraint.kind == "regex" else self.timeout_s
             try:
-                reply = self._read_line(process, self.timeout_s)
+                reply = self._read_line(process, timeout_s)
             except GrammarWorkerError:  # the child died on this constraint: it is the constraint's
                 return CompileVerdict("the grammar compiler failed on it", time.perf_counter() - started)
             seconds = time.perf_counter() - started

@@ -38,3 +38,12 @@ def structured_outputs(constraint: OutputConstraint | None) -> Any:
     if constraint.kind == "regex":
         return StructuredOutputsParams(regex=constraint.spec)
     return StructuredOutputsParams(grammar=constraint.spec)
+
+
+def regex_compile_bound_s() -> float:
+    """How long the API process lets a regex compile: half of what vLLM's engine core allows it
+    (`VLLM_REGEX_COMPILATION_TIMEOUT_S`, after which it fails the row), so that a regex that passed the
+    check also compiles in an engine core busy decoding."""
+    from vllm import envs
+
+    return float(envs.VLLM_REGEX_COMPILATION_TIMEOUT_S) / 2
