@@ -92,9 +92,7 @@ class GrammarWorker:
             if reply is None:
                 # Still compiling: stop it (the next constraint gets a fresh child).
                 self._stop()
-                return CompileVerdict(
-                    f"it takes longer than {self.timeout_s:g} s to compile (the server's bound)", seconds
-                )
+                return CompileVerdict(f"it takes longer than {timeout_s:g} s to compile (the server's bound)", seconds)
             answer = json.loads(reply)
             return CompileVerdict(None if answer["ok"] else str(answer["error"]), seconds)
 
