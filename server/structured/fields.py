@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, model_validator
 
 from server.engines.base import OutputConstraint
-from server.structured.json_schema import schema_problem
+from server.structured.json_schema import schema_problem, shape_problem
 
 # Characters of a constraint's text at most: a schema as compact JSON, a regex, a grammar (a
 # `choice` list as its grammar). Compiling is bounded in time too (server/engines/grammar_check.py).
@@ -51,7 +51,9 @@ class ConstraintField(BaseModel):
 def schema_text(schema: Any) -> str:
     """A schema as the constraint's text: compact JSON, its properties in the client's order (the
     order the output writes them in). ValueError when it is not a usable schema or too large."""
-    # Bounded first: the checks below walk the whole schema.
+    # Shape and size first (without recursion): the checks below walk the whole schema.
+    if (problem := shape_problem(schema)) is not None:
+        raise ValueError(problem)
     text = bounded(json.dumps(schema, separators=(",", ":"), ensure_ascii=False), "the schema")
     try:
         problem = schema_problem(schema)

@@ -84,11 +84,16 @@ SCHEMAS_IN_LIST = ("prefixItems", "anyOf", "allOf", "oneOf")
 
 def schema_problem(schema: Any) -> str | None:
     """What is wrong with `schema` as an output constraint ("where: what"), or None."""
+    return shape_problem(schema) or _meta_problem(schema) or next(_keyword_problems(schema, ""), None)
+
+
+def shape_problem(schema: Any) -> str | None:
+    """Whether `schema` is an object nested within the bound (checked before anything walks it)."""
     if not isinstance(schema, dict):
         return "must be a JSON object (a JSON schema)"
-    if (depth := _depth(schema)) > MAX_SCHEMA_DEPTH:
-        return f"nests {depth} levels of objects and arrays; the limit is {MAX_SCHEMA_DEPTH}"
-    return _meta_problem(schema) or next(_keyword_problems(schema, ""), None)
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        return f"nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep (the limit)"
+    return None
 
 
 def _depth(value: Any) -> int:
