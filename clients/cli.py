@@ -66,6 +66,7 @@ BENCHMARKS = {
     "cost": "per-request time of position-changing strategies against dynamic_ntk, fresh documents, side by side",
     "priority": "TTFT of short requests while a long document is prefilled, with and without `priority`",
     "reuse": "a document asked twice: the second question's TTFT over the first's per strategy (prefix cache)",
+    "structured": "per-token time of JSON-schema-constrained decoding against free text, side by side, per strategy",
 }
 
 

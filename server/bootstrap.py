@@ -9,7 +9,9 @@ import logging
 from pathlib import Path
 
 from server.engines.base import Parallelism
+from server.engines.grammar_check import GrammarWorker
 from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, is_cpu_build, read_model_facts
+from server.engines.vllm_structured import regex_compile_bound_s
 from server.head_padding import needs_padding, pad_checkpoint
 from server.metrics import Metrics
 from server.model_store import DEFAULT_MODEL_NAME, model_cache_dir, resolve_model
@@ -17,6 +19,7 @@ from server.plan import ModelFacts
 from server.queue_admission import admission_controller, all_listeners, learning_from_steps
 from server.service import GenerationService
 from server.settings import Settings
+from server.structured.compile_check import ConstraintCheck
 from strategies.auto_policy import SHIPPED_POLICY, AutoPolicy, load_policy
 from strategies.registry import default_registry
 from strategies.rope import MAX_FACTOR
@@ -154,6 +157,11 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
 
     engine = await start_engine()
     metrics.refresh_engine(engine)
+    # Structured output's compile check: its child process starts beside the engine.
+    constraint_check = ConstraintCheck(
+        GrammarWorker(model_path, model.vocab_size, regex_timeout_s=regex_compile_bound_s())
+    )
+    constraint_check.start_soon()
     return GenerationService(
         engine=engine,
         registry=registry,
@@ -166,4 +174,5 @@ async def build_vllm_service(settings: Settings) -> GenerationService:
         engine_factory=start_engine,
         strategy_options={"auto_policy": auto_policy(settings, name)},
         admission=admission,
+        constraint_check=constraint_check,
     )

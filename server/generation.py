@@ -64,6 +64,7 @@ def tgi_sampling(params: GenerateParameters, settings: Settings) -> SamplingOpti
         top_logprobs=params.top_n_tokens or 0,
         # TGI's `details.prefill`: the prompt's tokens with their logprobs.
         prompt_logprobs=0 if params.decoder_input_details and params.details else None,
+        constraint=params.grammar.constraint() if params.grammar is not None else None,
     )
 
 
@@ -109,6 +110,7 @@ def openai_sampling(
         ignore_eos=body.ignore_eos,
         top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs,
+        constraint=body.constraint(),
     )
 
 

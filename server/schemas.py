@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from server.structured.fields import OpenAIConstraintFields, TgiGrammar
 from strategies.base import clipped as clipped  # quoted client text, for the HTTP layer's messages
 from strategies.base import refuse_many_unknown
 
@@ -227,7 +228,8 @@ class GenerateParameters(RequestBody):
     best_of: int | None = Field(default=None, ge=1, le=1)
     # The likeliest tokens at each generated position: `details.top_tokens`, a stream event's `top_tokens`.
     top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_TOP_N_TOKENS)
-    grammar: Any | None = None
+    # Structured output: {"type": "json" | "regex" | "json_schema", "value": ...} (server/structured/fields.py).
+    grammar: TgiGrammar | None = None
     adapter_id: str | None = None
 
     @field_validator("stop")
@@ -237,7 +239,7 @@ class GenerateParameters(RequestBody):
             raise ValueError("stop sequences must be non-empty strings")
         return stop
 
-    @field_validator("grammar", "adapter_id", "best_of")
+    @field_validator("adapter_id", "best_of")
     @classmethod
     def _unsupported(cls, value: Any, info: Any) -> Any:
         if value not in (None, 1):
@@ -393,9 +395,10 @@ ROUTER_FILLED_FIELDS: dict[str, bool] = {
 }
 
 
-class OpenAIRequest(RequestBody):
+class OpenAIRequest(RequestBody, OpenAIConstraintFields):
     """The fields /v1/completions and /v1/chat/completions share; `strategy`, `context` and
-    `deadline_s` are ropeserve's extra fields."""
+    `deadline_s` are ropeserve's extra fields; `response_format` and `structured_outputs` come from
+    OpenAIConstraintFields (structured output)."""
 
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
@@ -498,6 +501,11 @@ class CompletionRequest(OpenAIRequest):
     def _echo_for_zero_tokens(self) -> CompletionRequest:
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens: 0 is only allowed with echo (the prompt alone is returned)")
+        if self.echo and self.constraint() is not None:
+            raise ValueError(
+                "echo: the prompt before a constrained output would not match its constraint; leave out echo "
+                "(or the constraint)"
+            )
         return self
 
     @field_validator("suffix")
@@ -602,7 +610,6 @@ class ChatCompletionRequest(OpenAIRequest):
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = Field(default=None, max_length=MAX_REFUSED_ITEMS)
-    response_format: dict[str, Any] | None = None
 
     _parts = model_validator(mode="before")(count_content_parts)
 
@@ -611,13 +618,6 @@ class ChatCompletionRequest(OpenAIRequest):
     def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
         if value:
             raise ValueError("tools is not supported by ropeserve")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is supported by ropeserve")
         return value
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from server.plan import ModelFacts
 from server.plan_checks import RopeVerdicts, check_plan, check_token_ids
 from server.queue_admission import job_work, queue_refusal
 from server.request_record import RequestRecord, failure_status, record_refusal
+from server.structured.compile_check import ConstraintCheck, refuse_unchecked
 from server.watchdog import watch_engine
 from strategies.base import PlanContext, Strategy, StrategyError, StrategyRequest, StrategySpec
 from strategies.registry import StrategyRegistry
@@ -61,8 +62,11 @@ class GenerationService:
         engine_factory: Callable[[], Awaitable[Engine]] | None = None,
         strategy_options: Mapping[str, Any] | None = None,
         admission: AdmissionController | None = None,
+        constraint_check: ConstraintCheck | None = None,
     ) -> None:
         self.engine = engine
+        # Compiles each structured-output constraint before its request runs (None: none are served).
+        self.constraint_check = constraint_check
         # Admission by queued work (server/admission.py); without one, a bound of 0: never refuses.
         self.admission = admission or AdmissionController(0, max_rows=engine.max_rows_per_step)
         # Server-side configuration strategies read while planning (PlanContext.options).
@@ -158,6 +162,8 @@ class GenerationService:
             plan = strategy.plan(request, context)
         verdicts.refuse(plan)
         check_plan(plan, strategy.name, draft.sampling, self.engine, self.engine_seeds)
+        if (constraint := draft.sampling.constraint) is not None:
+            await (self.constraint_check or refuse_unchecked).check(constraint)
         limits = [s for s in (draft.deadline_s, self.request_timeout_s) if s is not None]
         deadline = min(limits) if limits else None
         priority = default_priority(plan.prompt_tokens, draft.priority)

@@ -1,9 +1,11 @@
 """The engine API: the plain data strategies produce and engines consume, and the `Engine` protocol.
 
-The API is this module and the three it re-exports, which depend on nothing else of the project:
+The API is this module and the four it re-exports, which depend on nothing else of the project:
 
 - rows.py: `RowRequest`, `SamplingOptions`, `EngineStep`, `TokenEvent` (a row in, its steps out);
 - engine_stats.py: `Parallelism`, `EngineStats`, `EngineIteration` (what an engine reports);
+- output_constraint.py: `OutputConstraint` (what a row's output must match: structured output) and
+  `compile_constraint`;
 - here: `ExecutionPlan` and the protocols at the seams (`Engine`, `RowCombiner`, `StepAware`, ...).
 
 Strategies import it from here (they produce `RopeConfig` and `ExecutionPlan` from `ModelFacts`),
@@ -25,6 +27,7 @@ from server.engines.engine_stats import (
     Parallelism,
     StepWork,
 )
+from server.engines.output_constraint import OutputConstraint, compile_constraint
 from server.engines.rows import (
     EngineStep,
     FinishReason,
@@ -47,6 +50,7 @@ __all__ = [
     "ExecutorBackend",
     "FinishReason",
     "FinishedRow",
+    "OutputConstraint",
     "Parallelism",
     "RowCombiner",
     "RowJob",
@@ -60,6 +64,7 @@ __all__ = [
     "TokenEvent",
     "Tokenizer",
     "TopToken",
+    "compile_constraint",
 ]
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from server.engines.output_constraint import OutputConstraint
 from server.plan import RopeConfig
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
@@ -30,6 +31,8 @@ class SamplingOptions:
     prompt_logprobs: int | None = None
     # Opaque per-request data for engine-side processors (e.g. NBCE's row group).
     extra_args: dict[str, Any] | None = None
+    # What the output must match (structured output); None: free text.
+    constraint: OutputConstraint | None = None
 
 
 @dataclass(frozen=True)

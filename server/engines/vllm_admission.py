@@ -15,6 +15,7 @@ from server.engines.rope_slots import ROPE_EXTRA_KEY, RopeSlots
 from server.engines.scheme_attention.step import ATTENTION_EXTRA_KEY
 from server.engines.vllm_config import VllmEngineConfig
 from server.engines.vllm_refusal import RopeRefusal
+from server.engines.vllm_structured import structured_outputs
 from server.plan import ModelFacts, RopeConfig
 
 
@@ -108,4 +109,5 @@ def to_vllm_sampling(options: SamplingOptions, extra_args: dict[str, Any] | None
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra_args,
         skip_special_tokens=True,
+        structured_outputs=structured_outputs(options.constraint),
     )

@@ -15,6 +15,7 @@ from server.engines.cpu_ray import RANK_CPUS_ENV, start_local_ray
 from server.engines.multi_rope import CONFIG_KEY, WORKER_CLASSES
 from server.engines.vllm_adapter.runner import prefer_v1_runner
 from server.engines.vllm_config import VllmEngineConfig
+from server.engines.vllm_structured import engine_settings as structured_output_settings
 from server.plan import ModelFacts, RopeConfig
 
 # vLLM rope types whose cos/sin table is max_position_embeddings x factor (vLLM's `dynamic` and
@@ -81,6 +82,8 @@ def engine_args(config: VllmEngineConfig, model: ModelFacts, cpu: bool) -> Any:
         enable_logging_iteration_details=True,
         # Rows carry a priority (RowRequest.priority): short requests go ahead of waiting long ones.
         scheduling_policy="priority",
+        # Constrained rows (structured output) are masked by vLLM's xgrammar backend.
+        structured_outputs_config=structured_output_settings(),
         tensor_parallel_size=parallel.tensor,
         pipeline_parallel_size=parallel.pipeline,
         data_parallel_size=parallel.data,

@@ -12,6 +12,10 @@ step: it is marked desynced for good and each row is forced to its own marker to
 (`marker_token(k)`), so the rows' outputs disagree at that position and the runner notices,
 aborts the rows and submits them again with the confirmed tokens appended (runner.py).
 
+A constrained request (structured output) masks every row's logits with its group's grammar
+state before the combination (grammar.py), so the combined choice is always a token the grammar
+allows; tokens not the grammar's mark the group out of step like a desync.
+
 Which rows are mid-prefill the engine tells it through `StepAware.bind_step_rows`
 (server/engines/base.py; ropeserve's multi-RoPE runner does). Left unbound (another engine
 layout) every scheduled row counts as at its decode point; the runner's agreement check still
@@ -31,7 +35,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from server.engines.base import StepRows
 from strategies.nbce.combine import choose_token, combine
-from strategies.nbce.protocol import RowTag
+from strategies.nbce.grammar import GrammarCache, GroupGrammar
+from strategies.nbce.protocol import RowTag, announced
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,8 @@ class _Group:
     rows: int
     members: int = 0
     desynced: bool = False
+    # The group's output constraint (structured output; grammar.py), applied before the combination.
+    grammar: GroupGrammar | None = None
 
 
 class NbceLogitsProcessor(LogitsProcessor):
@@ -65,6 +72,8 @@ class NbceLogitsProcessor(LogitsProcessor):
         self.history: OrderedDict[str, dict[int, int | None]] = OrderedDict()
         self.step_rows: StepRows | None = None
         self.warned_unbound = False
+        model = vllm_config.model_config
+        self.grammars = GrammarCache(str(model.tokenizer), int(model.get_vocab_size()))
 
     def bind_step_rows(self, rows: StepRows) -> None:
         """`StepAware`: the engine says which rows are mid-prefill."""
@@ -73,6 +82,7 @@ class NbceLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
         RowTag.from_extra_args(sampling_params.extra_args)
+        announced(sampling_params.extra_args)
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -96,14 +106,17 @@ class NbceLogitsProcessor(LogitsProcessor):
             return
         for index in batch_update.removed:
             self._drop(index)
-        for index, params, _prompt, output in batch_update.added:
+        for index, params, prompt, output in batch_update.added:
             self._drop(index)
-            tag = RowTag.from_extra_args(getattr(params, "extra_args", None))
+            extra_args = getattr(params, "extra_args", None)
+            if (ahead := announced(extra_args)) is not None:
+                self.grammars.prepare(ahead)  # compiled while the rows prefill
+            tag = RowTag.from_extra_args(extra_args)
             if tag is None:
                 continue
             group = self.groups.get(tag.group)
             if group is None:
-                group = self.groups[tag.group] = _Group(rows=tag.rows)
+                group = self.groups[tag.group] = _Group(rows=tag.rows, grammar=self._grammar(tag, prompt))
             group.members += 1
             self.rows[index] = _Row(tag, output)
         for a, b, direction in batch_update.moved:
@@ -150,7 +163,8 @@ class NbceLogitsProcessor(LogitsProcessor):
                 and len({len(r.output) for r in rows}) == 1
                 and len({r.tag.row for r in rows}) == group.rows
             )
-            if aligned:
+            # The constraint masks every row before the combination; tokens not the grammar's: out of step.
+            if aligned and (group.grammar is None or group.grammar.mask(logits, indices, rows[0].output)):
                 token = self._combined_token(logits, sorted(indices, key=lambda i: self.rows[i].tag.row))
                 for i in indices:
                     _force(logits, i, token)
@@ -159,6 +173,13 @@ class NbceLogitsProcessor(LogitsProcessor):
                 for i in indices:
                     _force(logits, i, marker_token(self.rows[i].tag.row, logits.shape[1]))
         return logits
+
+    def _grammar(self, tag: RowTag, prompt: list[int] | None) -> GroupGrammar | None:
+        """The group's grammar state, after the tokens confirmed before it (its prompts' last `base`)."""
+        if tag.constraint is None:
+            return None
+        confirmed = list(prompt or [])[-tag.base :] if tag.base else []
+        return GroupGrammar(self.grammars.prepare(tag.constraint), tag.stop_token_ids, confirmed)
 
     def _combined_token(self, logits: torch.Tensor, ordered: list[int]) -> int:
         first = self.rows[ordered[0]]

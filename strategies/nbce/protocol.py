@@ -15,9 +15,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from server.engines.base import SamplingOptions
+from server.engines.base import OutputConstraint, SamplingOptions
 
 EXTRA_KEY = "nbce"
+# A row that announces its request's output constraint before the group runs (NBCE's prefill rows),
+# so that the engine core compiles it meanwhile.
+GRAMMAR_AHEAD_KEY = "nbce_grammar"
 
 Pooling = Literal["min_entropy", "max_prob", "mean"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
@@ -76,9 +79,14 @@ class RowTag:
     base: int
     combination: Combination
     draw: Draw
+    # What the combined output must match (structured output), and the tokens that end it.
+    constraint: OutputConstraint | None = None
+    stop_token_ids: tuple[int, ...] = ()
 
     def to_extra_args(self) -> dict[str, Any]:
-        return {EXTRA_KEY: asdict(self)}
+        raw = asdict(self)
+        raw["constraint"] = None if self.constraint is None else self.constraint.to_dict()
+        return {EXTRA_KEY: raw}
 
     @classmethod
     def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> RowTag | None:
@@ -95,6 +103,8 @@ class RowTag:
                 base=int(raw["base"]),
                 combination=Combination(**raw["combination"]),
                 draw=Draw(**raw["draw"]),
+                constraint=None if raw.get("constraint") is None else OutputConstraint.from_dict(raw["constraint"]),
+                stop_token_ids=tuple(int(t) for t in raw.get("stop_token_ids", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"extra_args.{EXTRA_KEY}: not an NBCE row tag ({exc})") from None
@@ -103,3 +113,14 @@ class RowTag:
                 f"extra_args.{EXTRA_KEY}: row {tag.row} of {tag.rows}, pooling {tag.combination.pooling!r}"
             )
         return tag
+
+
+def announce(constraint: OutputConstraint | None) -> dict[str, Any] | None:
+    """The `extra_args` of a row that announces its request's constraint (GRAMMAR_AHEAD_KEY)."""
+    return None if constraint is None else {GRAMMAR_AHEAD_KEY: constraint.to_dict()}
+
+
+def announced(extra_args: Mapping[str, Any] | None) -> OutputConstraint | None:
+    """The constraint a row announces, if any. ValueError if malformed."""
+    raw = (extra_args or {}).get(GRAMMAR_AHEAD_KEY)
+    return None if raw is None else OutputConstraint.from_dict(raw)

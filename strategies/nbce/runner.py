@@ -37,7 +37,9 @@ Design
   every row's generated tokens).
 
 Repetition/frequency/presence penalties are not applied to NBCE (the rows are forced); stop
-strings, EOS, ignore_eos, max_new_tokens and do_sample/temperature/top_k/top_p/seed are.
+strings, EOS, ignore_eos, max_new_tokens and do_sample/temperature/top_k/top_p/seed are, and an
+output constraint (structured output: one grammar state per group, masking every row before the
+combination; grammar.py).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from server.engines.base import (
     TokenEvent,
     Tokenizer,
 )
-from strategies.nbce.protocol import Combination, Draw, RowTag
+from strategies.nbce.protocol import Combination, Draw, RowTag, announce
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,8 @@ class _NbceRequest:
                         base=len(confirmed),
                         combination=self.combination,
                         draw=draw,
+                        constraint=sampling.constraint,
+                        stop_token_ids=tuple(sorted(self.tokens.eos)),
                     ).to_extra_args(),
                 ),
                 self.job.plan.rope,
@@ -195,7 +199,8 @@ async def _prefill(engine: Engine, job: RowJob) -> None:
     NBCE prefill). Row by row, requests that arrive meanwhile are admitted between rows.
     """
     for k, row in enumerate(job.plan.rows):
-        one_token = SamplingOptions(max_new_tokens=1)
+        # A constrained request's grammar is compiled in the engine core while its rows prefill.
+        one_token = SamplingOptions(max_new_tokens=1, extra_args=announce(job.sampling.constraint))
         request = RowRequest(f"{job.request_id}:prefill:{k}", row, one_token, job.plan.rope, job.priority)
         stream = engine.generate(request)
         try:

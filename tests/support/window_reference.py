@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:  # only the type: the reference computes nothing with the engine's code
-    from server.engines.base import AttentionScheme
+    from server.plan import AttentionScheme
 
 SchemeKind = Literal["native", "rerope", "leaky_rerope", "self_extend", "dca", "string"]
 

@@ -75,7 +75,13 @@ def test_attention_schemes_are_plain_torch_over_the_plan_types() -> None:
 
 
 # The engine API: base.py and the modules it re-exports (the service imports it through base.py).
-ENGINE_API = ("server.engines.base", "server.engines.rows", "server.engines.engine_stats", "server.plan")
+ENGINE_API = (
+    "server.engines.base",
+    "server.engines.rows",
+    "server.engines.engine_stats",
+    "server.engines.output_constraint",
+    "server.plan",
+)
 
 
 @pytest.mark.parametrize("module", ENGINE_API)

