@@ -156,8 +156,8 @@ def draw(
     taken, used = [], 0
     for paragraph in paragraphs[start:]:
         taken.append(paragraph)
-        used += count(paragraph) + 2
-        if used >= tokens:
+        used += count(paragraph)
+        if used >= tokens * 1.05 + 100:  # more than enough: `fit` trims to the length
             break
     return fit(Document.from_paragraphs(taken, f"{title}:{start}"), tokens, count)
 

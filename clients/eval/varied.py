@@ -30,9 +30,11 @@ GENERATION_TASKS = (*fact_recall.STYLES, continuation.TASK)
 TASKS = (*GENERATION_TASKS, distant_copy.TASK)
 # Room for the probe after the document (a cue is 10-20 tokens, a question ~40) and its separator.
 PROBE_TOKENS = 48
-# Probes (facts, sentences) per document: one per this many tokens, at least MIN_PER_DOCUMENT.
+# Probes (facts, sentences) per document: one per this many tokens, between these bounds (a long
+# document holds as many facts as an 8k one, so a cell's facts interfere alike at every length).
 TOKENS_PER_PROBE = 400
 MIN_PER_DOCUMENT = 4
+MAX_PER_DOCUMENT = 20
 # distant_copy: copies per document, one per this many tokens, between these bounds.
 TOKENS_PER_COPY = 500
 COPIES = (2, 16)
@@ -44,10 +46,10 @@ def layout(length: int, probes: int) -> tuple[int, int]:
     """(probes per document, documents) for a cell of `probes` probes: a short document holds a
     few facts, so short cells ask several documents.
 
-    >>> layout(1000, 20), layout(4000, 20), layout(8000, 20), layout(32000, 20), layout(1000, 2)
-    ((4, 5), (10, 2), (20, 1), (20, 1), (2, 1))
+    >>> layout(1000, 20), layout(4000, 20), layout(8000, 20), layout(32000, 40), layout(1000, 2)
+    ((4, 5), (10, 2), (20, 1), (20, 2), (2, 1))
     """
-    per_document = min(probes, max(MIN_PER_DOCUMENT, length // TOKENS_PER_PROBE))
+    per_document = min(probes, MAX_PER_DOCUMENT, max(MIN_PER_DOCUMENT, length // TOKENS_PER_PROBE))
     return per_document, math.ceil(probes / per_document)
 
 
