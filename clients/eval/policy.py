@@ -85,6 +85,8 @@ def measured_policy(results: EvalResults, source: str, only: list[str] | None = 
         ranked = []
         tasks = measured_tasks(results, length, only)
         for order, (label, spec) in enumerate(zip(results.strategies, results.specs, strict=True)):
+            if spec.get("name") == "auto":
+                continue  # a column to compare with, never a choice of its own policy
             # A candidate of the band was measured on every task measured there.
             scores = {task: results.tasks[task].get(label, {}).get(str(length)) for task in tasks}
             if not scores or any(s is None or s.accuracy is None for s in scores.values()):
