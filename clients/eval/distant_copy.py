@@ -49,7 +49,9 @@ def build(tokens: int, encode: Encode, copies: int, seed: int, index: int) -> tu
     doc = draw(tokens - tail, count, rng)
     doc_ids = encode(doc.text)
     title = doc.source.split(":")[0]
-    controls = encode(draw(copies * PASSAGE_TOKENS + 64, count, rng, avoid=title).text)
+    controls: list[int] = []
+    while len(controls) < copies * PASSAGE_TOKENS:  # a draw ends at a sentence: it may fall short
+        controls += encode(draw(2 * copies * PASSAGE_TOKENS + 200, count, rng, avoid=title).text)
     ids, segments = list(doc_ids), []
     for k, depth in enumerate(spread(copies)):
         original = min(max(0, int(depth * len(doc_ids)) - PASSAGE_TOKENS // 2), len(doc_ids) - PASSAGE_TOKENS)
