@@ -15,9 +15,13 @@ from clients.eval.documents import Document, boundary_at, cell_rng, draw, fit, r
 from clients.eval.policy import measured_policy
 from clients.eval.results import EvalResults, Score
 from clients.eval.server_meter import Reading, counter_total
+from server.engines.base import ModelFacts
 from strategies.auto_policy import AutoPolicy
 from strategies.base import StrategyRequest
-from tests.unit.test_eval_and_policy import auto_plan, document
+from strategies.registry import default_registry
+from tests.support.planning import plan_context
+
+MODEL = ModelFacts("m", 8192, {"rope_type": "default", "rope_theta": 100000.0}, 64, 49152, max_context_tokens=40_000)
 
 
 def words(text: str) -> int:
@@ -223,7 +227,10 @@ def test_autos_reason_names_the_varied_text_cell() -> None:
     results = varied_grid()
     raw = measured_policy(results, "ropeserve eval (docs/eval/varied/results.json)", ["fact_recall", "continuation"])
     policy = AutoPolicy.model_validate(raw)
-    plan = auto_plan(policy, StrategyRequest(document(12_000), (), 8))
+    registry = default_registry()
+    context = plan_context(MODEL, lambda text: [1] * len(text), registry)  # one token per character
+    context = type(context)(context.model, context.tokenize, context.resolve, {"auto_policy": policy})
+    plan = registry.resolve({"name": "auto"}).plan(StrategyRequest("Words. " * 1715, (), 8), context)  # 12,005 tokens
     reason = plan.resolved["reason"]
     assert plan.resolved["chosen"]["name"] == "dca"
     assert "measured at 16000 tokens on varied text (Austen's novels): fact_recall 15/20, continuation 0.25 of 20" in (
