@@ -60,7 +60,7 @@ class Score:
         self.records += other.records
         for key, value in other.cost.items():
             if isinstance(value, (int, float)) and isinstance(self.cost.get(key), (int, float)):
-                self.cost[key] += value
+                self.cost[key] = round(self.cost[key] + value, 2)
 
 
 @dataclass
