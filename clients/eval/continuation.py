@@ -5,8 +5,9 @@ an Austen novel; the probe, after the document, is the sentence's first CUE_WORD
 model continues it (greedy). A trial scores the fraction of the sentence's next TARGET_WORDS words
 the model reproduces before its first wrong word (a continuous score: one word early is 0.1, the
 whole run 1.0). The cue occurs once in the document, so it points at one place. The novels are
-public text a model may have read in training: the same cue is also asked without the document
-(`baseline`, what the model recalls from memory), and the cell reports both.
+public text a model may have read in training: the same cue is also asked without the document,
+of `native` whatever the cell's strategy (`baseline`, what the model recalls from memory; `nbce`
+cannot run without a document), and the cell reports both.
 """
 
 from __future__ import annotations

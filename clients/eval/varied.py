@@ -22,7 +22,7 @@ import httpx
 
 from clients.bench_passkey import spec_for_length
 from clients.eval import continuation, distant_copy, fact_recall
-from clients.eval.documents import CountTokens, Probed
+from clients.eval.documents import Case, CountTokens, Probed
 from clients.eval.results import Score
 from clients.eval.server_meter import ServerMeter
 
@@ -78,6 +78,35 @@ def _chosen(strategy: dict[str, Any]) -> str:
     return str(strategy.get("chosen", strategy).get("name", "?"))
 
 
+class Refused(Exception):
+    """The server refused a request of the cell (the strategy cannot serve this length)."""
+
+
+def _ask(client: httpx.Client, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    status, reply, seconds = _generate(client, body)
+    if status != 200:
+        raise Refused(f"{status}: {reply.get('error', reply)}"[:300])
+    return reply, seconds
+
+
+def _trial(
+    client: httpx.Client, meter: ServerMeter, body: dict[str, Any], case: Case, first: bool, with_baseline: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One probe after its document: its record, and the strategy the reply reports."""
+    before = meter.read() if first else None
+    reply, seconds = _ask(client, body)
+    generated = str(reply.get("generated_text", ""))
+    served = reply.get("strategy", {})
+    record: dict[str, Any] = {"score": case.score(generated), "seconds": round(seconds, 2), "expected": case.expected,
+                              "output": generated[:80], "strategy": _chosen(served)}  # fmt: skip
+    if before is not None:  # a document's first probe: was any of it in the prefix cache already?
+        record["first_probe_cache"] = meter.read().since(before)
+    if with_baseline:  # the same probe without the document: what the model knows from memory
+        alone, _ = _ask(client, {**body, "context": None, "strategy": {"name": "native"}})
+        record["baseline"] = case.score(str(alone.get("generated_text", "")))
+    return record, served
+
+
 def generation_cell(
     client: httpx.Client,
     meter: ServerMeter,
@@ -95,46 +124,30 @@ def generation_cell(
     score = Score(strategy=used, continuous=task == continuation.TASK)
     per_document, documents = layout(length, probes)
     start = meter.read()
-    baselines: list[float] = []
-    for index in range(documents * 2):  # a document may offer fewer probes (continuation): ask more
-        if score.trials >= probes:
-            break
-        probed = cases_of(length - max_new - PROBE_TOKENS, count, min(per_document, probes - score.trials), seed, index)
-        doc_tokens = max(count(probed.text), 1)
-        for k, case in enumerate(probed.cases):
-            body = {"inputs": case.inputs, "context": probed.text, "strategy": used,
-                    "parameters": {"max_new_tokens": max_new, "do_sample": False}}  # fmt: skip
-            if not score.served:
-                status, dry, _ = _generate(client, {**body, "dry_run": True})
-                if status != 200:
-                    score.refused = f"{status}: {dry.get('error', dry)}"[:300]
-                    return score
-                score.served["dry_run"] = dry.get("strategy", {})
-            before = meter.read() if k == 0 else None
-            status, reply, seconds = _generate(client, body)
-            if status != 200:
-                score.refused = f"{status}: {reply.get('error', reply)}"[:300]
-                return score
-            generated = str(reply.get("generated_text", ""))
-            served = reply.get("strategy", {})
-            score.served.setdefault("reply", served)
-            record: dict[str, Any] = {
-                "doc": index, "source": probed.source, "depth": round(case.position / doc_tokens, 3),
-                "distance": doc_tokens - case.position, "score": case.score(generated), "seconds": round(seconds, 2),
-                "expected": case.expected, "output": generated[:80], "strategy": _chosen(served),
-            }  # fmt: skip
-            if before is not None:  # the document's first probe: was any of it already cached?
-                record["first_probe_cache"] = meter.read().since(before)
-            if with_baseline:
-                status, alone, _ = _generate(client, {**body, "context": None})
-                record["baseline"] = case.score(str(alone.get("generated_text", ""))) if status == 200 else None
-                if record["baseline"] is not None:
-                    baselines.append(record["baseline"])
-            score.records.append(record)
-            score.trials += 1
-            score.correct += record["score"]
+    try:
+        for index in range(documents * 2):  # a document may offer fewer probes (continuation): ask more
+            if score.trials >= probes:
+                break
+            wanted = min(per_document, probes - score.trials)
+            probed = cases_of(length - max_new - PROBE_TOKENS, count, wanted, seed, index)
+            doc_tokens = max(count(probed.text), 1)
+            for k, case in enumerate(probed.cases):
+                body = {"inputs": case.inputs, "context": probed.text, "strategy": used,
+                        "parameters": {"max_new_tokens": max_new, "do_sample": False}}  # fmt: skip
+                if "dry_run" not in score.served:  # what the server would run, `auto`'s pick and reason
+                    score.served["dry_run"] = _ask(client, {**body, "dry_run": True})[0].get("strategy", {})
+                record, served = _trial(client, meter, body, case, k == 0, with_baseline)
+                score.served.setdefault("reply", served)
+                score.records.append({"doc": index, "source": probed.source,
+                                      "depth": round(case.position / doc_tokens, 3),
+                                      "distance": doc_tokens - case.position, **record})  # fmt: skip
+                score.trials += 1
+                score.correct += record["score"]
+    except Refused as refusal:
+        return Score(strategy=used, refused=str(refusal), served=score.served)
     score.cost = meter.read().since(start)
     score.seconds = fmean(r["seconds"] for r in score.records) if score.records else 0.0
+    baselines = [r["baseline"] for r in score.records if "baseline" in r]
     score.baseline = round(fmean(baselines), 4) if baselines else None
     return score
 

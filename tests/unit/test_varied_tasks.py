@@ -4,17 +4,19 @@ novels (so positions are checkable) and one token is one word."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 
 from clients.eval import continuation, distant_copy, documents, fact_recall, plots, varied
 from clients.eval.documents import Document, boundary_at, cell_rng, draw, fit, reflow, split_sentences
 from clients.eval.policy import measured_policy
 from clients.eval.results import EvalResults, Score
-from clients.eval.server_meter import Reading, counter_total
+from clients.eval.server_meter import Reading, ServerMeter, counter_total
 from server.engines.base import ModelFacts
 from strategies.auto_policy import AutoPolicy
 from strategies.base import StrategyRequest
@@ -265,3 +267,73 @@ def test_a_score_keeps_its_records_and_baseline_through_results_json_and_a_secon
                                                     records=[{"score": 0.1}], seeds=[1]))  # fmt: skip
     assert cell.trials == 40 and cell.baseline == pytest.approx(0.03) and len(cell.records) == 2
     assert cell.describe() == "0.30 of 40"  # (0.50 x 20 + 2) / 40
+
+
+class FakeServer:
+    """/generate answering each fact probe with its number (a continuation probe with the words
+    that follow its cue), and /metrics counting a document's prompt tokens as cached after its first
+    request: the HTTP plumbing of a cell, without an engine."""
+
+    def __init__(self, text_of: dict[str, str], refuse: bool = False) -> None:
+        self.text_of, self.refuse = text_of, refuse
+        self.bodies: list[dict] = []
+        self.seen: set[str] = set()
+        self.queries = self.hits = 0.0
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text=f"ropeserve_prefix_cache_queries_total{{strategy=\"x\"}} {self.queries}\n"
+                                             f"ropeserve_prefix_cache_hits_total{{strategy=\"x\"}} {self.hits}\n")  # fmt: skip
+        body = json.loads(request.content)
+        self.bodies.append(body)
+        if self.refuse:
+            return httpx.Response(422, json={"error": "context: too long for this strategy"})
+        strategy = {"name": "auto", "chosen": {"name": "native"}, "reason": "test"}
+        if body.get("dry_run"):
+            return httpx.Response(200, json={"dry_run": True, "strategy": strategy})
+        document = body.get("context") or ""
+        tokens = words(document)
+        self.queries += tokens
+        if document in self.seen:
+            self.hits += tokens
+        self.seen.add(document)
+        answer = self.text_of.get(body["inputs"], " nothing") if document else " nothing at all"
+        return httpx.Response(200, json={"generated_text": answer, "strategy": strategy})
+
+
+def run_cell(server: FakeServer, task: str, length: int, probes: int) -> Score:
+    client = httpx.Client(transport=httpx.MockTransport(server.handle), base_url="http://test")
+    return varied.generation_cell(client, ServerMeter(client, None), task, {"name": "auto"}, length, 8192, probes,
+                                  words, seed=0)  # fmt: skip
+
+
+def test_a_generation_cell_asks_each_documents_probes_after_it_and_records_the_trials(corpus) -> None:
+    answers: dict[str, str] = {}
+    for index in range(2):  # the facts the cell will insert, answered right by the fake server
+        probed = fact_recall.cases(1000 - fact_recall.MAX_NEW_TOKENS - varied.PROBE_TOKENS, words, 4, 0, index)
+        answers.update({case.inputs: f" {case.expected}." for case in probed.cases})
+    server = FakeServer(answers)
+    score = run_cell(server, "fact_recall", 1000, 8)
+    assert (score.correct, score.trials, score.refused) == (8, 8, None)
+    assert [r["doc"] for r in score.records] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert score.served["dry_run"]["chosen"] == {"name": "native"} and server.bodies[0]["dry_run"] is True
+    assert sum(1 for b in server.bodies if b.get("dry_run")) == 1  # one dry run a cell
+    firsts = [r["first_probe_cache"] for r in score.records if "first_probe_cache" in r]
+    assert len(firsts) == 2 and all(f["cache_hits"] == 0 and f["cache_queries"] > 800 for f in firsts)
+    depths = [r["depth"] for r in score.records[:4]]
+    assert depths == sorted(depths) and all(0 < r["distance"] < 1000 for r in score.records)
+    assert score.cost["cache_hits"] > 0 and score.cost["cpu_s"] is None  # later probes: cached; no pid
+
+
+def test_continuation_asks_its_baseline_of_native_without_the_document(corpus) -> None:
+    probed = continuation.cases(1000 - continuation.MAX_NEW_TOKENS - varied.PROBE_TOKENS, words, 4, 0, 0)
+    server = FakeServer({case.inputs: " " + case.expected for case in probed.cases})
+    score = run_cell(server, "continuation", 1000, 4)
+    assert score.trials == 4 and score.accuracy == 1.0 and score.baseline == 0.0 and score.continuous
+    alone = [b for b in server.bodies if not b.get("context") and not b.get("dry_run")]
+    assert len(alone) == 4 and all(b["strategy"] == {"name": "native"} for b in alone)
+
+
+def test_a_refused_cell_keeps_the_servers_reason_and_no_trials(corpus) -> None:
+    score = run_cell(FakeServer({}, refuse=True), "fact_recall", 1000, 4)
+    assert score.refused == "422: context: too long for this strategy" and score.trials == 0
