@@ -230,10 +230,12 @@ class AutoStrategy(Strategy[AutoParams]):
                 "name": self.name,
                 "chosen": plan.resolved,
                 "reason": f"{needed} tokens fall in the measured band up to {band.up_to_tokens}; "
-                f"'{choice.label}' ranks {rank} there, measured at {band.up_to_tokens} tokens: {measured} "
+                f"'{choice.label}' ranks {rank} there, measured at {band.up_to_tokens} tokens"
+                f"{' on ' + choice.measured_on if choice.measured_on else ''}: {measured} "
                 f"(score {choice.score:g}; {policy.source or policy.path})",
                 "policy": {"band_up_to_tokens": band.up_to_tokens, "rank": rank, "score": choice.score,
-                           "tasks": choice.tasks, "perplexity_past_window": choice.perplexity_past_window,
+                           "tasks": choice.tasks, "measured_on": choice.measured_on,
+                           "perplexity_past_window": choice.perplexity_past_window,
                            "source": policy.path},
             }  # fmt: skip
             return plan

@@ -23,7 +23,10 @@ class RankedChoice(BaseModel):
     label: str
     score: float = Field(ge=0.0, le=1.0)
     seconds: float = Field(default=0.0, ge=0.0)
+    # The cells that ranked it: task -> "correct/trials" or "mean of trials", at the band's length.
     tasks: dict[str, str] = Field(default_factory=dict)
+    # What those tasks read (e.g. "varied text (Austen's novels)"); the reason names it.
+    measured_on: str = ""
     # Mean perplexity past the native window up to the band's length (None: not measured); it
     # breaks ties in accuracy.
     perplexity_past_window: float | None = Field(default=None, gt=0.0)

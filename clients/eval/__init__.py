@@ -21,21 +21,33 @@ from typing import Any
 import httpx
 
 from clients.bench_passkey import label, load_token_counter, parse_length, spec_for_length, split_strategies
-from clients.eval import passkey, perplexity, plots, probe, ruler
+from clients.eval import passkey, perplexity, plots, probe, ruler, varied
 from clients.eval.policy import merged_policy
 from clients.eval.results import EvalResults
+from clients.eval.server_meter import ServerMeter, listening_pid
 
 DEFAULT_TASKS = "passkey,niah_single_1"
+KNOWN_TASKS = ("passkey", *varied.TASKS, *ruler.OFFLINE_TASKS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--strategies", default="native,dynamic_ntk,yarn,nbce", help="as in `ropeserve bench passkey`")
     parser.add_argument("--lengths", default="4k,8k,16k", help="prompt tokens per cell")
-    parser.add_argument(
-        "--tasks", default=DEFAULT_TASKS, help=f"passkey and/or RULER tasks: {', '.join(ruler.OFFLINE_TASKS)}"
-    )
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated, of: {', '.join(KNOWN_TASKS)}")
     parser.add_argument("--keys", type=int, default=5, help="passkeys (depths) per cell")
+    parser.add_argument(
+        "--probes",
+        type=int,
+        default=20,
+        help="fact_recall / continuation probes per cell (several documents when short)",
+    )
+    parser.add_argument("--copies", type=int, default=16, help="distant_copy copies scored per cell")
+    parser.add_argument(
+        "--server-pid",
+        type=int,
+        help="the server's pid, for the CPU seconds of each cell (default: the local process on --url's port)",
+    )
     parser.add_argument("--samples", type=int, default=5, help="RULER samples per cell")
     parser.add_argument("--perplexity", default="16k", help="tokens of text for perplexity by position (0: skip)")
     parser.add_argument("--bucket", type=int, default=1024, help="window of the perplexity curve (tokens)")
@@ -43,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer dir (default: the bundled model's)")
     parser.add_argument("--out", default="eval-results", help="directory for results.json, PNGs, results.md")
     parser.add_argument("--write-policy", help="also write the measured policy for `auto` to this file")
+    parser.add_argument(
+        "--policy-tasks",
+        default="",
+        help="comma-separated tasks the written policy ranks by (default: every task measured at a band's length)",
+    )
     parser.add_argument("--from-results", help="redraw plots / policy from a results.json, no server")
     parser.add_argument(
         "--policy-also",
@@ -76,13 +93,14 @@ def measure(args: argparse.Namespace) -> EvalResults:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     # A run of perplexity alone measures no cell: its lengths would be empty columns of the grid.
     lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()] if tasks else []
-    unknown = [t for t in tasks if t != "passkey" and t not in ruler.OFFLINE_TASKS]
+    unknown = [t for t in tasks if t not in KNOWN_TASKS]
     if unknown:
-        raise SystemExit(f"unknown task(s) {unknown}; known: passkey, {', '.join(ruler.OFFLINE_TASKS)}")
+        raise SystemExit(f"unknown task(s) {unknown}; known: {', '.join(KNOWN_TASKS)}")
     ppl_tokens = parse_length(args.perplexity) if args.perplexity not in ("", "0") else 0
     tokenizer = _tokenizer_dir(args)
     count = load_token_counter(tokenizer)
     with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
+        meter = ServerMeter(client, args.server_pid or listening_pid(args.url))
         info = client.get("/info").json()
         native = int(info["native_context_window"])
         results = EvalResults(str(info.get("model_id", "model")), native, labels, specs, lengths)
@@ -96,13 +114,13 @@ def measure(args: argparse.Namespace) -> EvalResults:
                 for task in tasks:
                     for length in lengths:
                         # RULER's samples are lm-eval's own, the same under every seed.
-                        seed = args.seed if task == "passkey" else 0
+                        seed = 0 if task in ruler.OFFLINE_TASKS else args.seed
                         if results.has(task, name, length, seed):
                             progress.advance(bar)
                             continue
                         progress.update(bar, description=f"{task} {name} {length:,}")
                         score = _cell(
-                            args, client, task, spec, length, native, count, tokenizer, str(info.get("model_id"))
+                            args, client, meter, task, spec, length, native, count, tokenizer, str(info.get("model_id"))
                         )
                         score.seeds = [seed]
                         results.record(task, name, length, score)
@@ -122,6 +140,7 @@ def measure(args: argparse.Namespace) -> EvalResults:
 def _cell(
     args: argparse.Namespace,
     client: httpx.Client,
+    meter: ServerMeter,
     task: str,
     spec: dict[str, Any],
     length: int,
@@ -132,6 +151,10 @@ def _cell(
 ) -> Any:
     if task == "passkey":
         return passkey.run_cell(client, spec, length, native, args.keys, count, args.seed)
+    if task in varied.GENERATION_TASKS:
+        return varied.generation_cell(client, meter, task, spec, length, native, args.probes, count, args.seed)
+    if task == varied.distant_copy.TASK:
+        return varied.copy_cell(client, meter, spec, length, native, args.copies, _encoder(tokenizer), args.seed)
     used = ruler.lm_eval_spec(spec_for_length(spec, length + ruler.DEFAULT_ANSWER_TOKENS, native))
     why = probe.refusal(client, used, length, ruler.ANSWER_TOKENS.get(task, ruler.DEFAULT_ANSWER_TOKENS))
     if why is not None:
@@ -139,6 +162,12 @@ def _cell(
 
         return Score(refused=why, strategy=used)
     return ruler.run_cell(args.url, model, tokenizer, task, used, length, args.samples)
+
+
+def _encoder(tokenizer: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer).encode
 
 
 def _curve(
@@ -166,7 +195,8 @@ def cli(args: argparse.Namespace) -> int:
         others = [Path(p.strip()) for p in args.policy_also.split(",") if p.strip()]
         grids = [EvalResults.load(p) for p in others] + [results]
         sources = ", ".join(str(p) for p in [*others, out / "results.json"])
-        policy = merged_policy(grids, source=f"ropeserve eval ({sources})")
+        only = [t.strip() for t in args.policy_tasks.split(",") if t.strip()] or None
+        policy = merged_policy(grids, source=f"ropeserve eval ({sources})", only=only)
         Path(args.write_policy).write_text(json.dumps(policy, indent=1) + "\n")
         print(args.write_policy)
     print(plots.markdown(results))

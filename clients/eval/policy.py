@@ -1,6 +1,7 @@
 """The measured policy `auto` follows: per length band, the strategies ranked by their mean
-accuracy over the tasks measured at that length (a strategy is a candidate when it was measured on
-all of them). Ties: more trials first (a cell measured under two seeds is the stronger evidence),
+score over the tasks measured at that length (or those named: `ropeserve eval --policy-tasks`
+ranks by the kept varied-text tasks alone; a strategy is a candidate when it was measured on all
+of them). Ties: more trials first (a cell measured under two seeds is the stronger evidence),
 then the lower perplexity past the native window, up to the band's length, where the grid measured
 its curve (the text read as a whole, a second measure of the same quality), then the order they
 were evaluated in, e.g. native first. Request times on a shared machine are too noisy to break ties.
@@ -11,7 +12,11 @@ Format (read by strategies/auto_policy.py):
      "bands": [{"up_to_tokens": 16000,
                 "ranked": [{"strategy": {"name": "dynamic_ntk", "factor": 2.0}, "score": 0.9,
                             "tasks": {"passkey": "5/5", "niah_single_1": "4/5"},
-                            "perplexity_past_window": 21.3}, ...]}, ...]}
+                            "measured_on": "...", "perplexity_past_window": 21.3}, ...]}, ...]}
+
+`tasks` holds the cells that decided (each task's correct/trials, or a continuous task's mean
+score and trials, at the band's length) and `measured_on` what they were measured on, so `auto`'s
+reason names them.
 
 A request of `n` tokens (prompt + max_new_tokens) uses the first band with `up_to_tokens >= n`.
 Grids measured apart (e.g. docs/eval to 16k, docs/eval/long from 16k to 64k) join in one policy
@@ -26,14 +31,35 @@ from typing import Any
 from clients.bench_passkey import spec_for_length
 from clients.eval.results import EvalResults
 
+# What each task reads, for the policy's `measured_on`.
+TEXTS = {
+    "passkey": "the classic passkey haystack (memorized by small models: a smoke test)",
+    "fact_recall": "varied text (Austen's novels)",
+    "fact_recall_paraphrased": "varied text (Austen's novels)",
+    "fact_recall_question": "varied text (Austen's novels)",
+    "continuation": "varied text (Austen's novels)",
+    "distant_copy": "varied text (Austen's novels)",
+}
 
-def measured_tasks(results: EvalResults, length: int) -> list[str]:
-    """The tasks some strategy was measured on at this length (a grid may measure a task at some
-    lengths only, e.g. passkey alone at 64k)."""
+
+def measured_on(tasks: list[str]) -> str:
+    """What the tasks read, each text once.
+
+    >>> measured_on(["fact_recall", "continuation"])
+    "varied text (Austen's novels)"
+    """
+    texts = dict.fromkeys(TEXTS.get(task, f"RULER's {task}") for task in tasks)
+    return "; ".join(texts)
+
+
+def measured_tasks(results: EvalResults, length: int, only: list[str] | None = None) -> list[str]:
+    """The tasks (of `only`, if given) some strategy was measured on at this length (a grid may
+    measure a task at some lengths only, e.g. passkey alone at 64k)."""
     return [
         task
         for task, by_strategy in results.tasks.items()
-        if any(
+        if (only is None or task in only)
+        and any(
             (cell := cells.get(str(length))) is not None and cell.accuracy is not None for cells in by_strategy.values()
         )
     ]
@@ -53,12 +79,14 @@ def perplexity_past_window(results: EvalResults, label: str, length: int) -> flo
     return round(fmean(past), 3) if past else None
 
 
-def measured_policy(results: EvalResults, source: str) -> dict[str, Any]:
+def measured_policy(results: EvalResults, source: str, only: list[str] | None = None) -> dict[str, Any]:
     bands = []
     for length in sorted(results.lengths):
         ranked = []
-        tasks = measured_tasks(results, length)
+        tasks = measured_tasks(results, length, only)
         for order, (label, spec) in enumerate(zip(results.strategies, results.specs, strict=True)):
+            if spec.get("name") == "auto":
+                continue  # a column to compare with, never a choice of its own policy
             # A candidate of the band was measured on every task measured there.
             scores = {task: results.tasks[task].get(label, {}).get(str(length)) for task in tasks}
             if not scores or any(s is None or s.accuracy is None for s in scores.values()):
@@ -76,7 +104,8 @@ def measured_policy(results: EvalResults, source: str) -> dict[str, Any]:
                         "label": label,
                         "score": round(accuracy, 4),
                         "seconds": round(seconds, 2),
-                        "tasks": {task: f"{s.correct:g}/{s.trials}" for task, s in measured.items()},
+                        "tasks": {task: s.describe() for task, s in measured.items()},
+                        "measured_on": measured_on(list(measured)),
                         "perplexity_past_window": perplexity,
                     },
                 )
@@ -86,14 +115,14 @@ def measured_policy(results: EvalResults, source: str) -> dict[str, Any]:
     return {"model": results.model, "native_window": results.native_window, "source": source, "bands": bands}
 
 
-def merged_policy(grids: list[EvalResults], source: str) -> dict[str, Any]:
+def merged_policy(grids: list[EvalResults], source: str, only: list[str] | None = None) -> dict[str, Any]:
     """One policy from several grids of the same model, band by band; where two grids measured the
     same length, the later one's band is kept (its cells are the newer measurement)."""
     if len({(g.model, g.native_window) for g in grids}) > 1:
         raise ValueError("the grids were measured on different models")
     bands: dict[int, dict[str, Any]] = {}
     for grid in grids:
-        for band in measured_policy(grid, source)["bands"]:
+        for band in measured_policy(grid, source, only)["bands"]:
             bands[band["up_to_tokens"]] = band
     first = grids[0]
     return {

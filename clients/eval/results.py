@@ -11,7 +11,8 @@ from typing import Any
 
 @dataclass
 class Score:
-    """One cell: `correct` of `trials` (RULER: summed scores), mean seconds per request, or why not."""
+    """One cell: `correct` of `trials` (RULER and the varied-text tasks: summed scores), mean seconds
+    per request, or why not."""
 
     correct: float = 0.0
     trials: int = 0
@@ -20,19 +21,46 @@ class Score:
     strategy: dict[str, Any] = field(default_factory=dict)  # the spec actually sent
     # The `--seed`s whose cases were run (a cell measured again under another seed adds its trials).
     seeds: list[int] = field(default_factory=lambda: [0])
+    # The varied-text tasks: one record per trial (its depth, distance, score, seconds, answer).
+    records: list[dict[str, Any]] = field(default_factory=list)
+    # Their reference: the same probes without the document (continuation), or the controls at the
+    # same positions (distant_copy); None where the task has none.
+    baseline: float | None = None
+    # What the cell cost the server: wall and CPU seconds, prefix-cache tokens looked up and served.
+    cost: dict[str, Any] = field(default_factory=dict)
+    # The strategy the server reported (for `auto`: what it picked and why), and its dry run's.
+    served: dict[str, Any] = field(default_factory=dict)
+    # Each trial scores between 0 and 1 (continuation, distant_copy), not 0 or 1.
+    continuous: bool = False
 
     @property
     def accuracy(self) -> float | None:
         return None if self.refused or not self.trials else self.correct / self.trials
+
+    def describe(self) -> str:
+        """'17/20', or for a continuous score its mean and trials: '0.43 of 20'.
+
+        >>> Score(correct=17, trials=20).describe(), Score(correct=8.6, trials=20, continuous=True).describe()
+        ('17/20', '0.43 of 20')
+        """
+        if self.continuous and self.trials:
+            return f"{self.correct / self.trials:.2f} of {self.trials}"
+        return f"{self.correct:g}/{self.trials}"
 
     def add_run(self, other: Score) -> None:
         """Another seed's run of this cell: trials add up, seconds are the mean over all trials."""
         total = self.trials + other.trials
         if total:
             self.seconds = (self.seconds * self.trials + other.seconds * other.trials) / total
+        if self.baseline is not None and other.baseline is not None and total:
+            self.baseline = (self.baseline * self.trials + other.baseline * other.trials) / total
         self.correct += other.correct
         self.trials = total
         self.seeds = sorted(set(self.seeds) | set(other.seeds))
+        self.records += other.records
+        for key, value in other.cost.items():
+            if isinstance(value, (int, float)) and isinstance(self.cost.get(key), (int, float)):
+                self.cost[key] = round(self.cost[key] + value, 2)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clients.eval.results import EvalResults
+from clients.eval.server_meter import listening_pid
 from clients.eval.texts import austen_books
 from server.model_store import default_checkpoint_dir
 from strategies.auto_policy import SHIPPED_POLICY, load_policy
@@ -74,3 +75,49 @@ def test_auto_follows_the_shipped_policy(http):
     first = band.ranked[0]
     assert strategy["chosen"]["name"] == first.strategy["name"] and strategy["policy"]["rank"] == 1
     assert strategy["policy"]["score"] == first.score
+
+
+def test_ropeserve_eval_runs_the_varied_text_tasks(base_url, tmp_path):
+    """The varied-text tasks end to end at 1,000 tokens: fresh documents (their first probes found
+    nothing in the prefix cache), per-trial records, the cost, `auto`'s recorded pick, the plots
+    and a policy ranked by the named tasks."""
+    out = tmp_path / "varied"
+    command = [
+        sys.executable, "-m", "clients.cli", "eval", "--url", base_url, "--strategies", "native;auto",
+        "--lengths", "1000", "--tasks", "fact_recall,continuation,distant_copy", "--probes", "4", "--copies", "4",
+        "--perplexity", "0", "--out", str(out), "--write-policy", str(out / "policy.json"),
+        "--policy-tasks", "fact_recall,continuation",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    results = EvalResults.load(out / "results.json")
+    facts = results.tasks["fact_recall"]["native"]["1000"]
+    assert facts.trials == 4 and len(facts.records) == 4
+    assert facts.correct >= 3, facts.records  # calibrated: the model finishes restated facts in its window
+    for task in ("fact_recall", "continuation"):
+        cell = results.tasks[task]["native"]["1000"]
+        firsts = [r["first_probe_cache"] for r in cell.records if "first_probe_cache" in r]
+        assert firsts and all(f["cache_hits"] == 0 and f["cache_queries"] > 500 for f in firsts), firsts
+        assert all(
+            0 <= r["score"] <= 1 and 0 < r["distance"] < 1000 and r["strategy"] == "native" for r in cell.records
+        )
+        assert cell.cost["wall_s"] > 0 and cell.served["dry_run"]["name"] == "native"
+        if listening_pid(base_url) is not None:
+            assert cell.cost["cpu_s"] > 0
+    assert results.tasks["continuation"]["native"]["1000"].baseline is not None
+    copies = results.tasks["distant_copy"]["native"]["1000"]
+    assert copies.trials == 4 and copies.baseline is not None
+    assert copies.accuracy > copies.baseline  # a passage read before is predicted better than unseen text
+    picked = results.tasks["fact_recall"]["auto"]["1000"].served
+    assert (
+        picked["dry_run"]["name"] == "auto" and picked["dry_run"]["chosen"]["name"] == picked["reply"]["chosen"]["name"]
+    )
+    assert "reason" in picked["dry_run"]
+    for name in ("fact_recall.png", "fact_recall_by_distance.png", "distant_copy.png", "results.md"):
+        assert (out / name).stat().st_size > 0, name
+    assert "**cost**" in (out / "results.md").read_text()
+    policy = load_policy(out / "policy.json")
+    assert [c.label for c in policy.bands[0].ranked] == ["native"]  # auto is a column, not a choice
+    assert set(policy.bands[0].ranked[0].tasks) == {"fact_recall", "continuation"}
+    assert policy.bands[0].ranked[0].measured_on.startswith("varied text")
