@@ -55,7 +55,10 @@ FAMILIES: dict[str, list[Any]] = {
         {"name": "leaky_rerope", "window": 64, "leak": 8},
         {"name": "self_extend", "window": 64, "group": 4},
     ],
-    "dca": [{"name": "dca", "chunk_size": 128, "local_window": 32}],
+    "scheme": [
+        {"name": "dca", "chunk_size": 128, "local_window": 32},
+        {"name": "string", "shift": 128, "local_window": 16},
+    ],
     "nbce": ["nbce"],
     "auto": ["auto"],
 }

@@ -101,7 +101,7 @@ def test_every_builtin_is_registered_once_with_a_schema() -> None:
         if name in ("rerope", "leaky_rerope", "self_extend"):
             # Optional (null: derived from the model's window): the integer variant holds the bounds.
             window = next(v for v in schema["properties"]["window"]["anyOf"] if v["type"] == "integer")
-            assert window["minimum"] == 1 and window["maximum"] == 131072
+            assert window["minimum"] == 128 and window["maximum"] == 131072
             assert set(schema["properties"]) >= {"window", "logn"}
     # Processors for the engine: NBCE's, once.
     assert registry.engine_logits_processors() == ("strategies.nbce.processor:NbceLogitsProcessor",)
