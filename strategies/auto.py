@@ -120,8 +120,9 @@ def _memo(tokenize: Tokenize) -> Tokenize:
 class AutoStrategy(Strategy[AutoParams]):
     name = "auto"
     description = (
-        "native when the prompt fits the window; else the best measured RoPE scaling (dynamic_ntk); "
-        "beyond max_rope_factor x the window, nbce; a scoring request (echo) past the window: a window strategy."
+        "the best strategy measured for the request's length (strategies/auto_policy.json: varied-text tasks, "
+        "band by band); without a policy band: native in the window, a RoPE scaling, then nbce; a scoring "
+        "request (echo) past the window: a window strategy."
     )
     Params = AutoParams
 
