@@ -41,7 +41,7 @@ DRY_RUN_DESCRIPTION = (
 )
 
 # Every list of a body is bounded in count, and checked against its bound before its items (a
-# JSON body's values are bounded as a whole before it is parsed: server/json_body.py).
+# JSON body's values are bounded as a whole before it is parsed: server/http/json_body.py).
 # Documents of a `context` list: NBCE runs at most 64 rows; the plain strategies join them.
 MAX_DOCUMENTS = 1024
 # Messages of a conversation (OpenAI's own bound), and text parts in all its messages together.

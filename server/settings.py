@@ -8,10 +8,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server.admission import DEFAULT_MAX_QUEUE_WAIT_S
-from server.api_keys import FORMAT as API_KEYS_FORMAT
-from server.api_keys import parse_api_keys
-from server.json_body import MAX_JSON_ITEMS
+from server.http.api_keys import FORMAT as API_KEYS_FORMAT
+from server.http.api_keys import parse_api_keys
+from server.http.json_body import MAX_JSON_ITEMS
+from server.service.admission import DEFAULT_MAX_QUEUE_WAIT_S
 
 # A day: a longer bound is no bound (use 0 for off).
 MAX_QUEUE_WAIT_S = 86_400.0
@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     builtin_presets: bool = Field(
         default=True,
         description="offer the built-in presets `<served>-dca`, `-rerope`, `-self_extend`, `-auto` for the bundled "
-        "model (server/presets.py)",
+        "model (server/http/presets.py)",
     )
     dtype: str = "auto"
     kv_cache_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU engines")

@@ -1,4 +1,4 @@
-"""Admission by queued work (server/admission.py): the estimate, the refusals and their
+"""Admission by queued work (server/service/admission.py): the estimate, the refusals and their
 Retry-After, what the estimator learns from the engine's iterations. Pure arithmetic, no engine."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from server import admission
-from server.admission import (
+from server.service import admission
+from server.service.admission import (
     AdmissionController,
     Admit,
     Backlog,

@@ -103,12 +103,42 @@ def test_strategies_see_only_the_engine_api_and_vllm_only_inside_the_engine() ->
     assert with_vllm == {"strategies/nbce/processor.py"}
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "server").glob("http_*.py")), ids=lambda p: p.name)
-def test_http_layer_knows_no_strategy_or_vllm(path: Path) -> None:
-    bad = [
-        m for m in imports(path) if under(m, "strategies", "vllm", "torch") or under(m, "server.engines.vllm_engine")
-    ]
-    assert bad == []
+def engine_internals(module: str) -> bool:
+    """Any engine module but the engine API (server/engines/base.py, the only one the service and HTTP read)."""
+    return under(module, "server.engines") and module != "server.engines.base"
+
+
+def test_the_http_room_knows_no_strategy_engine_or_vllm() -> None:
+    """Routes parse, bound and answer; the service plans and runs. (`strategies.base` holds the
+    error type the routes report; nothing else of strategies.)"""
+    bad = {
+        str(path.relative_to(ROOT)): sorted(
+            m
+            for m in imports(path)
+            if (under(m, "strategies") and m != "strategies.base") or under(m, "vllm", "torch") or engine_internals(m)
+        )
+        for path in files("server/http")
+    }
+    assert {path: found for path, found in bad.items() if found} == {}
+
+
+def test_the_service_room_knows_no_http_or_vllm() -> None:
+    allowed = (
+        "server.service",
+        "server.ops",
+        "server.plan",
+        "server.settings",
+        "server.structured",
+        "server.engines.base",
+    )
+    allowed += ("strategies.base", "strategies.registry")
+    assert offending("server/service", allowed=allowed, banned=("fastapi", "starlette", "vllm", "torch")) == {}
+
+
+def test_the_ops_room_serves_every_room_and_imports_none_of_the_pipeline() -> None:
+    # The service records into metrics and is watched by the watchdog; so ops never imports it back.
+    allowed = ("server.ops", "server.engines.base")
+    assert offending("server/ops", allowed=allowed, banned=("fastapi", "vllm")) == {}
 
 
 def test_clients_speak_http_and_the_contract_schemas() -> None:

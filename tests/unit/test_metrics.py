@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.engines.base import EngineIteration, EngineStats, FinishedRow, Parallelism
-from server.metrics import Metrics
+from server.ops.metrics import Metrics
 from server.plan import ModelFacts
 from tests.support.prometheus_fixture import find_tool
 

@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.engines.base import EngineIteration, FinishedRow
-from server.metrics import Metrics
+from server.ops.metrics import Metrics
 from server.plan import ModelFacts
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,17 +16,17 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from server.admission import AdmissionController, RequestWork, Throughput
 from server.app import create_app
 from server.engines.base import EngineDown, EngineIteration, RowRequest, StepStream, StepWork
 from server.engines.vllm_config import VllmEngineConfig
 from server.engines.vllm_stats import iteration_from_vllm, step_from_vllm
-from server.errors import as_api_error
-from server.jobs import QueueWaitExceeded
+from server.http.errors import as_api_error
+from server.ops.watchdog import watch_engine
 from server.plan import ModelFacts
-from server.queue_admission import admission_controller, all_listeners, learning_from_steps
+from server.service.admission import AdmissionController, RequestWork, Throughput
+from server.service.jobs import QueueWaitExceeded
+from server.service.queue_admission import admission_controller, all_listeners, learning_from_steps
 from server.settings import Settings
-from server.watchdog import watch_engine
 from strategies.nbce.runner import NbceError
 from tests.support.fake_engine import FakeEngine, fake_service_factory
 from tests.support.metrics_text import sample_value

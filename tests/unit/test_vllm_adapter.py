@@ -644,7 +644,7 @@ def test_memoized_logprob_token_texts_are_the_functions_own() -> None:
     from transformers import AutoTokenizer
 
     from server.engines.vllm_adapter.engine import memoize_logprob_token_texts
-    from server.model_store import DEFAULT_MODEL_NAME, model_cache_dir
+    from server.ops.model_store import DEFAULT_MODEL_NAME, model_cache_dir
 
     path = model_cache_dir(None) / DEFAULT_MODEL_NAME
     if not path.is_dir():

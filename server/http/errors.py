@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engines.base import EngineBusy, EngineDown
-from server.jobs import DeadlineExceeded, Draining, Overloaded, QueueWaitExceeded
+from server.http.sse import ClientDisconnected
 from server.schemas import ErrorResponse, ErrorType
-from server.sse import ClientDisconnected
+from server.service.jobs import DeadlineExceeded, Draining, Overloaded, QueueWaitExceeded
 from strategies.base import MAX_REPORTED_ERRORS, StrategyError, clipped
 
 log = logging.getLogger(__name__)

@@ -56,6 +56,8 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 
+from server.ops.metrics import AdmissionFigures
+
 # A prompt under this many tokens (all rows) is short: by default it goes ahead of long documents.
 SHORT_PROMPT_TOKENS = 512
 # Default priorities (vLLM's: lower is scheduled earlier) for requests that do not give one.
@@ -271,20 +273,6 @@ class WorkQueue:
 
     def __len__(self) -> int:
         return len(self._requests)
-
-
-@dataclass(frozen=True)
-class AdmissionFigures:
-    """For /metrics."""
-
-    queued_prompt_tokens: int
-    queued_decode_tokens: int
-    requests: int
-    # The wait of a new one-row request behind everything tracked.
-    estimated_wait_s: float
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    refusals: dict[str, int]
 
 
 class AdmissionController:

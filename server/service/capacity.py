@@ -6,11 +6,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from server.engines.base import Engine, EngineBusy, EngineDown
-from server.jobs import Draining, Overloaded, QueueWaitExceeded
 from server.plan import RopeConfig
-
-# The reasons a request is refused for capacity (the `reason` label of the refusals' counter).
-REFUSAL_REASONS = ("draining", "engine_down", "max_concurrent_requests", "rope_slots", "prefill_backlog", "rows_full")
+from server.service.jobs import Draining, Overloaded, QueueWaitExceeded
 
 
 class ServerLoad(Protocol):
@@ -42,7 +39,7 @@ def capacity_refusal(load: ServerLoad, rope: RopeConfig) -> Exception | None:
 
 
 def refusal_reason(refusal: Exception) -> str:
-    """Why a capacity refusal was made, as one of REFUSAL_REASONS."""
+    """Why a capacity refusal was made, as one of server.ops.metrics.REFUSAL_REASONS."""
     if isinstance(refusal, QueueWaitExceeded):
         return refusal.reason
     if isinstance(refusal, Draining):

@@ -20,9 +20,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from server.engines.base import SamplingOptions
-from server.errors import ApiError, validation_error
+from server.http.errors import ApiError, validation_error
 from server.schemas import ModelCard, OpenAIErrorInfo, OpenAIErrorResponse, StrategySpec, clipped
-from server.service import GenerationService, JobDraft
+from server.service.generation_service import GenerationService, JobDraft
 from server.settings import Settings
 from strategies.base import StrategyError
 

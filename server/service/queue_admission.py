@@ -1,12 +1,12 @@
-"""Admission by queued work (server/admission.py) as the service uses it: a job's work as the
+"""Admission by queued work (server/service/admission.py) as the service uses it: a job's work as the
 controller counts it, a refusal as the 429 the client gets, the controller built from the settings,
 and the engine's steps it learns its throughput from."""
 
 from __future__ import annotations
 
-from server.admission import DEFAULT_STEP_PREFILL_TOKENS, AdmissionController, Admit, RequestWork
 from server.engines.base import Engine, EngineIteration, StatsListener
-from server.jobs import Job, QueueWaitExceeded
+from server.service.admission import DEFAULT_STEP_PREFILL_TOKENS, AdmissionController, Admit, RequestWork
+from server.service.jobs import Job, QueueWaitExceeded
 from server.settings import Settings
 
 
