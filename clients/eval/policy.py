@@ -5,6 +5,9 @@ of them). Ties: more trials first (a cell measured under two seeds is the strong
 then the lower perplexity past the native window, up to the band's length, where the grid measured
 its curve (the text read as a whole, a second measure of the same quality), then the order they
 were evaluated in, e.g. native first. Request times on a shared machine are too noisy to break ties.
+A strategy beats `native` only by more than the noise of the leader's score (one standard error of
+its mean over the tasks, from its trials): inside the window, a difference of a trial or two is no
+reason to run a slower kernel than the model's own, so `native` within that margin ranks first.
 
 Format (read by strategies/auto_policy.py):
 
@@ -25,11 +28,12 @@ through `merged_policy`: a length measured by a later grid replaces an earlier g
 
 from __future__ import annotations
 
-from statistics import fmean
+import math
+from statistics import fmean, pvariance
 from typing import Any
 
 from clients.bench_passkey import spec_for_length
-from clients.eval.results import EvalResults
+from clients.eval.results import EvalResults, Score
 
 # What each task reads, for the policy's `measured_on`.
 TEXTS = {
@@ -79,6 +83,37 @@ def perplexity_past_window(results: EvalResults, label: str, length: int) -> flo
     return round(fmean(past), 3) if past else None
 
 
+def standard_error(scores: list[Score]) -> float:
+    """The standard error of the mean of the cells' scores (each cell its task), from the spread
+    of each cell's trials (a 0/1 task's p(1 - p); a continuous task's trial scores).
+
+    >>> round(standard_error([Score(correct=16, trials=20)]), 4), standard_error([Score(correct=3, trials=3)])
+    (0.0894, 0.0)
+    """
+    variances = []
+    for score in scores:
+        values = [r["score"] for r in score.records if isinstance(r.get("score"), (int, float))]
+        if len(values) == score.trials and values:
+            variances.append(pvariance(values) / len(values))
+        elif score.trials:
+            p = score.correct / score.trials
+            variances.append(p * (1 - p) / score.trials)
+    return math.sqrt(sum(variances)) / len(scores) if scores else 0.0
+
+
+def native_within_noise(ranked: list[tuple[tuple[Any, ...], dict[str, Any], float]]) -> list[dict[str, Any]]:
+    """The band's entries by score, with `native` first where its score is within one standard
+    error of the leader's."""
+    ordered = sorted(ranked, key=lambda r: r[0])
+    if ordered:
+        leader_score, leader_error = ordered[0][1]["score"], ordered[0][2]
+        for i, (_, entry, _) in enumerate(ordered):
+            if entry["label"] == "native" and entry["score"] >= leader_score - leader_error:
+                ordered.insert(0, ordered.pop(i))
+                break
+    return [entry for _, entry, _ in ordered]
+
+
 def measured_policy(results: EvalResults, source: str, only: list[str] | None = None) -> dict[str, Any]:
     bands = []
     for length in sorted(results.lengths):
@@ -108,10 +143,11 @@ def measured_policy(results: EvalResults, source: str, only: list[str] | None = 
                         "measured_on": measured_on(list(measured)),
                         "perplexity_past_window": perplexity,
                     },
+                    standard_error(list(measured.values())),
                 )
             )
         if ranked:
-            bands.append({"up_to_tokens": length, "ranked": [entry for _, entry in sorted(ranked, key=lambda r: r[0])]})
+            bands.append({"up_to_tokens": length, "ranked": native_within_noise(ranked)})
     return {"model": results.model, "native_window": results.native_window, "source": source, "bands": bands}
 
 

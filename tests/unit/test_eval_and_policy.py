@@ -273,3 +273,16 @@ def test_a_rope_the_request_names_is_not_overridden_by_the_policy() -> None:
         assert "policy" not in chosen and chosen["chosen"]["name"] == "llama3", chosen
     factored = auto_plan(policy, request, rope_factor=4).resolved
     assert "policy" not in factored and factored["chosen"] == {**factored["chosen"], "name": "dynamic_ntk", "factor": 4}
+
+
+def test_native_ranks_first_where_a_strategy_beats_it_only_by_the_noise() -> None:
+    """In the window, 36/40 against native's 35/40 is a trial's difference (a standard error of
+    ~0.05): native, the model's own attention, ranks first; 40/40 against 30/40 is not noise."""
+    specs = [{"name": "native"}, {"name": "dca"}]
+    for (native, dca), first in {(35, 36): "native", (30, 40): "dca", (36, 35): "native"}.items():
+        results = EvalResults("m", 8192, ["native", "dca"], specs, [8000])
+        for name, correct in (("native", native), ("dca", dca)):
+            cell = results.score("fact_recall", name, 8000)
+            cell.correct, cell.trials, cell.seconds = correct, 40, 1.0
+        (band,) = measured_policy(results, source="test")["bands"]
+        assert band["ranked"][0]["label"] == first, (native, dca)

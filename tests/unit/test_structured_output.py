@@ -131,7 +131,7 @@ BAD_FIELDS: list[tuple[dict[str, Any], list[str]]] = [
         ["response_format.json_schema", "schema: type", "nope"],
     ),
     (
-        {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": deep_schema(40)}}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": deep_schema(20)}}},
         ["response_format.json_schema", "levels", "32"],
     ),
     (

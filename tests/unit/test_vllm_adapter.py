@@ -650,14 +650,17 @@ def test_memoized_logprob_token_texts_are_the_functions_own() -> None:
     if not path.is_dir():
         pytest.skip("the bundled model is not converted here (scripts/setup.sh does it)")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    original = logprobs.convert_ids_list_to_tokens
-    memoize_logprob_token_texts()
-    memoize_logprob_token_texts()  # once is enough
+    installed = logprobs.convert_ids_list_to_tokens  # memoized already where an engine was built
+    original = getattr(installed, "__wrapped__", installed)
+    logprobs.convert_ids_list_to_tokens = original
     try:
+        memoize_logprob_token_texts()
+        memoize_logprob_token_texts()  # once is enough
         memoized = logprobs.convert_ids_list_to_tokens
         assert memoized is not original and getattr(memoized, "memoized", False)
+        assert memoized.__wrapped__ is original  # type: ignore[attr-defined]
         rng = random.Random(7)
         ids = [rng.randrange(tokenizer.vocab_size) for _ in range(3000)] * 2
         assert memoized(tokenizer, ids) == original(tokenizer, ids) == memoized(tokenizer, ids)
     finally:
-        logprobs.convert_ids_list_to_tokens = original
+        logprobs.convert_ids_list_to_tokens = installed

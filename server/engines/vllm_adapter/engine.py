@@ -116,6 +116,7 @@ def memoize_logprob_token_texts() -> None:
         return [known[t] for t in token_ids]
 
     convert_ids_list_to_tokens.memoized = True  # type: ignore[attr-defined]
+    convert_ids_list_to_tokens.__wrapped__ = original  # type: ignore[attr-defined]
     logprobs.convert_ids_list_to_tokens = convert_ids_list_to_tokens
 
 
