@@ -16,7 +16,8 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
 from server.http.api_keys import authorized, unauthorized
-from server.http.json_body import MAX_JSON_ITEMS, parse_json_body
+from server.http.json_body import parse_json_body
+from server.settings import MAX_JSON_ITEMS
 
 # Bodies this large are measured and parsed in a worker thread: the byte passes and the parser
 # still hold the interpreter while each runs, but the event loop runs between them (a 30 MB body

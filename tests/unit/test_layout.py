@@ -143,3 +143,8 @@ def test_the_ops_room_serves_every_room_and_imports_none_of_the_pipeline() -> No
 
 def test_clients_speak_http_and_the_contract_schemas() -> None:
     assert offending("clients", allowed=("clients", "server"), banned=("strategies", "server.engines")) == {}
+
+
+def test_settings_are_read_by_every_room_and_import_none() -> None:
+    # The defaults other rooms start from live in settings.py, so no room is imported back by it.
+    assert [m for m in imports(ROOT / "server" / "settings.py") if under(m, *PROJECT)] == []
