@@ -12,9 +12,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engines.base import EngineBusy, EngineDown
 from server.http.sse import ClientDisconnected
+from server.plan import MAX_REPORTED_ERRORS, StrategyError, clipped
 from server.schemas import ErrorResponse, ErrorType
 from server.service.jobs import DeadlineExceeded, Draining, Overloaded, QueueWaitExceeded
-from strategies.base import MAX_REPORTED_ERRORS, StrategyError, clipped
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 from server.engines.base import Engine, RowRequest, SamplingOptions, StepStream, Tokenizer
 from server.ops.metrics import UNKNOWN_STRATEGY, Metrics
 from server.ops.watchdog import watch_engine
-from server.plan import ModelFacts
+from server.plan import ModelFacts, StrategyError, StrategySpec
 from server.service.admission import AdmissionController, default_priority
 from server.service.capacity import capacity_refusal, refusal_reason
 from server.service.jobs import Job, within_deadline
@@ -24,7 +24,7 @@ from server.service.plan_checks import RopeVerdicts, check_plan, check_token_ids
 from server.service.queue_admission import job_work, queue_refusal
 from server.service.request_record import RequestRecord, failure_status, record_refusal
 from server.structured.compile_check import ConstraintCheck, refuse_unchecked
-from strategies.base import PlanContext, Strategy, StrategyError, StrategyRequest, StrategySpec
+from strategies.base import PlanContext, Strategy, StrategyRequest
 from strategies.registry import StrategyRegistry
 
 # Texts this long are tokenized off the event loop so other requests keep streaming; token-id

@@ -4,6 +4,7 @@ including those inside functions)."""
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,13 +110,10 @@ def engine_internals(module: str) -> bool:
 
 
 def test_the_http_room_knows_no_strategy_engine_or_vllm() -> None:
-    """Routes parse, bound and answer; the service plans and runs. (`strategies.base` holds the
-    error type the routes report; nothing else of strategies.)"""
+    """Routes parse, bound and answer; the service plans and runs."""
     bad = {
         str(path.relative_to(ROOT)): sorted(
-            m
-            for m in imports(path)
-            if (under(m, "strategies") and m != "strategies.base") or under(m, "vllm", "torch") or engine_internals(m)
+            m for m in imports(path) if under(m, "strategies", "vllm", "torch") or engine_internals(m)
         )
         for path in files("server/http")
     }
@@ -148,3 +146,17 @@ def test_clients_speak_http_and_the_contract_schemas() -> None:
 def test_settings_are_read_by_every_room_and_import_none() -> None:
     # The defaults other rooms start from live in settings.py, so no room is imported back by it.
     assert [m for m in imports(ROOT / "server" / "settings.py") if under(m, *PROJECT)] == []
+
+
+def test_the_python_client_loads_neither_strategies_nor_engines() -> None:
+    """Transitively, at run time: what `import clients.client` loads in a fresh interpreter (the
+    contract's schemas and the plan types, never a strategy or an engine module)."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, clients.client; print(' '.join(sorted(sys.modules)))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "server.schemas" in loaded  # the check reads what the client really imports
+    assert [m for m in loaded if under(m, "strategies", "server.engines", "vllm", "torch")] == []
