@@ -50,11 +50,16 @@ def compile_constraint(compiler: Any, constraint: OutputConstraint) -> Any:
     """The constraint compiled by an xgrammar `GrammarCompiler` (passed in, so that the engine API
     imports nothing), with the options vLLM's xgrammar backend uses (ANY_WHITESPACE)."""
     separators = None if ANY_WHITESPACE else (",", ":")
-    if constraint.kind in ("json", "json_object"):
-        schema = constraint.spec if constraint.kind == "json" else JSON_OBJECT_SCHEMA
-        return compiler.compile_json_schema(schema, any_whitespace=ANY_WHITESPACE, separators=separators)
-    if constraint.kind == "regex":
-        return compiler.compile_regex(constraint.spec)
-    if is_lark(constraint.spec):
-        return compiler.compile_lark(constraint.spec)
-    return compiler.compile_grammar(constraint.spec)
+    match constraint.kind:
+        case "json":
+            return compiler.compile_json_schema(constraint.spec, any_whitespace=ANY_WHITESPACE, separators=separators)
+        case "json_object":
+            return compiler.compile_json_schema(
+                JSON_OBJECT_SCHEMA, any_whitespace=ANY_WHITESPACE, separators=separators
+            )
+        case "regex":
+            return compiler.compile_regex(constraint.spec)
+        case "grammar" if is_lark(constraint.spec):
+            return compiler.compile_lark(constraint.spec)
+        case "grammar":
+            return compiler.compile_grammar(constraint.spec)
