@@ -18,10 +18,11 @@ from server.ops.metrics import UNKNOWN_STRATEGY, Metrics
 from server.ops.watchdog import watch_engine
 from server.plan import ModelFacts, StrategyError, StrategySpec
 from server.service.admission import AdmissionController, default_priority
-from server.service.capacity import capacity_refusal, refusal_reason
+from server.service.capacity import capacity_refusal
 from server.service.jobs import Job, within_deadline
 from server.service.plan_checks import RopeVerdicts, check_plan, check_token_ids
 from server.service.queue_admission import job_work, queue_refusal
+from server.service.refusal import Refusal
 from server.service.request_record import RequestRecord, failure_status, record_refusal
 from server.structured.compile_check import ConstraintCheck, refuse_unchecked
 from strategies.base import PlanContext, Strategy, StrategyRequest
@@ -197,15 +198,14 @@ class GenerationService:
         self.metrics.refresh_engine(self.engine)
         self.metrics.refresh_admission(self.admission.figures())
 
-    def capacity_refusal(self, job: Job) -> Exception | None:
+    def capacity_refusal(self, job: Job) -> Refusal | None:
         """Why `job` cannot start now (None: it can); nothing counted (a dry run asks this)."""
         return capacity_refusal(self, job.plan.rope) or queue_refusal(self.admission, job)
 
     def check_capacity(self, job: Job) -> None:
-        """Raises Overloaded, Draining, EngineDown, EngineBusy or QueueWaitExceeded (429/503) when
-        the job cannot start now; counted and logged."""
+        """Raises the job's Refusal (429/503) when it cannot start now; counted and logged."""
         if (refusal := self.capacity_refusal(job)) is not None:
-            record_refusal(self.metrics, job, refusal_reason(refusal))
+            record_refusal(self.metrics, job, refusal.reason)
             raise refusal
 
     async def run(self, job: Job) -> StepStream:

@@ -24,8 +24,8 @@ from server.http.errors import as_api_error
 from server.ops.watchdog import watch_engine
 from server.plan import ModelFacts
 from server.service.admission import AdmissionController, RequestWork, Throughput
-from server.service.jobs import QueueWaitExceeded
 from server.service.queue_admission import admission_controller, all_listeners, learning_from_steps
+from server.service.refusal import Refusal
 from server.settings import Settings
 from strategies.nbce.runner import NbceError
 from tests.support.fake_engine import FakeEngine, fake_service_factory
@@ -273,5 +273,5 @@ def test_an_engine_death_is_a_503_whatever_the_strategy(exc: BaseException) -> N
 
 def test_other_engine_failures_stay_424_and_queue_waits_429() -> None:
     assert as_api_error(nbce_row_failure(RuntimeError("row broke"))).status == 424
-    err = as_api_error(QueueWaitExceeded("wait", 7, "prefill_backlog"))
+    err = as_api_error(Refusal("prefill_backlog", 429, "wait", retry_after_s=7))
     assert (err.status, err.error_type, err.headers) == (429, "overloaded", {"Retry-After": "7"})
