@@ -216,7 +216,7 @@ def load_token_counter(tokenizer: str | None) -> Callable[[str], int] | None:
         from transformers import AutoTokenizer
 
         if tokenizer is None:
-            from server.model_store import resolve_model
+            from server.ops.model_store import resolve_model
 
             tokenizer = resolve_model(None)
         tok = AutoTokenizer.from_pretrained(tokenizer)

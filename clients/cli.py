@@ -14,9 +14,9 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from server.app import create_app
-    from server.drain import DrainingServer
-    from server.http_protocol import server_config
-    from server.logging_setup import configure_logging
+    from server.http.uvicorn_protocol import server_config
+    from server.ops.drain import DrainingServer
+    from server.ops.logging_setup import configure_logging
     from server.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
@@ -50,7 +50,7 @@ def _exit_after_shutdown(signum: int, frame: object) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from server.model_store import ensure_default_checkpoint
+    from server.ops.model_store import ensure_default_checkpoint
 
     path = ensure_default_checkpoint(Path(args.cache_dir) if args.cache_dir else None)
     print(path)

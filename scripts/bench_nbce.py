@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clients.bench_passkey import make_case, parse_length
 from clients.client import sse_events
-from server.model_store import default_checkpoint_dir
+from server.ops.model_store import default_checkpoint_dir
 from strategies.rope import SUGGESTION_ORDER, smallest_power_of_two_factor
 
 

@@ -26,7 +26,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.model_store import DEFAULT_MODEL_NAME, ensure_default_checkpoint  # noqa: E402 - after the sys.path line
+from server.ops.model_store import DEFAULT_MODEL_NAME, ensure_default_checkpoint  # noqa: E402 - after the sys.path line
 
 PY = sys.executable
 

@@ -10,21 +10,21 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
-from server.api_keys import key_bytes
-from server.body_limit import BodyLimitMiddleware
-from server.body_timeout import BodyTimeoutMiddleware
-from server.errors import install_error_handlers
-from server.gc_heap import freeze_startup_heap
-from server.http_chat import router as chat_router
-from server.http_meta import router as meta_router
-from server.http_openai import router as openai_router
-from server.http_tgi import router as tgi_router
-from server.http_tokenize import document_tokenize_bodies
-from server.http_tokenize import router as tokenize_router
-from server.presets import UnknownModel, parse_presets, served_models, unknown_model_handler
-from server.service import GenerationService
+from server.http.api_keys import key_bytes
+from server.http.body_limit import BodyLimitMiddleware
+from server.http.body_timeout import BodyTimeoutMiddleware
+from server.http.chat import router as chat_router
+from server.http.errors import install_error_handlers
+from server.http.meta import router as meta_router
+from server.http.openai import router as openai_router
+from server.http.presets import UnknownModel, parse_presets, served_models, unknown_model_handler
+from server.http.slash_redirect import SlashRedirect
+from server.http.tgi import router as tgi_router
+from server.http.tokenize import document_tokenize_bodies
+from server.http.tokenize import router as tokenize_router
+from server.ops.gc_heap import freeze_startup_heap
+from server.service.generation_service import GenerationService
 from server.settings import Settings
-from server.slash_redirect import SlashRedirect
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory | None = None
 
     app = FastAPI(title="ropeserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
-    # Compared as bytes with the header's (server/api_keys.py), by the routes that take keys.
+    # Compared as bytes with the header's (server/http/api_keys.py), by the routes that take keys.
     app.state.api_key_bytes = key_bytes(settings.api_keys)
     app.state.service = None
     app.state.models = None

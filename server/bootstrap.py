@@ -12,12 +12,12 @@ from server.engines.base import Parallelism
 from server.engines.grammar_check import GrammarWorker
 from server.engines.vllm_engine import VllmEngine, VllmEngineConfig, is_cpu_build, read_model_facts
 from server.engines.vllm_structured import regex_compile_bound_s
-from server.head_padding import needs_padding, pad_checkpoint
-from server.metrics import Metrics
-from server.model_store import DEFAULT_MODEL_NAME, model_cache_dir, resolve_model
+from server.ops.head_padding import needs_padding, pad_checkpoint
+from server.ops.metrics import Metrics
+from server.ops.model_store import DEFAULT_MODEL_NAME, model_cache_dir, resolve_model
 from server.plan import ModelFacts
-from server.queue_admission import admission_controller, all_listeners, learning_from_steps
-from server.service import GenerationService
+from server.service.generation_service import GenerationService
+from server.service.queue_admission import admission_controller, all_listeners, learning_from_steps
 from server.settings import Settings
 from server.structured.compile_check import ConstraintCheck
 from strategies.auto_policy import SHIPPED_POLICY, AutoPolicy, load_policy
@@ -79,7 +79,7 @@ def parallelism(settings: Settings) -> Parallelism:
 
 
 def checkpoint_for_tensor_parallel(settings: Settings, model_path: str) -> str:
-    """`model_path`, or a copy padded with zero attention heads (server/head_padding.py) when the
+    """`model_path`, or a copy padded with zero attention heads (server/ops/head_padding.py) when the
     tensor-parallel size does not divide the model's head counts (SmolLM2-135M's 9 and 3 by 2)."""
     tp = settings.tensor_parallel_size
     config_file = Path(model_path) / "config.json"

@@ -6,7 +6,12 @@ time), so strategies, engines, the server and the Python client all import it:
 - `ModelFacts`: what a strategy may know of the served model;
 - `AttentionScheme`: the interface of an attention scheme — how a row's attention sees positions,
   beyond rotating each token at its own position (one small file per scheme in server/attention/);
-- `RopeConfig`: a row's complete RoPE configuration, with its attention scheme if any.
+- `RopeConfig`: a row's complete RoPE configuration, with its attention scheme if any;
+- `OutputConstraint`: what a row's output must match (structured output);
+- `ExecutionPlan`: what the engine runs for one request (rows under one `RopeConfig`);
+- `StrategySpec`, `StrategyError`, `FinishReason`: a request's `strategy` field, a strategy's
+  refusal, why a generation ended; `clipped` and `refuse_many_unknown`, how client text and unknown
+  keys are quoted in a refusal (the contract's schemas and the strategies' parameters alike).
 
     >>> from server.attention.rerope import Rerope
     >>> rope = RopeConfig((), 32768, Rerope(window=4096, logn_window=8192))
@@ -18,11 +23,49 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass, field, fields
+from itertools import islice
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, get_args
 
 if TYPE_CHECKING:  # the engine side of a scheme works on tensors; the plan itself needs no torch
     from torch import Tensor
+
+# A refusal lists at most this many problems (of a body or a strategy's parameters) and a count of
+# the rest: a body of many bad items must not cost a second of the event loop and megabytes of reply.
+MAX_REPORTED_ERRORS = 10
+
+# A request's `strategy` field: a registered name, or {"name": ..., **parameters}.
+StrategySpec = str | dict[str, Any]
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class StrategyError(ValueError):
+    """A request the strategy cannot serve; `field` names the request field at fault."""
+
+    def __init__(self, message: str, field: str = "strategy") -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def clipped(text: str, limit: int = 64) -> str:
+    """Client text quoted in an error message, cut to `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def refuse_many_unknown(data: Any, known: Iterable[str], what: str) -> Any:
+    """A model's `before` validator: many unknown keys of a JSON object are one error naming the
+    first few, not one error each (pydantic itself reports each)."""
+    if not isinstance(data, dict):
+        return data
+    fields = set(known)
+    unknown = len(data.keys() - fields)
+    if unknown > MAX_REPORTED_ERRORS:
+        first = islice((key for key in data if key not in fields), MAX_REPORTED_ERRORS)
+        shown = ", ".join(repr(clipped(str(key))) for key in first)
+        raise ValueError(f"{unknown} unknown {what}, not allowed (the first: {shown})")
+    return data
 
 
 @dataclass(frozen=True)
@@ -163,3 +206,70 @@ class RopeConfig:
         if self.attention is not None:
             label += "+" + self.attention.label()
         return label
+
+
+ConstraintKind = Literal["json", "json_object", "regex", "grammar"]
+CONSTRAINT_KINDS: tuple[str, ...] = get_args(ConstraintKind)
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """`spec`: the JSON schema as JSON text (`json`), the regular expression (`regex`), the grammar
+    in EBNF or Lark (`grammar`; a list of choices arrives as one), "" for `json_object`.
+
+    `source` names the request field it came from, for messages; it is not part of its identity."""
+
+    kind: ConstraintKind
+    spec: str = ""
+    source: str = field(default="", compare=False)
+
+    def key(self) -> tuple[str, str]:
+        """What a compiled grammar is cached under."""
+        return (self.kind, self.spec)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "spec": self.spec}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> OutputConstraint:
+        """The constraint `to_dict` wrote; ValueError if it is not one."""
+        if not isinstance(raw, dict) or raw.get("kind") not in CONSTRAINT_KINDS or not isinstance(raw.get("spec"), str):
+            raise ValueError(f"not an output constraint: {str(raw)[:100]}")
+        return cls(raw["kind"], raw["spec"])
+
+
+class RowCombiner(Protocol):
+    """Runs the rows of a multi-row plan on an engine and yields one combined token stream.
+
+    A strategy puts one in its plan (NBCE: strategies/nbce/runner.py); the service runs it in
+    place of a single-row generation. Closing the stream must abort every row it started. The
+    engine (server/engines/base.py `Engine`), the job (`RowJob`) and the steps (`EngineStep`) are
+    the engine API's types: the plan types import nothing of the project, so they are not named here.
+    """
+
+    @property
+    def name(self) -> str:
+        """What the combiner is (logs, tests)."""
+        ...
+
+    def run(self, engine: Any, job: Any) -> AsyncGenerator[Any, None]: ...
+
+
+@dataclass
+class ExecutionPlan:
+    """What the engine runs for one request.
+
+    One row is an ordinary generation; several rows are run by the plan's `combiner` (e.g.
+    NBCE's lockstep decoding), which turns them into one token stream. `resolved` is echoed back
+    in the response.
+    """
+
+    rope: RopeConfig
+    rows: list[list[int]]
+    max_total_tokens: int
+    resolved: dict[str, Any]
+    combiner: RowCombiner | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(row) for row in self.rows)

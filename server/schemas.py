@@ -7,13 +7,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from server.plan import FinishReason as FinishReason
+from server.plan import StrategySpec as StrategySpec
+from server.plan import clipped as clipped  # quoted client text, for the HTTP layer's messages
+from server.plan import refuse_many_unknown
 from server.structured.fields import OpenAIConstraintFields, TgiGrammar
-from strategies.base import clipped as clipped  # quoted client text, for the HTTP layer's messages
-from strategies.base import refuse_many_unknown
 
-StrategySpec = str | dict[str, Any]
-
-FinishReason = Literal["length", "eos_token", "stop_sequence"]
 ErrorType = Literal["validation", "overloaded", "unauthorized", "generation"]
 
 # Bounds that hold whatever the server's settings are; settings tighten max_new_tokens further.
@@ -41,7 +40,7 @@ DRY_RUN_DESCRIPTION = (
 )
 
 # Every list of a body is bounded in count, and checked against its bound before its items (a
-# JSON body's values are bounded as a whole before it is parsed: server/json_body.py).
+# JSON body's values are bounded as a whole before it is parsed: server/http/json_body.py).
 # Documents of a `context` list: NBCE runs at most 64 rows; the plain strategies join them.
 MAX_DOCUMENTS = 1024
 # Messages of a conversation (OpenAI's own bound), and text parts in all its messages together.

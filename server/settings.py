@@ -1,20 +1,58 @@
-"""Server settings, read from ROPESERVE_* environment variables."""
+"""Server settings, read from ROPESERVE_* environment variables; the defaults other rooms start from.
+
+`ROPESERVE_API_KEYS` is one key, keys separated by commas, or a JSON list of strings:
+
+    >>> parse_api_keys("secret"), parse_api_keys("k1, k2"), parse_api_keys('["k,1", "k2"]')
+    (['secret'], ['k1', 'k2'], ['k,1', 'k2'])
+    >>> parse_api_keys("")
+    []
+"""
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server.admission import DEFAULT_MAX_QUEUE_WAIT_S
-from server.api_keys import FORMAT as API_KEYS_FORMAT
-from server.api_keys import parse_api_keys
-from server.json_body import MAX_JSON_ITEMS
-
+# Values (and keys) a body may hold: twice the longest token-id prompt the bundled model takes
+# (16 x its 8,192-token window), so that such a prompt fits with room to spare.
+MAX_JSON_ITEMS = 262_144
+# 0 turns admission by queued work off (server/service/admission.py).
+DEFAULT_MAX_QUEUE_WAIT_S = 60.0
 # A day: a longer bound is no bound (use 0 for off).
 MAX_QUEUE_WAIT_S = 86_400.0
+
+
+API_KEYS_SETTING = "ROPESERVE_API_KEYS"
+API_KEYS_FORMAT = "one key, keys separated by commas, or a JSON list of strings"
+
+
+class ApiKeysError(ValueError):
+    """ROPESERVE_API_KEYS cannot be read (the server does not start)."""
+
+
+def parse_api_keys(value: str) -> list[str]:
+    """The keys of the setting's text (see the module's doc); ApiKeysError names the format."""
+    text = value.strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        try:
+            keys = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ApiKeysError(
+                f"{API_KEYS_SETTING}: not a valid JSON list ({exc.msg}); it is {API_KEYS_FORMAT}"
+            ) from None
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ApiKeysError(f"{API_KEYS_SETTING}: a JSON list must hold strings only; it is {API_KEYS_FORMAT}")
+    else:
+        keys = [k.strip() for k in text.split(",")]
+    if any(not k.strip() for k in keys):
+        raise ApiKeysError(f"{API_KEYS_SETTING}: an empty key (check the commas); it is {API_KEYS_FORMAT}")
+    return keys
 
 
 class Settings(BaseSettings):
@@ -42,7 +80,7 @@ class Settings(BaseSettings):
     builtin_presets: bool = Field(
         default=True,
         description="offer the built-in presets `<served>-dca`, `-rerope`, `-self_extend`, `-auto` for the bundled "
-        "model (server/presets.py)",
+        "model (server/http/presets.py)",
     )
     dtype: str = "auto"
     kv_cache_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU engines")

@@ -19,20 +19,27 @@ them. The engine runs plans; it never sees strategies.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-# The engine-facing types live with the engine API; strategies produce them (and plugins import
-# them from here).
-from server.engines.base import ExecutionPlan
-from server.plan import ModelFacts, RopeConfig
+# The plan types (server/plan.py): strategies produce them, and plugins import them from here.
+from server.plan import (
+    MAX_REPORTED_ERRORS,
+    ExecutionPlan,
+    ModelFacts,
+    RopeConfig,
+    StrategyError,
+    StrategySpec,
+    clipped,
+    refuse_many_unknown,
+)
 
 __all__ = [
     "DOCUMENT_SEPARATOR",
+    "MAX_REPORTED_ERRORS",
     "ExecutionPlan",
     "ModelFacts",
     "PlanContext",
@@ -54,20 +61,7 @@ DOCUMENT_SEPARATOR = "\n\n"
 # length (dynamic_ntk's base, nbce's chunks): questions up to this long on the same documents then
 # plan the same rows, so the second reads the first's KV from the prefix cache.
 QUESTION_RESERVE_TOKENS = 256
-# A refusal lists at most this many problems (of a body or a strategy's parameters) and a count of
-# the rest: a body of many bad items must not cost a second of the event loop and megabytes of reply.
-MAX_REPORTED_ERRORS = 10
-
 Tokenize = Callable[[str], list[int]]
-
-
-class StrategyError(ValueError):
-    """A request the strategy cannot serve; `field` names the request field at fault."""
-
-    def __init__(self, message: str, field: str = "strategy") -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -90,10 +84,6 @@ class StrategyRequest:
     def plain_prompt_ids(self, tokenize: Tokenize) -> list[int]:
         """The one row the plain strategies run: the given token ids, else the plain prompt tokenized."""
         return list(self.token_ids) if self.token_ids is not None else tokenize(self.plain_prompt())
-
-
-# A request's `strategy` field: a registered name, or {"name": ..., **parameters}.
-StrategySpec = str | dict[str, Any]
 
 
 class StrategyParams(BaseModel):
@@ -171,25 +161,6 @@ def too_many_rows(rows: int, limit: int) -> StrategyError:
         f"the {limit} rows the engine runs in one step; send fewer, longer documents",
         field="context",
     )
-
-
-def clipped(text: str, limit: int = 64) -> str:
-    """Client text quoted in an error message, cut to `limit` characters."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def refuse_many_unknown(data: Any, known: Iterable[str], what: str) -> Any:
-    """A model's `before` validator: many unknown keys of a JSON object are one error naming the
-    first few, not one error each (pydantic itself reports each)."""
-    if not isinstance(data, dict):
-        return data
-    fields = set(known)
-    unknown = len(data.keys() - fields)
-    if unknown > MAX_REPORTED_ERRORS:
-        first = islice((key for key in data if key not in fields), MAX_REPORTED_ERRORS)
-        shown = ", ".join(repr(clipped(str(key))) for key in first)
-        raise ValueError(f"{unknown} unknown {what}, not allowed (the first: {shown})")
-    return data
 
 
 def check_fits(prompt_tokens: int, max_new_tokens: int, limit: int, strategy: str, hint: str = "") -> None:

@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _tokenizer_dir(args: argparse.Namespace) -> str:
     if args.tokenizer:
         return str(args.tokenizer)
-    from server.model_store import default_checkpoint_dir
+    from server.ops.model_store import default_checkpoint_dir
 
     return str(default_checkpoint_dir())
 

@@ -16,7 +16,6 @@ and the strategies never see vLLM types; engines never see strategies.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from server.engines.engine_stats import (
@@ -30,14 +29,13 @@ from server.engines.engine_stats import (
 from server.engines.output_constraint import OutputConstraint, compile_constraint
 from server.engines.rows import (
     EngineStep,
-    FinishReason,
     RowRequest,
     SamplingOptions,
     StepStream,
     TokenEvent,
     TopToken,
 )
-from server.plan import ModelFacts, RopeConfig
+from server.plan import ExecutionPlan, FinishReason, ModelFacts, RopeConfig, RowCombiner
 
 __all__ = [
     "Engine",
@@ -66,26 +64,6 @@ __all__ = [
     "TopToken",
     "compile_constraint",
 ]
-
-
-@dataclass
-class ExecutionPlan:
-    """What the engine runs for one request.
-
-    One row is an ordinary generation; several rows are run by the plan's `combiner` (e.g.
-    NBCE's lockstep decoding), which turns them into one token stream. `resolved` is echoed back
-    in the response.
-    """
-
-    rope: RopeConfig
-    rows: list[list[int]]
-    max_total_tokens: int
-    resolved: dict[str, Any]
-    combiner: RowCombiner | None = None
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(row) for row in self.rows)
 
 
 class Tokenizer(Protocol):
@@ -124,21 +102,6 @@ class RowJob(Protocol):
     priority: int
     # Per-request figures the combiner reports (e.g. "kv_tokens": what its rows held together).
     stats: dict[str, Any]
-
-
-class RowCombiner(Protocol):
-    """Runs the rows of a multi-row plan on an engine and yields one combined token stream.
-
-    A strategy puts one in its plan (NBCE: strategies/nbce/runner.py); the service runs it in
-    place of a single-row generation. Closing the stream must abort every row it started.
-    """
-
-    @property
-    def name(self) -> str:
-        """What the combiner is (logs, tests)."""
-        ...
-
-    def run(self, engine: Engine, job: RowJob) -> StepStream: ...
 
 
 class StepRows(Protocol):

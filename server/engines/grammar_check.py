@@ -71,6 +71,14 @@ class GrammarWorker:
         with self._lock:
             self._ensure_started()
 
+    def timeout_for(self, constraint: OutputConstraint) -> float:
+        """How long one compile of `constraint` may take: a regex under the engine's tighter bound."""
+        match constraint.kind:
+            case "regex":
+                return self.regex_timeout_s
+            case _:
+                return self.timeout_s
+
     def compile(self, constraint: OutputConstraint) -> CompileVerdict:
         """Compile `constraint` in the child (blocking); raises GrammarWorkerError if the child fails."""
         with self._lock:
@@ -83,7 +91,7 @@ class GrammarWorker:
             except OSError as exc:
                 self._stop()
                 raise GrammarWorkerError(f"the grammar checker is gone ({exc})") from None
-            timeout_s = self.regex_timeout_s if constraint.kind == "regex" else self.timeout_s
+            timeout_s = self.timeout_for(constraint)
             try:
                 reply = self._read_line(process, timeout_s)
             except GrammarWorkerError:  # the child died on this constraint: it is the constraint's

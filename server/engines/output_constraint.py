@@ -1,5 +1,6 @@
-"""What a row's output must match (structured output): a JSON schema, any JSON object, a regular
-expression or a grammar. Part of the engine API (server/engines/base.py).
+"""How a row's output constraint (structured output; the type is server/plan.py's
+`OutputConstraint`: a JSON schema, any JSON object, a regular expression or a grammar) is compiled.
+Part of the engine API (server/engines/base.py).
 
 The HTTP layer builds an `OutputConstraint` from a request's `response_format`,
 `structured_outputs` or TGI `grammar` (server/structured/); engines apply it while decoding. Every
@@ -14,43 +15,25 @@ the API process compiled is one the engine core compiles.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
-ConstraintKind = Literal["json", "json_object", "regex", "grammar"]
-CONSTRAINT_KINDS: tuple[str, ...] = get_args(ConstraintKind)
+from server.plan import CONSTRAINT_KINDS, ConstraintKind, OutputConstraint
+
+__all__ = [
+    "ANY_WHITESPACE",
+    "CONSTRAINT_KINDS",
+    "JSON_OBJECT_SCHEMA",
+    "ConstraintKind",
+    "OutputConstraint",
+    "compile_constraint",
+    "is_lark",
+]
 
 # `json_object`: any JSON object, as vLLM compiles it.
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
 # Whitespace between JSON tokens is the model's choice (vLLM's default, `disable_any_whitespace`
 # off): an output pretty-printed or compact validates either way.
 ANY_WHITESPACE = True
-
-
-@dataclass(frozen=True)
-class OutputConstraint:
-    """`spec`: the JSON schema as JSON text (`json`), the regular expression (`regex`), the grammar
-    in EBNF or Lark (`grammar`; a list of choices arrives as one), "" for `json_object`.
-
-    `source` names the request field it came from, for messages; it is not part of its identity."""
-
-    kind: ConstraintKind
-    spec: str = ""
-    source: str = field(default="", compare=False)
-
-    def key(self) -> tuple[str, str]:
-        """What a compiled grammar is cached under."""
-        return (self.kind, self.spec)
-
-    def to_dict(self) -> dict[str, str]:
-        return {"kind": self.kind, "spec": self.spec}
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> OutputConstraint:
-        """The constraint `to_dict` wrote; ValueError if it is not one."""
-        if not isinstance(raw, dict) or raw.get("kind") not in CONSTRAINT_KINDS or not isinstance(raw.get("spec"), str):
-            raise ValueError(f"not an output constraint: {str(raw)[:100]}")
-        return cls(raw["kind"], raw["spec"])
 
 
 def is_lark(grammar: str) -> bool:
@@ -67,11 +50,16 @@ def compile_constraint(compiler: Any, constraint: OutputConstraint) -> Any:
     """The constraint compiled by an xgrammar `GrammarCompiler` (passed in, so that the engine API
     imports nothing), with the options vLLM's xgrammar backend uses (ANY_WHITESPACE)."""
     separators = None if ANY_WHITESPACE else (",", ":")
-    if constraint.kind in ("json", "json_object"):
-        schema = constraint.spec if constraint.kind == "json" else JSON_OBJECT_SCHEMA
-        return compiler.compile_json_schema(schema, any_whitespace=ANY_WHITESPACE, separators=separators)
-    if constraint.kind == "regex":
-        return compiler.compile_regex(constraint.spec)
-    if is_lark(constraint.spec):
-        return compiler.compile_lark(constraint.spec)
-    return compiler.compile_grammar(constraint.spec)
+    match constraint.kind:
+        case "json":
+            return compiler.compile_json_schema(constraint.spec, any_whitespace=ANY_WHITESPACE, separators=separators)
+        case "json_object":
+            return compiler.compile_json_schema(
+                JSON_OBJECT_SCHEMA, any_whitespace=ANY_WHITESPACE, separators=separators
+            )
+        case "regex":
+            return compiler.compile_regex(constraint.spec)
+        case "grammar" if is_lark(constraint.spec):
+            return compiler.compile_lark(constraint.spec)
+        case "grammar":
+            return compiler.compile_grammar(constraint.spec)

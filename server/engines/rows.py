@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from server.engines.output_constraint import OutputConstraint
-from server.plan import RopeConfig
-
-FinishReason = Literal["length", "eos_token", "stop_sequence"]
+from server.plan import FinishReason, RopeConfig
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ class RowAdmission:
 
     def admit(self, row: RowRequest) -> AdmittedRow:
         """`row` with its RoPE slot held; raises ValueError (refused) or RopeSlotsFull (EngineBusy)."""
-        # A safety net: the service refused this configuration while planning (server/service.py); a
+        # A safety net: the service refused this configuration while planning (server/service/generation_service.py); a
         # caller that skips the service, or a plan made before the engine was replaced, must still not
         # reach the engine core.
         if (refusal := self.refuse(row.rope)) is not None:

@@ -78,7 +78,7 @@ def engine_args(config: VllmEngineConfig, model: ModelFacts, cpu: bool) -> Any:
         logits_processors=list(config.logits_processors) or None,
         disable_log_stats=True,
         # Each step's prefill and decode tokens and its time, for the stats listener: admission by
-        # queued work learns the engine's throughput from them (server/admission.py).
+        # queued work learns the engine's throughput from them (server/service/admission.py).
         enable_logging_iteration_details=True,
         # Rows carry a priority (RowRequest.priority): short requests go ahead of waiting long ones.
         scheduling_policy="priority",

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from server.engines.base import Engine, EngineIteration, FinishedRow, StatsListener, StepWork
+from server.engines.vllm_adapter import stats
 
 log = logging.getLogger(__name__)
 
@@ -18,50 +19,25 @@ log = logging.getLogger(__name__)
 def iteration_from_vllm(scheduler_stats: Any, iteration_stats: Any) -> EngineIteration:
     """vLLM's per-iteration `SchedulerStats` and `IterationStats` (either may be None) as the
     engine API's `EngineIteration`."""
-    finished = tuple(
-        finished_row(f)
-        for f in (iteration_stats.finished_requests if iteration_stats is not None else ())
-        if f.request_id is not None
-    )
-    preempted = int(iteration_stats.num_preempted_reqs) if iteration_stats is not None else 0
+    finished = stats.finished_rows(iteration_stats, FinishedRow) if iteration_stats is not None else ()
+    preempted = stats.preempted_rows(iteration_stats) if iteration_stats is not None else 0
     if scheduler_stats is None:
         return EngineIteration(preempted_rows=preempted, finished=finished)
+    scheduler = stats.scheduler_figures(scheduler_stats)
     return EngineIteration(
-        kv_cache_usage=float(scheduler_stats.kv_cache_usage),
-        running_requests=int(scheduler_stats.num_running_reqs),
-        waiting_requests=int(scheduler_stats.num_waiting_reqs),
+        kv_cache_usage=scheduler.kv_cache_usage,
+        running_requests=scheduler.running_requests,
+        waiting_requests=scheduler.waiting_requests,
         preempted_rows=preempted,
         finished=finished,
-        step=step_from_vllm(getattr(scheduler_stats, "iteration_details", None)),
-    )
-
-
-def finished_row(stats: Any) -> FinishedRow:
-    """vLLM's `FinishedRequestStats` of one row as a `FinishedRow`. vLLM counts a row's prefix-cache
-    hits (`num_cached_tokens`) when its prefill is scheduled; a row preempted and recomputed keeps
-    the first count."""
-    return FinishedRow(
-        str(stats.request_id),
-        max(0.0, float(stats.queued_time)),
-        max(0.0, float(stats.prefill_time)),
-        prompt_tokens=max(0, int(getattr(stats, "num_prompt_tokens", 0) or 0)),
-        cached_tokens=max(0, int(getattr(stats, "num_cached_tokens", 0) or 0)),
+        step=step_from_vllm(stats.step_details(scheduler_stats)),
     )
 
 
 def step_from_vllm(details: Any) -> StepWork | None:
-    """vLLM's `SchedulerIterationDetails` (sent with `enable_logging_iteration_details`) as a
-    `StepWork`; None without details, or for a data-parallel dummy step (no work of ours).
-
-    vLLM counts a request as "context" while it has no output token: its tokens in the step are
-    prefill (a chunk of its prompt); the others' are decode tokens."""
-    if details is None or getattr(details, "is_dummy", False):
-        return None
-    return StepWork(
-        prefill_tokens=int(details.num_ctx_tokens),
-        decode_tokens=int(details.num_generation_tokens),
-        seconds=max(0.0, float(details.elapsed_ms) / 1000),
-    )
+    """vLLM's `SchedulerIterationDetails` as a `StepWork`; None without details, or for a
+    data-parallel dummy step."""
+    return stats.step_work(details, StepWork) if details is not None else None
 
 
 class IterationRecorder:

@@ -30,14 +30,16 @@ def structured_outputs(constraint: OutputConstraint | None) -> Any:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    if constraint.kind == "json":
-        return StructuredOutputsParams(json=constraint.spec)
-    if constraint.kind == "json_object":
-        # As a schema, not vLLM's `json_object`: the same grammar, one compile path for every engine.
-        return StructuredOutputsParams(json=JSON_OBJECT_SCHEMA)
-    if constraint.kind == "regex":
-        return StructuredOutputsParams(regex=constraint.spec)
-    return StructuredOutputsParams(grammar=constraint.spec)
+    match constraint.kind:
+        case "json":
+            return StructuredOutputsParams(json=constraint.spec)
+        case "json_object":
+            # As a schema, not vLLM's `json_object`: the same grammar, one compile path for every engine.
+            return StructuredOutputsParams(json=JSON_OBJECT_SCHEMA)
+        case "regex":
+            return StructuredOutputsParams(regex=constraint.spec)
+        case "grammar":
+            return StructuredOutputsParams(grammar=constraint.spec)
 
 
 def regex_compile_bound_s() -> float:

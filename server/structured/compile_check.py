@@ -16,9 +16,8 @@ import logging
 from collections import OrderedDict
 from typing import Protocol
 
-from server.engines.base import OutputConstraint
 from server.engines.grammar_check import CompileVerdict
-from strategies.base import StrategyError
+from server.plan import OutputConstraint, StrategyError
 
 log = logging.getLogger(__name__)
 

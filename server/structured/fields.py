@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, model_validator
 
-from server.engines.base import OutputConstraint
+from server.plan import OutputConstraint
 from server.structured.json_schema import schema_problem, shape_problem
 
 # Characters of a constraint's text at most: a schema as compact JSON, a regex, a grammar (a

@@ -4,7 +4,7 @@ bounds, using only keywords the grammar compiler enforces.
 xgrammar (the engine's backend) turns a schema into a grammar; keywords it does not enforce would be
 dropped silently, and output that matches the grammar would then fail the schema. Those keywords
 are refused by name, with where they are (each was checked against xgrammar 0.2.8: a matching and
-a violating document; tests/unit/test_structured_schemas.py). Keywords that constrain nothing
+a violating document; tests/unit/test_structured_output.py). Keywords that constrain nothing
 (`title`, `description`, `default`, `examples`, any unknown annotation) are allowed.
 
     >>> schema_problem({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}}})

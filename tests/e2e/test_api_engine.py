@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from server.model_store import default_checkpoint_dir
+from server.ops.model_store import default_checkpoint_dir
 from tests.support.sse import stream_events
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_tier]

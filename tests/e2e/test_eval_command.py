@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from clients.eval.results import EvalResults
 from clients.eval.server_meter import listening_pid
 from clients.eval.texts import austen_books
-from server.model_store import default_checkpoint_dir
+from server.ops.model_store import default_checkpoint_dir
 from strategies.auto_policy import SHIPPED_POLICY, load_policy
 from tests.conftest import ROOT
 

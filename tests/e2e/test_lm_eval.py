@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.model_store import default_checkpoint_dir
+from server.ops.model_store import default_checkpoint_dir
 from tests.support.metrics_text import scrape
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_tier]

@@ -63,7 +63,7 @@ STRATEGIES: dict[str, Any] = {
 
 
 def model_path() -> str:
-    from server.model_store import resolve_model
+    from server.ops.model_store import resolve_model
 
     return str(resolve_model(None))
 

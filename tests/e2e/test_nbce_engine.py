@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from server.model_store import default_checkpoint_dir
+from server.ops.model_store import default_checkpoint_dir
 from strategies.base import StrategyRequest
 from strategies.nbce.runner import NbceCombiner
 from tests.support.planning import plan_for

@@ -13,7 +13,7 @@ import torch
 from openai import OpenAI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.model_store import DEFAULT_MODEL_NAME, default_checkpoint_dir
+from server.ops.model_store import DEFAULT_MODEL_NAME, default_checkpoint_dir
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 

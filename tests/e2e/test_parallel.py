@@ -2,7 +2,7 @@
 core each, the `mp` backend) serves every strategy with the single-rank server's greedy tokens.
 
 SmolLM2-135M's 9 query / 3 KV heads do not split in two; the server serves it padded with zero
-heads (server/head_padding.py), which computes the same function. The ranks sum their partial
+heads (server/ops/head_padding.py), which computes the same function. The ranks sum their partial
 results in another order than one rank does, so logprobs differ by rounding: measured under 3e-5
 in float32; the test allows 1e-3 and asks for identical tokens.
 """

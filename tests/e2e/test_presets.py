@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 from transformers import AutoTokenizer
 
-from server.model_store import default_checkpoint_dir
+from server.ops.model_store import default_checkpoint_dir
 from tests.e2e.test_lm_eval import task_dir
 from tests.support.metrics_text import scrape
 

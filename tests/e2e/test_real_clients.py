@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import InferenceClient
 from openai import OpenAI
 
-from server.model_store import default_checkpoint_dir
+from server.ops.model_store import default_checkpoint_dir
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_tier]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from server.admission import AdmissionController
 from server.engines.base import EngineStats, EngineStep, Parallelism, RowRequest, StepStream, TokenEvent, TopToken
-from server.metrics import Metrics
+from server.ops.metrics import Metrics
 from server.plan import ModelFacts, RopeConfig
-from server.queue_admission import admission_controller
-from server.service import GenerationService
+from server.service.admission import AdmissionController
+from server.service.generation_service import GenerationService
+from server.service.queue_admission import admission_controller
 from server.settings import Settings
 from strategies.registry import default_registry
 

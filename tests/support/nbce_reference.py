@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from server.model_store import default_checkpoint_dir
+from server.ops.model_store import default_checkpoint_dir
 from strategies.nbce.chunking import row_text, split_document
 from strategies.nbce.combine import combine
 from strategies.nbce.protocol import Combination

@@ -1,4 +1,4 @@
-"""Admission by queued work (server/admission.py): the estimate, the refusals and their
+"""Admission by queued work (server/service/admission.py): the estimate, the refusals and their
 Retry-After, what the estimator learns from the engine's iterations. Pure arithmetic, no engine."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from server import admission
-from server.admission import (
+from server.service import admission
+from server.service.admission import (
     AdmissionController,
     Admit,
     Backlog,
@@ -237,3 +237,13 @@ def test_after_an_engine_restart_nothing_is_queued() -> None:
     assert isinstance(admission_.decide(long_doc(50_000)), Refuse)
     admission_.reset()
     assert admission_.decide(long_doc(50_000)) == Admit(0.0)
+
+
+def test_a_refusal_is_one_of_the_counted_reasons_with_a_429_or_503() -> None:
+    from server.service import refusal
+
+    assert doctest.testmod(refusal).failed == 0
+    with pytest.raises(ValueError, match="not a refusal"):
+        refusal.Refusal("busy", 429, "an unknown reason is no refusal the metrics count")
+    with pytest.raises(ValueError, match="not a refusal"):
+        refusal.Refusal("draining", 500, "a refusal is the client's to retry: 429 or 503")

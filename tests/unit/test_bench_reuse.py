@@ -19,7 +19,7 @@ from clients.bench_reuse import (
 )
 from clients.cli import build_parser
 from server.engines.base import EngineIteration, FinishedRow
-from server.metrics import Metrics
+from server.ops.metrics import Metrics
 
 
 class StubEngine:  # what the metrics listener reads of an engine

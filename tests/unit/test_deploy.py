@@ -41,7 +41,7 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
 
-from server.http_meta import router as meta_router
+from server.http.meta import router as meta_router
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,9 +145,9 @@ def drain_timeout_s(env: dict[str, str]) -> float:
 
 
 def exported_gauges() -> set[str]:
-    """Names of the gauges server/metrics.py registers (Gauge(...) and collectors' GaugeMetricFamily(...))."""
+    """Names of the gauges server/ops/metrics.py registers (Gauge(...) and collectors' GaugeMetricFamily(...))."""
     names = set()
-    for node in ast.walk(ast.parse((ROOT / "server" / "metrics.py").read_text())):
+    for node in ast.walk(ast.parse((ROOT / "server" / "ops" / "metrics.py").read_text())):
         if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             func = node.func
             called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
@@ -883,8 +883,8 @@ def test_the_dashboard_shows_admission_with_metrics_the_server_exports() -> None
     tests/e2e/test_monitoring.py)."""
     from prometheus_client import generate_latest
 
-    from server.admission import AdmissionController
-    from server.metrics import Metrics
+    from server.ops.metrics import Metrics
+    from server.service.admission import AdmissionController
 
     dashboard = json.loads((ROOT / "deploy/grafana/ropeserve-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.app import create_app
-from server.json_body import MAX_JSON_DEPTH, measure_json
+from server.http.json_body import MAX_JSON_DEPTH, measure_json
 from server.settings import Settings
 from tests.support.fake_engine import FAKE_MODEL, FakeEngine, fake_service_factory
 from tests.support.hostile import BODIES, MALFORMED, json_values, shape_body, shapes
@@ -74,11 +74,11 @@ def test_brackets_quotes_and_backslashes_inside_strings_count_as_one_string(text
 
 @pytest.mark.parametrize("route", KEYED_ROUTES)
 def test_every_probe_shape_on_every_route_is_a_4xx_or_served_and_over_a_bound_never_parsed(route, monkeypatch):
-    import server.json_body
+    import server.http.json_body
 
     parsed: list[int] = []
-    real_loads = server.json_body.json.loads
-    monkeypatch.setattr(server.json_body.json, "loads", lambda text: parsed.append(len(text)) or real_loads(text))
+    real_loads = server.http.json_body.json.loads
+    monkeypatch.setattr(server.http.json_body.json, "loads", lambda text: parsed.append(len(text)) or real_loads(text))
     with _client() as client:
         for name, body in {**shapes(route, 1_000_000), **MALFORMED}.items():
             started = time.monotonic()
@@ -441,7 +441,7 @@ def test_window_and_chunk_parameters_below_their_bound_are_refused(strategy, say
         _assert_refused(reply, 422, says)
 
 
-@pytest.mark.parametrize("name", ["server.json_body", "server.api_keys", "tests.support.hostile"])
+@pytest.mark.parametrize("name", ["server.http.json_body", "server.http.api_keys", "tests.support.hostile"])
 def test_docstring_examples_of_the_bounding_modules(name):
     import doctest
     import importlib

@@ -269,7 +269,7 @@ def test_a_body_of_many_bad_items_gets_a_short_error_at_once(path, body, names):
 
 
 def test_validation_errors_are_capped_with_a_count_of_the_rest():
-    from server.errors import describe_validation_errors
+    from server.http.errors import describe_validation_errors
 
     errors = [{"loc": ("body", f"field{i}"), "msg": "x" * 1000, "type": "missing"} for i in range(25)]
     message = describe_validation_errors(errors)

@@ -1,4 +1,4 @@
-"""uvicorn's protocol as the server runs it (server/http_protocol.py): a header timeout, a bound on
+"""uvicorn's protocol as the server runs it (server/http/uvicorn_protocol.py): a header timeout, a bound on
 the headers' size, JSON for what the parser refuses. A real uvicorn over the fake engine, raw
 sockets; the real server's share is tests/e2e/test_hostile_server.py."""
 
@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from server.app import create_app
-from server.http_protocol import H11Protocol, protocol_class, server_config
+from server.http.uvicorn_protocol import H11Protocol, protocol_class, server_config
 from server.settings import Settings
 from tests.support.fake_engine import fake_service_factory
 

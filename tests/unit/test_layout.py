@@ -4,6 +4,7 @@ including those inside functions)."""
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -103,13 +104,59 @@ def test_strategies_see_only_the_engine_api_and_vllm_only_inside_the_engine() ->
     assert with_vllm == {"strategies/nbce/processor.py"}
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "server").glob("http_*.py")), ids=lambda p: p.name)
-def test_http_layer_knows_no_strategy_or_vllm(path: Path) -> None:
-    bad = [
-        m for m in imports(path) if under(m, "strategies", "vllm", "torch") or under(m, "server.engines.vllm_engine")
-    ]
-    assert bad == []
+def engine_internals(module: str) -> bool:
+    """Any engine module but the engine API (server/engines/base.py, the only one the service and HTTP read)."""
+    return under(module, "server.engines") and module != "server.engines.base"
+
+
+def test_the_http_room_knows_no_strategy_engine_or_vllm() -> None:
+    """Routes parse, bound and answer; the service plans and runs."""
+    bad = {
+        str(path.relative_to(ROOT)): sorted(
+            m for m in imports(path) if under(m, "strategies", "vllm", "torch") or engine_internals(m)
+        )
+        for path in files("server/http")
+    }
+    assert {path: found for path, found in bad.items() if found} == {}
+
+
+def test_the_service_room_knows_no_http_or_vllm() -> None:
+    allowed = (
+        "server.service",
+        "server.ops",
+        "server.plan",
+        "server.settings",
+        "server.structured",
+        "server.engines.base",
+    )
+    allowed += ("strategies.base", "strategies.registry")
+    assert offending("server/service", allowed=allowed, banned=("fastapi", "starlette", "vllm", "torch")) == {}
+
+
+def test_the_ops_room_serves_every_room_and_imports_none_of_the_pipeline() -> None:
+    # The service records into metrics and is watched by the watchdog; so ops never imports it back.
+    allowed = ("server.ops", "server.engines.base")
+    assert offending("server/ops", allowed=allowed, banned=("fastapi", "vllm")) == {}
 
 
 def test_clients_speak_http_and_the_contract_schemas() -> None:
     assert offending("clients", allowed=("clients", "server"), banned=("strategies", "server.engines")) == {}
+
+
+def test_settings_are_read_by_every_room_and_import_none() -> None:
+    # The defaults other rooms start from live in settings.py, so no room is imported back by it.
+    assert [m for m in imports(ROOT / "server" / "settings.py") if under(m, *PROJECT)] == []
+
+
+def test_the_python_client_loads_neither_strategies_nor_engines() -> None:
+    """Transitively, at run time: what `import clients.client` loads in a fresh interpreter (the
+    contract's schemas and the plan types, never a strategy or an engine module)."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, clients.client; print(' '.join(sorted(sys.modules)))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "server.schemas" in loaded  # the check reads what the client really imports
+    assert [m for m in loaded if under(m, "strategies", "server.engines", "vllm", "torch")] == []

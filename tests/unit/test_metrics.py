@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.engines.base import EngineIteration, EngineStats, FinishedRow, Parallelism
-from server.metrics import Metrics
+from server.ops.metrics import Metrics
 from server.plan import ModelFacts
 from tests.support.prometheus_fixture import find_tool
 
@@ -133,25 +133,6 @@ def test_an_iteration_without_scheduler_figures_keeps_the_gauges() -> None:
     m.engine_listener(engine, EngineIteration(preempted_rows=1))
     assert value(m, "ropeserve_kv_cache_usage_ratio", engine="vllm") == 0.3
     assert value(m, "ropeserve_engine_preemptions_total", engine="vllm") == 1
-
-
-def test_vllm_stats_become_engine_iterations() -> None:
-    """The engine's conversion of vLLM's own stats objects (this vLLM version's classes)."""
-    pytest.importorskip("vllm")
-    from vllm.v1.engine import FinishReason
-    from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
-
-    from server.engines.vllm_stats import iteration_from_vllm
-
-    iteration = IterationStats()
-    iteration.num_preempted_reqs = 2
-    iteration.finished_requests = [
-        FinishedRequestStats(FinishReason.LENGTH, request_id="a" * 32, queued_time=0.5, prefill_time=0.25),
-        FinishedRequestStats(FinishReason.STOP, request_id=None, queued_time=1.0),
-    ]
-    got = iteration_from_vllm(SchedulerStats(num_running_reqs=3, num_waiting_reqs=1, kv_cache_usage=0.5), iteration)
-    assert got == EngineIteration(0.5, 3, 1, 2, (FinishedRow("a" * 32, 0.5, 0.25),))
-    assert iteration_from_vllm(None, None) == EngineIteration()
 
 
 def test_a_failing_listener_is_logged_not_raised_into_vllm(caplog: pytest.LogCaptureFixture) -> None:

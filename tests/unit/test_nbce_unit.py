@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from server.model_store import default_checkpoint_dir
+from server.ops.model_store import default_checkpoint_dir
 from server.plan import ModelFacts
 from strategies.base import PlanContext, StrategyError, StrategyRequest
 from strategies.nbce import NbceParams, NbceStrategy

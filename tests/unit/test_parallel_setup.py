@@ -11,7 +11,7 @@ import torch
 
 from server.engines.cpu_ray import parse_rank_cpus, platform_plugin
 from server.engines.vllm_launch import cpu_rank_binding
-from server.head_padding import needs_padding, pad_checkpoint, padded_head_counts
+from server.ops.head_padding import needs_padding, pad_checkpoint, padded_head_counts
 from tests.support.tiny_models import save_tiny_llama
 
 

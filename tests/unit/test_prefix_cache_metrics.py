@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.engines.base import EngineIteration, FinishedRow
-from server.metrics import Metrics
+from server.ops.metrics import Metrics
 from server.plan import ModelFacts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_vllms_finished_request_stats_reach_the_counters_through_the_engines_sta
     `AsyncLLM`), `iteration_from_vllm`, the engine's stats listener, the metrics room."""
     pytest.importorskip("vllm")
     from vllm.v1.engine import FinishReason
-    from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats
+    from vllm.v1.metrics.stats import IterationStats, RequestStateStats
 
     from server.engines.vllm_engine import VllmEngine, VllmEngineConfig
 
@@ -87,9 +87,14 @@ def test_vllms_finished_request_stats_reach_the_counters_through_the_engines_sta
     engine = VllmEngine(VllmEngineConfig(model="unused", max_model_len=4096), model, stats_listener=m.engine_listener)
     m.track_request("f" * 32, "dca")
     iteration = IterationStats()
-    iteration.finished_requests = [
-        FinishedRequestStats(FinishReason.LENGTH, request_id="f" * 32, num_prompt_tokens=1600, num_cached_tokens=1536),
-    ]
+    iteration.update_from_finished_request(
+        FinishReason.LENGTH,
+        "f" * 32,
+        num_prompt_tokens=1600,
+        max_tokens_param=None,
+        req_stats=RequestStateStats(),
+        num_cached_tokens=1536,
+    )
     logger = engine.iterations.vllm_logger()(vllm_config=None)
     logger.record(None, iteration)
     assert value(m, QUERIES, strategy="dca") == 1600

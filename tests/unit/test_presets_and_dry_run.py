@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
+from server.http.presets import BUILTIN_PRESETS, PresetError, parse_presets
 from server.plan import RopeConfig
-from server.presets import BUILTIN_PRESETS, PresetError, parse_presets
 from server.settings import Settings
 from tests.support.fake_engine import FakeEngine, fake_service_factory
 from tests.support.metrics_text import scrape

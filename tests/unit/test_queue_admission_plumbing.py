@@ -16,17 +16,17 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from server.admission import AdmissionController, RequestWork, Throughput
 from server.app import create_app
 from server.engines.base import EngineDown, EngineIteration, RowRequest, StepStream, StepWork
 from server.engines.vllm_config import VllmEngineConfig
 from server.engines.vllm_stats import iteration_from_vllm, step_from_vllm
-from server.errors import as_api_error
-from server.jobs import QueueWaitExceeded
+from server.http.errors import as_api_error
+from server.ops.watchdog import watch_engine
 from server.plan import ModelFacts
-from server.queue_admission import admission_controller, all_listeners, learning_from_steps
+from server.service.admission import AdmissionController, RequestWork, Throughput
+from server.service.queue_admission import admission_controller, all_listeners, learning_from_steps
+from server.service.refusal import Refusal
 from server.settings import Settings
-from server.watchdog import watch_engine
 from strategies.nbce.runner import NbceError
 from tests.support.fake_engine import FakeEngine, fake_service_factory
 from tests.support.metrics_text import sample_value
@@ -273,5 +273,5 @@ def test_an_engine_death_is_a_503_whatever_the_strategy(exc: BaseException) -> N
 
 def test_other_engine_failures_stay_424_and_queue_waits_429() -> None:
     assert as_api_error(nbce_row_failure(RuntimeError("row broke"))).status == 424
-    err = as_api_error(QueueWaitExceeded("wait", 7, "prefill_backlog"))
+    err = as_api_error(Refusal("prefill_backlog", 429, "wait", retry_after_s=7))
     assert (err.status, err.error_type, err.headers) == (429, "overloaded", {"Retry-After": "7"})

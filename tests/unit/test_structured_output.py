@@ -21,7 +21,7 @@ import server.structured.json_schema as json_schema
 from server.app import create_app
 from server.engines.base import OutputConstraint, compile_constraint
 from server.engines.grammar_check import CompileVerdict, GrammarWorker
-from server.model_store import default_checkpoint_dir
+from server.ops.model_store import default_checkpoint_dir
 from server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from server.settings import Settings
 from server.structured.compile_check import ConstraintCheck

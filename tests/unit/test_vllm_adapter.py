@@ -397,6 +397,20 @@ def check_iteration_details() -> None:
     assert {"enable_logging_iteration_details", "scheduling_policy"} <= args
 
 
+def stats_fields(cls: str, *names: str) -> Callable[[], None]:
+    """server/engines/vllm_adapter/stats.py reads these fields of a vLLM stats dataclass."""
+
+    def check() -> None:
+        assert set(names) <= {f.name for f in dataclasses.fields(obj(f"vllm.v1.metrics.stats.{cls}"))}
+
+    return check
+
+
+def check_iteration_stats() -> None:
+    for name in ("num_preempted_reqs", "finished_requests"):
+        assert assigns(obj("vllm.v1.metrics.stats.IterationStats").__init__, name), name
+
+
 def check_stream_finished() -> None:
     assert isinstance(obj("vllm.outputs.STREAM_FINISHED"), obj("vllm.outputs.RequestOutput"))
 
@@ -480,6 +494,13 @@ SYMBOLS: dict[str, Callable[[], None]] = {
     "AsyncLLM.add_request -> RequestOutputCollector": check_add_request,
     "outputs.STREAM_FINISHED": check_stream_finished,
     "SchedulerStats.iteration_details": check_iteration_details,
+    "SchedulerStats.kv_cache_usage/num_running_reqs/num_waiting_reqs": stats_fields(
+        "SchedulerStats", "kv_cache_usage", "num_running_reqs", "num_waiting_reqs"
+    ),
+    "IterationStats.num_preempted_reqs/finished_requests": check_iteration_stats,
+    "FinishedRequestStats fields": stats_fields(
+        "FinishedRequestStats", "request_id", "queued_time", "prefill_time", "num_prompt_tokens", "num_cached_tokens"
+    ),
     "EngineDeadError": check_engine_dead_error,
     "StatLoggerBase": check_stat_logger_base,
     "PrometheusStatLogger": check_prometheus_stat_logger,
@@ -491,6 +512,26 @@ SYMBOLS: dict[str, Callable[[], None]] = {
 @pytest.mark.parametrize("check", SYMBOLS.values(), ids=SYMBOLS.keys())
 def test_vllm_still_has(check: Callable[[], None]) -> None:
     check()
+
+
+def test_vllm_stats_become_engine_iterations() -> None:
+    """The engine's conversion of vLLM's own stats objects (this vLLM version's classes)."""
+    pytest.importorskip("vllm")
+    from vllm.v1.engine import FinishReason
+    from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
+
+    from server.engines.base import EngineIteration, FinishedRow
+    from server.engines.vllm_stats import iteration_from_vllm
+
+    iteration = IterationStats()
+    iteration.num_preempted_reqs = 2
+    iteration.finished_requests = [
+        FinishedRequestStats(FinishReason.LENGTH, request_id="a" * 32, queued_time=0.5, prefill_time=0.25),
+        FinishedRequestStats(FinishReason.STOP, request_id=None, queued_time=1.0),
+    ]
+    got = iteration_from_vllm(SchedulerStats(num_running_reqs=3, num_waiting_reqs=1, kv_cache_usage=0.5), iteration)
+    assert got == EngineIteration(0.5, 3, 1, 2, (FinishedRow("a" * 32, 0.5, 0.25),))
+    assert iteration_from_vllm(None, None) == EngineIteration()
 
 
 # --- no other room names them ----------------------------------------------------------------------
@@ -644,7 +685,7 @@ def test_memoized_logprob_token_texts_are_the_functions_own() -> None:
     from transformers import AutoTokenizer
 
     from server.engines.vllm_adapter.engine import memoize_logprob_token_texts
-    from server.model_store import DEFAULT_MODEL_NAME, model_cache_dir
+    from server.ops.model_store import DEFAULT_MODEL_NAME, model_cache_dir
 
     path = model_cache_dir(None) / DEFAULT_MODEL_NAME
     if not path.is_dir():

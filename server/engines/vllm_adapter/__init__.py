@@ -15,6 +15,8 @@ project file names any of `PRIVATE_NAMES`.
   cache layout, sub-batch metadata) and the impl class swap;
 - engine.py: `AsyncLLM` and what the engine uses beyond `generate` (scheduler pause, request
   queues, stat loggers, the engine-core processes, the logprobs processor's token texts);
+- stats.py: the fields of vLLM's per-iteration statistics the engine reads (scheduler figures, a
+  step's details, finished rows' times and prefix-cache hits);
 - platform.py, platform_plugin.py: vLLM's CPU platform class, and its built-in platform check.
 
 What was verified where:
@@ -76,6 +78,20 @@ PRIVATE_NAMES = (
     "convert_ids_list_to_tokens",
     "vllm.v1.engine.exceptions",
     "vllm.v1.metrics.loggers",
+    # stats.py (and `SchedulerStats.kv_cache_usage`, checked there too but not listed: the engine
+    # API's own figure has that name)
+    ".num_running_reqs",
+    ".num_waiting_reqs",
+    ".iteration_details",
+    ".num_preempted_reqs",
+    ".finished_requests",
+    ".queued_time",
+    ".prefill_time",
+    ".num_cached_tokens",
+    ".num_ctx_tokens",
+    ".num_generation_tokens",
+    ".elapsed_ms",
+    ".is_dummy",
     # platform.py, platform_plugin.py
     "cpu_platform_plugin",
     "vllm.platforms.cpu",

@@ -143,7 +143,7 @@ def silent_prometheus_logger() -> type:
     """A `PrometheusStatLogger` that registers and records nothing.
 
     vLLM appends its Prometheus logger to the stat loggers unless one of them already is one; ours
-    (server/metrics.py) exports what we need under `ropeserve_` names, so vLLM's stays off.
+    (server/ops/metrics.py) exports what we need under `ropeserve_` names, so vLLM's stays off.
     """
 
     class _SilentPrometheusStatLogger(PrometheusStatLogger):

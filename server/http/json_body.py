@@ -31,9 +31,8 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
-# Values (and keys) a body may hold: twice the longest token-id prompt the bundled model takes
-# (16 x its 8,192-token window), so that such a prompt fits with room to spare.
-MAX_JSON_ITEMS = 262_144
+from server.settings import MAX_JSON_ITEMS
+
 # Nesting of arrays and objects: the deepest body of the contract (a strategy inside `auto`'s
 # scoring list, chat content parts) is 5 deep; JSON schemas of structured output go deeper.
 MAX_JSON_DEPTH = 64

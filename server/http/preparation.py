@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from server.deps import get_service, get_settings_dep
-from server.errors import as_api_error
-from server.generation import refuse_combined_echo, refuse_combined_logprobs
-from server.jobs import Job
-from server.presets import ServedModels, get_served_models
+from server.http.deps import get_service, get_settings_dep
+from server.http.errors import as_api_error
+from server.http.generation import refuse_combined_echo, refuse_combined_logprobs
+from server.http.presets import ServedModels, get_served_models
 from server.schemas import DryRunResponse
-from server.service import GenerationService, JobDraft
+from server.service.generation_service import GenerationService, JobDraft
+from server.service.jobs import Job
 from server.settings import Settings
 
 

@@ -3,7 +3,7 @@
 FastAPI reads and parses a body before it runs a route's dependencies, so a key checked there
 came after the body: an unauthenticated 30 MB body cost its parse, and malformed JSON got a 422
 before the 401. Routes of this class check the key from the headers alone, before a byte of the
-body is read, and parse a JSON body only after measuring it (server/json_body.py).
+body is read, and parse a JSON body only after measuring it (server/http/json_body.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from server.api_keys import authorized, unauthorized
-from server.json_body import MAX_JSON_ITEMS, parse_json_body
+from server.http.api_keys import authorized, unauthorized
+from server.http.json_body import parse_json_body
+from server.settings import MAX_JSON_ITEMS
 
 # Bodies this large are measured and parsed in a worker thread: the byte passes and the parser
 # still hold the interpreter while each runs, but the event loop runs between them (a 30 MB body

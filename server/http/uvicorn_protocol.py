@@ -13,7 +13,7 @@ one uvicorn picks: httptools when installed, else h11) adds:
   app's error shape `{"error", "error_type"}`.
 
 What the parser decides stays its own: which bytes are malformed, and that the connection then
-closes. A body's own timeout is the app's (server/body_timeout.py).
+closes. A body's own timeout is the app's (server/http/body_timeout.py).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
         "access_log": False,
         "http": protocol_class(settings.header_timeout_s),
         "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
-        # What a drain that timed out leaves: cut after this (server/drain.py waits first).
+        # What a drain that timed out leaves: cut after this (server/ops/drain.py waits first).
         "timeout_graceful_shutdown": 5,
     }
     return uvicorn.Config(app, **(options | overrides))

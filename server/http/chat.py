@@ -1,5 +1,5 @@
 """OpenAI-compatible /v1/chat/completions; `strategy`, `context` and `dry_run` are extra body
-fields, and `model` may name a strategy preset (server/presets.py).
+fields, and `model` may name a strategy preset (server/http/presets.py).
 
 The messages become one prompt through the model's own chat template (the assistant's turn
 opened); the `context` documents come before it, joined as on every route (docs/CONTRACT.md), so every
@@ -16,12 +16,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
 from server.engines.base import TokenEvent
-from server.errors import as_api_error, error_body, validation_error
-from server.generation import GenerationResult, check_input_chars, documents_of, openai_sampling
-from server.guarded_route import GuardedRoute
-from server.http_openai import ERRORS, LOGPROB_FLOOR, OpenAIReply, answer, finish, include_usage, logprob, usage
-from server.jobs import Job
-from server.preparation import Serving, get_serving
+from server.http.errors import as_api_error, error_body, validation_error
+from server.http.generation import GenerationResult, check_input_chars, documents_of, openai_sampling
+from server.http.guarded_route import GuardedRoute
+from server.http.openai import ERRORS, LOGPROB_FLOOR, OpenAIReply, answer, finish, include_usage, logprob, usage
+from server.http.preparation import Serving, get_serving
+from server.http.sse import sse_event
 from server.schemas import (
     STREAM_TOO,
     ChatChoice,
@@ -37,8 +37,8 @@ from server.schemas import (
     ChatTopLogprob,
     DryRunResponse,
 )
-from server.service import GenerationService
-from server.sse import sse_event
+from server.service.generation_service import GenerationService
+from server.service.jobs import Job
 
 router = APIRouter(prefix="/v1", route_class=GuardedRoute)
 

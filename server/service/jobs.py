@@ -1,4 +1,4 @@
-"""A prepared request (`Job`), the ways a running one can be refused or stopped, and its deadline."""
+"""A prepared request (`Job`) and its deadline (refusals before it starts: server/service/refusal.py)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,6 @@ from typing import Any
 
 from server.engines.base import ExecutionPlan, SamplingOptions, StepStream
 from strategies.base import Strategy, StrategyRequest
-
-
-class Overloaded(RuntimeError):
-    """The server is at its configured concurrency limit (HTTP 429)."""
-
-
-class Draining(RuntimeError):
-    """The server is shutting down and takes no new requests (HTTP 503; retry another replica)."""
-
-
-class QueueWaitExceeded(RuntimeError):
-    """The work queued ahead of the request would keep it waiting past the server's bound
-    (HTTP 429; `retry_after_s`: when the backlog should have drained to the bound)."""
-
-    def __init__(self, message: str, retry_after_s: int, reason: str) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-        self.reason = reason
 
 
 class DeadlineExceeded(RuntimeError):

@@ -1,5 +1,5 @@
 """OpenAI-compatible /v1/completions and /v1/models; `strategy`, `context` and `dry_run` are extra
-body fields, and `model` may name a strategy preset (server/presets.py).
+body fields, and `model` may name a strategy preset (server/http/presets.py).
 
 Echo and prompt logprobs follow vLLM's OpenAI server: with `echo`, the prompt's text comes before
 the completion's, and with `logprobs: N` its tokens too (the first one's logprob null), each with
@@ -19,13 +19,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from server.engines.base import FinishReason, SamplingOptions, TokenEvent
-from server.errors import as_api_error, error_body
-from server.generation import GenerationResult, collect, documents_of, openai_sampling
-from server.guarded_route import GuardedRoute
-from server.jobs import Job
-from server.large_replies import ENTRIES_IN_THREAD, built_reply, logprob_entries
-from server.preparation import RouteRequest, Serving, dry_run, get_serving, prepare_job
-from server.presets import ServedModels, get_served_models
+from server.http.errors import as_api_error, error_body
+from server.http.generation import GenerationResult, collect, documents_of, openai_sampling
+from server.http.guarded_route import GuardedRoute
+from server.http.large_replies import ENTRIES_IN_THREAD, built_reply, logprob_entries
+from server.http.preparation import RouteRequest, Serving, dry_run, get_serving, prepare_job
+from server.http.presets import ServedModels, get_served_models
+from server.http.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 from server.schemas import (
     GENERATION_ERRORS,
     STREAM_TOO,
@@ -39,8 +39,8 @@ from server.schemas import (
     OpenAIRequest,
     Usage,
 )
-from server.service import GenerationService, JobDraft
-from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
+from server.service.generation_service import GenerationService, JobDraft
+from server.service.jobs import Job
 
 router = APIRouter(prefix="/v1", route_class=GuardedRoute)
 # The OpenAI routes' errors: the generation routes' and vLLM's 404 for a model it does not serve.

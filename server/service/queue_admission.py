@@ -1,12 +1,13 @@
-"""Admission by queued work (server/admission.py) as the service uses it: a job's work as the
+"""Admission by queued work (server/service/admission.py) as the service uses it: a job's work as the
 controller counts it, a refusal as the 429 the client gets, the controller built from the settings,
 and the engine's steps it learns its throughput from."""
 
 from __future__ import annotations
 
-from server.admission import DEFAULT_STEP_PREFILL_TOKENS, AdmissionController, Admit, RequestWork
 from server.engines.base import Engine, EngineIteration, StatsListener
-from server.jobs import Job, QueueWaitExceeded
+from server.service.admission import DEFAULT_STEP_PREFILL_TOKENS, AdmissionController, Admit, RequestWork
+from server.service.jobs import Job
+from server.service.refusal import Refusal
 from server.settings import Settings
 
 
@@ -20,18 +21,19 @@ def job_work(job: Job) -> RequestWork:
     )
 
 
-def queue_refusal(admission: AdmissionController, job: Job) -> QueueWaitExceeded | None:
+def queue_refusal(admission: AdmissionController, job: Job) -> Refusal | None:
     """The 429 for `job` when the work queued ahead of it would keep it waiting past the bound;
     None when it fits (nothing is tracked: the service admits it when it starts)."""
     decision = admission.decide(job_work(job))
     if isinstance(decision, Admit):
         return None
-    return QueueWaitExceeded(
+    return Refusal(
+        decision.reason,
+        429,
         f"the work queued ahead of this request would keep it waiting about {decision.estimated_wait_s:.0f} s "
         f"({decision.reason.replace('_', ' ')}), past the server's bound of {admission.max_queue_wait_s:g} s "
         f"(max_queue_wait_s); retry after {decision.retry_after_s} s",
         decision.retry_after_s,
-        decision.reason,
     )
 
 

@@ -7,11 +7,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from server.admission import AdmissionController
 from server.engines.base import Engine
-from server.gc_heap import freeze_startup_heap
+from server.ops.gc_heap import freeze_startup_heap
 
 log = logging.getLogger("ropeserve.access")
+
+
+class QueuedWork(Protocol):
+    """What the watchdog clears of admission's tracked work when the engine is replaced."""
+
+    def reset(self) -> None: ...
 
 
 class WatchedService(Protocol):
@@ -19,7 +24,9 @@ class WatchedService(Protocol):
 
     engine: Engine
     restarting: bool
-    admission: AdmissionController
+
+    @property
+    def admission(self) -> QueuedWork: ...
 
     def refresh_gauges(self) -> None: ...
 
@@ -45,7 +52,7 @@ async def watch_engine(
         except Exception:  # a dead engine may not shut down cleanly; the new one starts anyway
             log.exception("shutting down the dead engine failed")
         service.engine = await _start_with_backoff(engine_factory, max_backoff_s)
-        freeze_startup_heap()  # the new engine's objects, as the first one's (server/gc_heap.py)
+        freeze_startup_heap()  # the new engine's objects, as the first one's (server/ops/gc_heap.py)
         # Nothing the dead engine held is queued in the new one.
         service.admission.reset()
         service.refresh_gauges()

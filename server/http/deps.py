@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import HTTPException, Request
 
-from server.service import GenerationService
+from server.service.generation_service import GenerationService
 from server.settings import Settings
 
 

@@ -56,13 +56,14 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 
+from server.ops.metrics import AdmissionFigures
+from server.settings import DEFAULT_MAX_QUEUE_WAIT_S
+
 # A prompt under this many tokens (all rows) is short: by default it goes ahead of long documents.
 SHORT_PROMPT_TOKENS = 512
 # Default priorities (vLLM's: lower is scheduled earlier) for requests that do not give one.
 SHORT_REQUEST_PRIORITY = 0
 LONG_REQUEST_PRIORITY = 1
-# Default of ROPESERVE_MAX_QUEUE_WAIT_S (server/settings.py; 0 turns admission by work off).
-DEFAULT_MAX_QUEUE_WAIT_S = 60.0
 # vLLM's max_num_batched_tokens when the server does not set it: the prefill one step carries.
 DEFAULT_STEP_PREFILL_TOKENS = 2048
 PRIOR_PREFILL_TOKENS_PER_S = 200.0
@@ -271,20 +272,6 @@ class WorkQueue:
 
     def __len__(self) -> int:
         return len(self._requests)
-
-
-@dataclass(frozen=True)
-class AdmissionFigures:
-    """For /metrics."""
-
-    queued_prompt_tokens: int
-    queued_decode_tokens: int
-    requests: int
-    # The wait of a new one-row request behind everything tracked.
-    estimated_wait_s: float
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    refusals: dict[str, int]
 
 
 class AdmissionController:

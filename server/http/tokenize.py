@@ -16,13 +16,13 @@ from fastapi import APIRouter, Body, Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from server.deps import get_service, get_settings_dep
-from server.errors import validation_error
-from server.generation import check_input_chars, documents_of
-from server.guarded_route import GuardedRoute
-from server.http_chat import chat_prompt, message_texts
-from server.http_openai import ERRORS
-from server.presets import ServedModels, get_served_models
+from server.http.chat import chat_prompt, message_texts
+from server.http.deps import get_service, get_settings_dep
+from server.http.errors import validation_error
+from server.http.generation import check_input_chars, documents_of
+from server.http.guarded_route import GuardedRoute
+from server.http.openai import ERRORS
+from server.http.presets import ServedModels, get_served_models
 from server.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -30,7 +30,7 @@ from server.schemas import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
-from server.service import GenerationService
+from server.service.generation_service import GenerationService
 from server.settings import Settings
 
 router = APIRouter(route_class=GuardedRoute)

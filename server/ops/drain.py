@@ -29,7 +29,7 @@ DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Drainable(Protocol):
-    """What the server drains: the generation service (server/service.py)."""
+    """What the server drains: the generation service (server/service/generation_service.py)."""
 
     draining: bool
 

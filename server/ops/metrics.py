@@ -20,6 +20,7 @@ import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -35,8 +36,6 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.admission import AdmissionFigures
-from server.capacity import REFUSAL_REASONS
 from server.engines.base import Engine, EngineIteration, FinishedRow
 
 log = logging.getLogger(__name__)
@@ -65,6 +64,23 @@ PARALLELISM_LABELS = (
 # Label names: series per strategy (what the client sees) or per engine (what the engine does).
 BY_STRATEGY = ("strategy",)
 BY_ENGINE = ("engine",)
+
+# The reasons a request is refused for capacity (the `reason` label of the refusals' counter).
+REFUSAL_REASONS = ("draining", "engine_down", "max_concurrent_requests", "rope_slots", "prefill_backlog", "rows_full")
+
+
+@dataclass(frozen=True)
+class AdmissionFigures:
+    """Admission's figures, as /metrics shows them (server/service/admission.py makes them)."""
+
+    queued_prompt_tokens: int
+    queued_decode_tokens: int
+    requests: int
+    # The wait of a new one-row request behind everything tracked.
+    estimated_wait_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    refusals: dict[str, int]
 
 
 class GpuMemoryCollector(Collector):
@@ -156,7 +172,7 @@ def _register_memory_collectors(registry: CollectorRegistry, gpu: bool | None) -
 
 
 class AdmissionMetrics:
-    """Admission by queued work (server/admission.py): the wait it estimates, the work it counts,
+    """Admission by queued work (server/service/admission.py): the wait it estimates, the work it counts,
     the throughput it learned (set at every scrape), and the requests refused for capacity by reason."""
 
     def __init__(self, r: CollectorRegistry) -> None:

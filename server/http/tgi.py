@@ -15,12 +15,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.engines.base import TokenEvent
-from server.errors import as_api_error, error_body
-from server.generation import GenerationResult, collect, tgi_request_values
-from server.guarded_route import GuardedRoute
-from server.jobs import Job
-from server.large_replies import built_reply
-from server.preparation import RouteRequest, Serving, dry_run, get_serving, prepare_job
+from server.http.errors import as_api_error, error_body
+from server.http.generation import GenerationResult, collect, tgi_request_values
+from server.http.guarded_route import GuardedRoute
+from server.http.large_replies import built_reply
+from server.http.preparation import RouteRequest, Serving, dry_run, get_serving, prepare_job
+from server.http.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 from server.schemas import (
     DRY_RUN_JSON,
     GENERATION_ERRORS,
@@ -34,9 +34,9 @@ from server.schemas import (
     StreamResponse,
     Token,
 )
-from server.service import GenerationService, JobDraft
+from server.service.generation_service import GenerationService, JobDraft
+from server.service.jobs import Job
 from server.settings import Settings
-from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, until_disconnect
 
 router = APIRouter(route_class=GuardedRoute)
 

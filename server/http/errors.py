@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engines.base import EngineBusy, EngineDown
-from server.jobs import DeadlineExceeded, Draining, Overloaded, QueueWaitExceeded
+from server.http.sse import ClientDisconnected
+from server.plan import MAX_REPORTED_ERRORS, StrategyError, clipped
 from server.schemas import ErrorResponse, ErrorType
-from server.sse import ClientDisconnected
-from strategies.base import MAX_REPORTED_ERRORS, StrategyError, clipped
+from server.service.jobs import DeadlineExceeded
+from server.service.refusal import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,10 @@ def as_api_error(exc: BaseException) -> ApiError:
         return validation_error(exc.message)
     if isinstance(exc, ClientDisconnected):
         return ApiError(499, "the client closed the connection", "generation")
-    if isinstance(exc, QueueWaitExceeded):
-        return ApiError(429, str(exc), "overloaded", {"Retry-After": str(exc.retry_after_s)})
-    if isinstance(exc, (Overloaded, EngineBusy)):
+    if isinstance(exc, Refusal):
+        return refusal_error(exc)
+    if isinstance(exc, EngineBusy):  # a row the engine could not take after admission: the same 429
         return ApiError(429, str(exc), "overloaded")
-    if isinstance(exc, Draining):
-        return ApiError(503, str(exc), "generation")
     if isinstance(exc, DeadlineExceeded):
         return ApiError(408, str(exc), "generation")
     if (down := engine_death(exc)) is not None:
@@ -101,6 +100,12 @@ def as_api_error(exc: BaseException) -> ApiError:
     log.error("generation failed", exc_info=exc)
     # TGI answers engine failures with 424 (the request was fine; the backend failed).
     return ApiError(424, f"generation failed: {type(exc).__name__}: {exc}", "generation")
+
+
+def refusal_error(refusal: Refusal) -> ApiError:
+    """A 429 is `overloaded` (retry this server later), a 503 `generation` (it cannot serve now)."""
+    retry = {} if refusal.retry_after_s is None else {"Retry-After": str(refusal.retry_after_s)}
+    return ApiError(refusal.status, refusal.message, "overloaded" if refusal.status == 429 else "generation", retry)
 
 
 def engine_death(exc: BaseException) -> EngineDown | None:
@@ -140,12 +145,10 @@ def install_error_handlers(app: FastAPI) -> None:
     for expected in (
         ApiError,
         StrategyError,
-        Overloaded,
+        Refusal,
         EngineBusy,
         EngineDown,
-        Draining,
         DeadlineExceeded,
-        QueueWaitExceeded,
         ClientDisconnected,
     ):
         app.add_exception_handler(expected, _domain)

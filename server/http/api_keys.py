@@ -1,11 +1,5 @@
-"""API keys: how `ROPESERVE_API_KEYS` is written, and the check of a request's `Authorization`.
-
-The setting is one key, keys separated by commas, or a JSON list of strings:
-
-    >>> parse_api_keys("secret"), parse_api_keys("k1, k2"), parse_api_keys('["k,1", "k2"]')
-    (['secret'], ['k1', 'k2'], ['k,1', 'k2'])
-    >>> parse_api_keys("")
-    []
+"""API keys: the check of a request's `Authorization` (how `ROPESERVE_API_KEYS` is written is
+server/settings.py's `parse_api_keys`).
 
 The check reads the header's raw bytes (what the client sent: any byte, a key in any script) and
 compares them with each key's UTF-8 bytes in constant time. Comparing `str`s would raise for
@@ -20,36 +14,9 @@ non-ASCII text (`hmac.compare_digest` refuses it), which turned a wrong key into
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Iterable
 
 from starlette.exceptions import HTTPException
-
-SETTING = "ROPESERVE_API_KEYS"
-FORMAT = "one key, keys separated by commas, or a JSON list of strings"
-
-
-class ApiKeysError(ValueError):
-    """ROPESERVE_API_KEYS cannot be read (the server does not start)."""
-
-
-def parse_api_keys(value: str) -> list[str]:
-    """The keys of the setting's text (see the module's doc); ApiKeysError names the format."""
-    text = value.strip()
-    if not text:
-        return []
-    if text.startswith("["):
-        try:
-            keys = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ApiKeysError(f"{SETTING}: not a valid JSON list ({exc.msg}); it is {FORMAT}") from None
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise ApiKeysError(f"{SETTING}: a JSON list must hold strings only; it is {FORMAT}")
-    else:
-        keys = [k.strip() for k in text.split(",")]
-    if any(not k.strip() for k in keys):
-        raise ApiKeysError(f"{SETTING}: an empty key (check the commas); it is {FORMAT}")
-    return keys
 
 
 def key_bytes(keys: Iterable[str]) -> list[bytes]:

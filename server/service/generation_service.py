@@ -13,18 +13,19 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from server.admission import AdmissionController, default_priority
-from server.capacity import capacity_refusal, refusal_reason
 from server.engines.base import Engine, RowRequest, SamplingOptions, StepStream, Tokenizer
-from server.jobs import Job, within_deadline
-from server.metrics import UNKNOWN_STRATEGY, Metrics
-from server.plan import ModelFacts
-from server.plan_checks import RopeVerdicts, check_plan, check_token_ids
-from server.queue_admission import job_work, queue_refusal
-from server.request_record import RequestRecord, failure_status, record_refusal
+from server.ops.metrics import UNKNOWN_STRATEGY, Metrics
+from server.ops.watchdog import watch_engine
+from server.plan import ModelFacts, StrategyError, StrategySpec
+from server.service.admission import AdmissionController, default_priority
+from server.service.capacity import capacity_refusal
+from server.service.jobs import Job, within_deadline
+from server.service.plan_checks import RopeVerdicts, check_plan, check_token_ids
+from server.service.queue_admission import job_work, queue_refusal
+from server.service.refusal import Refusal
+from server.service.request_record import RequestRecord, failure_status, record_refusal
 from server.structured.compile_check import ConstraintCheck, refuse_unchecked
-from server.watchdog import watch_engine
-from strategies.base import PlanContext, Strategy, StrategyError, StrategyRequest, StrategySpec
+from strategies.base import PlanContext, Strategy, StrategyRequest
 from strategies.registry import StrategyRegistry
 
 # Texts this long are tokenized off the event loop so other requests keep streaming; token-id
@@ -67,7 +68,7 @@ class GenerationService:
         self.engine = engine
         # Compiles each structured-output constraint before its request runs (None: none are served).
         self.constraint_check = constraint_check
-        # Admission by queued work (server/admission.py); without one, a bound of 0: never refuses.
+        # Admission by queued work (server/service/admission.py); without one, a bound of 0: never refuses.
         self.admission = admission or AdmissionController(0, max_rows=engine.max_rows_per_step)
         # Server-side configuration strategies read while planning (PlanContext.options).
         self.strategy_options = dict(strategy_options or {})
@@ -76,13 +77,13 @@ class GenerationService:
         self.metrics = metrics
         self.default_strategy = default_strategy
         self.max_concurrent_requests = max_concurrent_requests
-        # False where seeded sampling would crash the engine (server/plan_checks.py: check_plan).
+        # False where seeded sampling would crash the engine (server/service/plan_checks.py: check_plan).
         self.engine_seeds = engine_seeds
         self.request_timeout_s = request_timeout_s
         # Builds and starts a new engine: the watchdog replaces a dead engine with one.
         self.engine_factory = engine_factory
         self.restarting = False
-        # Set on SIGTERM (server/drain.py): requests in flight finish, new ones are refused.
+        # Set on SIGTERM (server/ops/drain.py): requests in flight finish, new ones are refused.
         self.draining = False
         self._active = 0
         metrics.init_strategies(registry.names())
@@ -180,7 +181,7 @@ class GenerationService:
             raise
 
     async def watch_engine(self, interval_s: float = 1.0, max_backoff_s: float = 60.0) -> None:
-        """Replace a dead engine for the server's life (server/watchdog.py); without a factory, nothing."""
+        """Replace a dead engine for the server's life (server/ops/watchdog.py); without a factory, nothing."""
         if self.engine_factory is not None:
             await watch_engine(self, self.engine_factory, interval_s, max_backoff_s)
 
@@ -197,15 +198,14 @@ class GenerationService:
         self.metrics.refresh_engine(self.engine)
         self.metrics.refresh_admission(self.admission.figures())
 
-    def capacity_refusal(self, job: Job) -> Exception | None:
+    def capacity_refusal(self, job: Job) -> Refusal | None:
         """Why `job` cannot start now (None: it can); nothing counted (a dry run asks this)."""
         return capacity_refusal(self, job.plan.rope) or queue_refusal(self.admission, job)
 
     def check_capacity(self, job: Job) -> None:
-        """Raises Overloaded, Draining, EngineDown, EngineBusy or QueueWaitExceeded (429/503) when
-        the job cannot start now; counted and logged."""
+        """Raises the job's Refusal (429/503) when it cannot start now; counted and logged."""
         if (refusal := self.capacity_refusal(job)) is not None:
-            record_refusal(self.metrics, job, refusal_reason(refusal))
+            record_refusal(self.metrics, job, refusal.reason)
             raise refusal
 
     async def run(self, job: Job) -> StepStream:

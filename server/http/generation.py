@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.engines.base import EngineStep, FinishReason, SamplingOptions, TokenEvent
-from server.errors import validation_error
-from server.jobs import Job
+from server.http.errors import validation_error
 from server.schemas import ChatCompletionRequest, CompletionRequest, GenerateParameters, GenerateRequest
+from server.service.jobs import Job
 from server.settings import Settings
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100

@@ -7,8 +7,8 @@ import logging
 import time
 
 from server.engines.base import EngineBusy, EngineStep, FinishReason
-from server.jobs import DeadlineExceeded, Job
-from server.metrics import Metrics
+from server.ops.metrics import Metrics
+from server.service.jobs import DeadlineExceeded, Job
 
 log = logging.getLogger("ropeserve.access")
 
@@ -33,7 +33,7 @@ def log_request(
     duration: float,
     kv_tokens: int | None = None,
 ) -> None:
-    """One JSON line on `ropeserve.access` (server/logging_setup.py): ids, strategy, tokens, timings."""
+    """One JSON line on `ropeserve.access` (server/ops/logging_setup.py): ids, strategy, tokens, timings."""
     tpot = None
     if ttft is not None and generated > 1:
         tpot = round((duration - ttft) / (generated - 1), 6)

@@ -20,11 +20,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from server.engines.base import SamplingOptions
-from server.errors import ApiError, validation_error
+from server.http.errors import ApiError, validation_error
+from server.plan import StrategyError
 from server.schemas import ModelCard, OpenAIErrorInfo, OpenAIErrorResponse, StrategySpec, clipped
-from server.service import GenerationService, JobDraft
+from server.service.generation_service import GenerationService, JobDraft
 from server.settings import Settings
-from strategies.base import StrategyError
 
 # Suffix of a built-in preset's id (after "<served>-") and its strategy.
 BUILTIN_PRESETS: dict[str, StrategySpec] = {

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.deps import get_service, get_settings_dep
-from server.errors import error_response
+from server.http.deps import get_service, get_settings_dep
+from server.http.errors import error_response
 from server.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -18,7 +18,7 @@ from server.schemas import (
     StrategiesResponse,
     StrategyInfo,
 )
-from server.service import GenerationService
+from server.service.generation_service import GenerationService
 from server.settings import Settings
 
 router = APIRouter()

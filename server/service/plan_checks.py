@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from server.engines.base import Engine, ExecutionPlan, SamplingOptions
-from server.plan import RopeConfig
-from strategies.base import StrategyError, too_many_rows
+from server.plan import RopeConfig, StrategyError
+from strategies.base import too_many_rows
 
 
 class RopeVerdicts:
