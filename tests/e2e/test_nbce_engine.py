@@ -3,7 +3,7 @@ the same engine, streaming + disconnect frees every row, and a ~30k-token passke
 `nbce` and `auto` while other clients are served.
 
 The session server runs the engine in float32 (tests/conftest.py sets ROPESERVE_DTYPE), so the
-engine's logits and the transformers reference agree up to float rounding (strategies/nbce/runner.py).
+engine's logits and the transformers reference agree up to float rounding (server/service/lockstep.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from server.ops.model_store import default_checkpoint_dir
 from strategies.base import StrategyRequest
-from strategies.nbce.runner import NbceCombiner
+from strategies.nbce.protocol import NbceCombiner
 from tests.support.planning import plan_for
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_tier]

@@ -1,45 +1,46 @@
-"""Runs NBCE plans: all rows of a request decode in lockstep inside the shared vLLM engine.
+"""Runs a plan's rows in lockstep: all rows of a request decode together inside the shared engine,
+one token forced into every row at each step by a logits processor in the engine.
 
-`NbceCombiner` is the `RowCombiner` (server/engines/base.py) an NBCE plan carries; the service
-runs it in place of a single-row generation.
+A plan whose combiner is a `LockstepCombiner` (server/plan.py; NBCE's: strategies/nbce/protocol.py)
+is run here in place of a single-row generation; the combiner only says what each row carries to
+its processor (NBCE: strategies/nbce/processor.py, arithmetic in combine.py).
 
 Design
 ------
-* **Exact, in the engine.** The combination happens in a batch-level vLLM logits processor
-  (processor.py, arithmetic in combine.py) on the full-vocabulary float32 logits of the rows: at a
-  step where every row of the request is scheduled at its decode point and at the same output
-  length, it computes the NBCE token (pooling, beta, eta, optional per-row top_p, then greedy or
-  seeded sampling) and forces it in every row. Nothing is approximated: the tokens are those of
-  a straightforward NBCE over the same rows and the engine's logits.
-* **Batched, not serialized.** The rows are ordinary vLLM requests: they share the continuous
-  batch with every other request, and an NBCE request blocks nobody.
+* **Exact, in the engine.** The combination happens in a batch-level vLLM logits processor on the
+  full-vocabulary float32 logits of the rows: at a step where every row of the request is
+  scheduled at its decode point and at the same output length, it computes the combined token
+  and forces it in every row. Nothing is approximated: the tokens are those of a straightforward
+  combination over the same rows and the engine's logits.
+* **Batched, not serialized.** The rows are ordinary engine requests: they share the continuous
+  batch with every other request, and a multi-row request blocks nobody.
 * **Lockstep and resubmission.** Rows must enter the batch together. The runner first prefills
   every row, one after the other, as a one-token request (chunked prefill, interleaved with other
-  traffic, filling the prefix cache), then admits the rows as one group (`VllmEngine.generate_group`: the scheduler
-  is held for the few milliseconds of the admission), so they start from cache hits in one step.
-  Should they still fall out of step (a peer prefilled in a later step under a full token budget,
-  preemption under KV pressure), the processor forces per-row marker tokens, the rows' outputs
-  disagree at that position, and the runner aborts the rows and submits them again with the
-  confirmed tokens appended to their prompts — cheap, since prefix caching keeps their KV. A token
-  is confirmed only when every row emitted it at the same position, so a desync never leaks out.
-  `job.stats["nbce_resubmits"]` counts these; they are rare (0 in the common case).
+  traffic, filling the prefix cache), then admits the rows as one group (`Engine.generate_group`:
+  the scheduler is held for the few milliseconds of the admission), so they start from cache hits
+  in one step. Should they still fall out of step (a peer prefilled in a later step under a full
+  token budget, preemption under KV pressure), the processor forces per-row marker tokens, the
+  rows' outputs disagree at that position, and the runner aborts the rows and submits them again
+  with the confirmed tokens appended to their prompts — cheap, since prefix caching keeps their KV.
+  A token is confirmed only when every row emitted it at the same position, so a desync never
+  leaks out. `job.stats["<name>_resubmits"]` counts these; they are rare (0 in the common case).
 * **dtype.** vLLM runs the bundled model in bfloat16 on CPU by default. The processor combines
-  whatever logits the engine computes, so NBCE is exact with respect to the engine in any dtype;
-  but a bf16 engine and a transformers reference never agree bit for bit (different kernels,
-  logits rounded to 8 mantissa bits: ties between top tokens are common). The exactness tests
-  therefore run the engine in float32 (`ROPESERVE_DTYPE=float32`, what the test server uses) and
-  compare with the float32 reference (tests/support/nbce_reference.py); near-ties (top-2 gap < 1e-4)
-  may break either way. Production serving may keep bf16.
+  whatever logits the engine computes, so the combination is exact with respect to the engine in
+  any dtype; but a bf16 engine and a transformers reference never agree bit for bit (different
+  kernels, logits rounded to 8 mantissa bits: ties between top tokens are common). NBCE's
+  exactness tests therefore run the engine in float32 (`ROPESERVE_DTYPE=float32`, what the test
+  server uses) and compare with the float32 reference (tests/support/nbce_reference.py);
+  near-ties (top-2 gap < 1e-4) may break either way. Production serving may keep bf16.
 * **Streaming, cancellation.** Each confirmed token is yielded as an EngineStep at once (its text
   held back while it may be the start of a stop string, as vLLM does for ordinary rows); if the
   consumer goes away, every row of the request is aborted (their KV blocks freed).
 * **Accounting.** `job.stats["kv_tokens"]` is what the rows held together (all rows' prompts plus
   every row's generated tokens).
 
-Repetition/frequency/presence penalties are not applied to NBCE (the rows are forced); stop
-strings, EOS, ignore_eos, max_new_tokens and do_sample/temperature/top_k/top_p/seed are, and an
-output constraint (structured output: one grammar state per group, masking every row before the
-combination; grammar.py).
+Repetition/frequency/presence penalties are not applied to lockstep rows (the rows are forced);
+stop strings, EOS, ignore_eos, max_new_tokens and do_sample/temperature/top_k/top_p/seed are (the
+last five by the combiner's processor), and an output constraint (structured output: NBCE keeps one
+grammar state per group, masking every row before the combination; strategies/nbce/grammar.py).
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from server.engines.base import (
     Engine,
     EngineDown,
     EngineStep,
     FinishReason,
+    LockstepCombiner,
+    LockstepRow,
     RowJob,
     RowRequest,
     SamplingOptions,
@@ -62,44 +64,43 @@ from server.engines.base import (
     TokenEvent,
     Tokenizer,
 )
-from strategies.nbce.protocol import Combination, Draw, RowTag, announce
 
 log = logging.getLogger(__name__)
 
 MAX_RESUBMITS = 64
 
 
-class NbceError(RuntimeError):
+class LockstepError(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class NbceCombiner:
-    """The `RowCombiner` of an NBCE plan: its rows are [question alone, document rows...]."""
-
-    combination: Combination
-    name: str = "nbce"
-
-    def run(self, engine: Engine, job: RowJob) -> StepStream:
-        return _NbceRequest(engine, job, self.combination).stream()
+def run_lockstep(engine: Engine, job: RowJob, combiner: LockstepCombiner) -> StepStream:
+    """The combined token stream of the job's rows (`job.plan.rows`), decoded in lockstep."""
+    return _LockstepRequest(engine, job, combiner).stream()
 
 
-class _NbceRequest:
-    """One NBCE request: its rows prefilled, submitted as a group, resubmitted whenever they fall out
-    of step, and the tokens they agree on yielded as the request's steps."""
+class _LockstepRequest:
+    """One request: its rows prefilled, submitted as a group, resubmitted whenever they fall out of
+    step, and the tokens they agree on yielded as the request's steps."""
 
-    def __init__(self, engine: Engine, job: RowJob, combination: Combination) -> None:
+    def __init__(self, engine: Engine, job: RowJob, combiner: LockstepCombiner) -> None:
         self.engine = engine
         self.job = job
-        self.combination = combination
+        self.combiner = combiner
         self.rows = job.plan.rows
         self.tokens = _ConfirmedTokens(engine, job.sampling, prompt_tokens=job.plan.prompt_tokens)
         self._submitted: list[str] = []  # engine request ids of the rows running now
-        job.stats.update(kv_tokens=job.plan.prompt_tokens, nbce_rows=len(self.rows), nbce_resubmits=0)
+        job.stats.update(
+            {"kv_tokens": job.plan.prompt_tokens, f"{combiner.name}_rows": len(self.rows), self._resubmits: 0}
+        )
+
+    @property
+    def _resubmits(self) -> str:
+        return f"{self.combiner.name}_resubmits"
 
     async def stream(self) -> StepStream:
         try:
-            await _prefill(self.engine, self.job)
+            await _prefill(self.engine, self.job, self.combiner)
             attempt = 0
             while True:
                 # aclosing: when the consumer goes away, the submission's rows are stopped here and now.
@@ -120,7 +121,7 @@ class _NbceRequest:
         streams = await self.engine.generate_group(rows)
         queue: asyncio.Queue[Pumped] = asyncio.Queue()
         tasks = [asyncio.create_task(_pump(k, s, queue)) for k, s in enumerate(streams)]
-        lockstep = _Lockstep(len(rows))
+        lockstep = _Lockstep(len(rows), self.combiner.name)
         try:
             while not lockstep.stuck:
                 lockstep.receive(*await queue.get())
@@ -135,9 +136,9 @@ class _NbceRequest:
             await self._abort_submitted()
 
     def _row_requests(self, group: str) -> list[RowRequest]:
-        """The rows with the confirmed tokens appended, each tagged for the engine's NBCE processor."""
+        """The rows with the confirmed tokens appended, each tagged by the combiner for its processor."""
         confirmed, sampling = self.tokens.ids, self.job.sampling
-        draw = Draw.from_sampling(sampling)
+        stop_token_ids = tuple(sorted(self.tokens.eos))
         return [
             RowRequest(
                 f"{group}:{k}",
@@ -146,17 +147,10 @@ class _NbceRequest:
                     max_new_tokens=sampling.max_new_tokens - len(confirmed),
                     greedy=True,
                     ignore_eos=sampling.ignore_eos,
-                    extra_args=RowTag(
-                        job=self.job.request_id,
-                        group=group,
-                        row=k,
-                        rows=len(self.rows),
-                        base=len(confirmed),
-                        combination=self.combination,
-                        draw=draw,
-                        constraint=sampling.constraint,
-                        stop_token_ids=tuple(sorted(self.tokens.eos)),
-                    ).to_extra_args(),
+                    extra_args=self.combiner.row_args(
+                        LockstepRow(self.job.request_id, group, k, len(self.rows), len(confirmed), stop_token_ids),
+                        sampling,
+                    ),
                 ),
                 self.job.plan.rope,
                 self.job.priority,
@@ -170,15 +164,16 @@ class _NbceRequest:
         return step
 
     def _count_resubmit(self, attempt: int) -> None:
-        self.job.stats["nbce_resubmits"] = attempt
+        self.job.stats[self._resubmits] = attempt
         log.info(
-            "nbce %s: rows out of step at token %d; resubmitting (attempt %d)",
+            "%s %s: rows out of step at token %d; resubmitting (attempt %d)",
+            self.combiner.name,
             self.job.request_id,
             len(self.tokens.ids),
             attempt,
         )
         if attempt > MAX_RESUBMITS:
-            raise NbceError(f"nbce rows fell out of step {attempt} times; giving up")
+            raise LockstepError(f"{self.combiner.name} rows fell out of step {attempt} times; giving up")
 
     async def _abort_submitted(self) -> None:
         if not self._submitted:
@@ -187,10 +182,10 @@ class _NbceRequest:
         try:
             await asyncio.shield(self.engine.abort(ids))
         except Exception:
-            log.debug("abort of nbce rows failed", exc_info=True)
+            log.debug("abort of %s rows failed", self.combiner.name, exc_info=True)
 
 
-async def _prefill(engine: Engine, job: RowJob) -> None:
+async def _prefill(engine: Engine, job: RowJob, combiner: LockstepCombiner) -> None:
     """Every row as a one-token request: fills the prefix cache, batched with other traffic.
 
     One row after the other: a row in chunked prefill is a *running* request and takes the whole
@@ -199,8 +194,7 @@ async def _prefill(engine: Engine, job: RowJob) -> None:
     NBCE prefill). Row by row, requests that arrive meanwhile are admitted between rows.
     """
     for k, row in enumerate(job.plan.rows):
-        # A constrained request's grammar is compiled in the engine core while its rows prefill.
-        one_token = SamplingOptions(max_new_tokens=1, extra_args=announce(job.sampling.constraint))
+        one_token = SamplingOptions(max_new_tokens=1, extra_args=combiner.prefill_args(job.sampling))
         request = RowRequest(f"{job.request_id}:prefill:{k}", row, one_token, job.plan.rope, job.priority)
         stream = engine.generate(request)
         try:
@@ -232,7 +226,8 @@ class _Lockstep:
     """The outputs of one submission's rows, and how far they agree: a token is confirmed only when
     every row emitted it at the same position, so a desync never leaks out."""
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int, name: str) -> None:
+        self.name = name
         self.outputs: list[list[int]] = [[] for _ in range(rows)]
         self.ended = [False] * rows
         self.agreed = 0
@@ -242,7 +237,7 @@ class _Lockstep:
         if isinstance(step, EngineDown):  # the engine died: the request's 503, as for any strategy
             raise step
         if isinstance(step, BaseException):
-            raise NbceError(f"an nbce row failed: {step}") from step
+            raise LockstepError(f"an {self.name} row failed: {step}") from step
         if step is None:
             self.ended[k] = True
             return
