@@ -54,16 +54,14 @@ from server.engines.base import (
     Engine,
     EngineDown,
     EngineStep,
-    FinishReason,
     LockstepCombiner,
     LockstepRow,
     RowJob,
     RowRequest,
     SamplingOptions,
     StepStream,
-    TokenEvent,
-    Tokenizer,
 )
+from server.service.text_output import OutputText
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +86,10 @@ class _LockstepRequest:
         self.job = job
         self.combiner = combiner
         self.rows = job.plan.rows
-        self.tokens = _ConfirmedTokens(engine, job.sampling, prompt_tokens=job.plan.prompt_tokens)
+        # The confirmed tokens as the request's steps (their text, stop strings, EOS, length).
+        self.tokens = OutputText(
+            engine.tokenizer, engine.model.eos_token_ids, job.sampling, prompt_tokens=job.plan.prompt_tokens
+        )
         self._submitted: list[str] = []  # engine request ids of the rows running now
         job.stats.update(
             {"kv_tokens": job.plan.prompt_tokens, f"{combiner.name}_rows": len(self.rows), self._resubmits: 0}
@@ -261,86 +262,3 @@ class _Lockstep:
         """No more tokens can be confirmed: the rows disagreed, or every row stopped (they
         disagreed on the length)."""
         return self.desynced or all(self.ended)
-
-
-class _ConfirmedTokens:
-    """The request's confirmed tokens as its steps: their text, and why the request finishes (a stop
-    string, EOS, max_new_tokens). Text that may be the start of a stop string is held back until
-    the next token tells; a stop string and what follows it are never sent."""
-
-    def __init__(self, engine: Engine, sampling: SamplingOptions, prompt_tokens: int) -> None:
-        self.tokenizer = engine.tokenizer
-        self.special = frozenset(self.tokenizer.all_special_ids or ())
-        self.eos = {*engine.model.eos_token_ids, *_ids(self.tokenizer.eos_token_id)}
-        self.ignore_eos = sampling.ignore_eos
-        self.max_new = sampling.max_new_tokens
-        self.stops = tuple(s for s in sampling.stop if s)
-        self.held_back = max((len(s) for s in self.stops), default=1) - 1
-        self.prompt_tokens = prompt_tokens
-        self.ids: list[int] = []
-        self.finish: FinishReason | None = None
-        self._detok = _Detokenizer(self.tokenizer)
-        self._pending = ""  # text of confirmed tokens not sent yet
-
-    def add(self, token: int) -> EngineStep:
-        self.ids.append(token)
-        special = token in self.special
-        self._pending += "" if special else self._detok.add(token)
-        text = self._detok.emitted
-        if self.stops and (hit := _find_stop(text, self.stops, len(text) - len(self._pending))) is not None:
-            # Drop the stop string and what follows it (characters past the stop's start).
-            self._pending = self._pending[: max(0, len(self._pending) - (len(text) - hit))]
-            self.finish = "stop_sequence"
-        elif token in self.eos and not self.ignore_eos:
-            self.finish = "eos_token"
-        elif len(self.ids) >= self.max_new:
-            self.finish = "length"
-        sent = self._pending if self.finish is not None else self._pending[: len(self._pending) - self.held_back]
-        self._pending = self._pending[len(sent) :]
-        return EngineStep(
-            tokens=[TokenEvent(id=token, text=self.tokenizer.decode([token]), logprob=None, special=special)],
-            text=sent,
-            finished=self.finish is not None,
-            finish_reason=self.finish,
-            prompt_tokens=self.prompt_tokens,
-        )
-
-
-def _ids(token_id: int | None) -> tuple[int, ...]:
-    return () if token_id is None else (token_id,)
-
-
-class _Detokenizer:
-    """Incremental text of the confirmed tokens (holds back incomplete UTF-8)."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        # Decoding the whole sequence again keeps spacing exact; the earlier text never changes
-        # except for a held-back partial character.
-        common = 0
-        for a, b in zip(self.emitted, text, strict=False):
-            if a != b:
-                break
-            common += 1
-        delta = text[common:]
-        self.emitted = text
-        return delta
-
-
-def _find_stop(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
-    """Start of the first stop string that ends in the new part of `text`, else None."""
-    start = max(0, new_from - max(len(s) for s in stops))
-    best = None
-    for s in stops:
-        i = text.find(s, start)
-        if i != -1 and (best is None or i < best):
-            best = i
-    return best
