@@ -136,16 +136,10 @@ class NbceCombiner:
     name: str = "nbce"
 
     def row_args(self, row: LockstepRow, sampling: SamplingOptions) -> dict[str, Any]:
+        # The row's place in its group (job, group, row, rows, base, stop_token_ids), as the runner gave it.
+        place = asdict(row)
         return RowTag(
-            job=row.job,
-            group=row.group,
-            row=row.row,
-            rows=row.rows,
-            base=row.base,
-            combination=self.combination,
-            draw=Draw.from_sampling(sampling),
-            constraint=sampling.constraint,
-            stop_token_ids=row.stop_token_ids,
+            **place, combination=self.combination, draw=Draw.from_sampling(sampling), constraint=sampling.constraint
         ).to_extra_args()
 
     def prefill_args(self, sampling: SamplingOptions) -> dict[str, Any] | None:
