@@ -260,6 +260,28 @@ def test_nbce_stream_equals_generate(http):
     assert final["generated_text"] == whole.json()["generated_text"]
 
 
+def test_nbce_stop_string_cuts_the_text_as_for_one_row(http):
+    """A stop string in NBCE's combined text (server/service/text_output.py) ends it as vLLM ends an
+    ordinary row's: the text before the stop's first occurrence, finish reason `stop_sequence`."""
+    body = {
+        "inputs": CHAT.format(q="Who lives in Oslo?"),
+        "context": [directory(11), directory(12)],
+        "strategy": "nbce",
+        "parameters": {"max_new_tokens": 16, "details": True},
+    }
+    whole = http.post("/generate", json=body)
+    assert whole.status_code == 200, whole.text
+    text = whole.json()["generated_text"]
+    assert len(text) >= 8, text
+    middle = len(text) // 2
+    stop = text[middle : middle + 4]
+    body["parameters"]["stop"] = [stop]
+    cut = http.post("/generate", json=body)
+    assert cut.status_code == 200, cut.text
+    assert cut.json()["generated_text"] == text[: text.find(stop)]
+    assert cut.json()["details"]["finish_reason"] == "stop_sequence"
+
+
 def passkey_case(tokenizer, target: int, key: str, depth: float):
     """The passkey haystack as the document, the instruction with the question as `inputs`: every
     NBCE row reads the instruction (a chunk without it does not know what to look for)."""
