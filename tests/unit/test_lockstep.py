@@ -1,6 +1,7 @@
-"""The NBCE runner's control flow on a scripted engine: tokens are confirmed only where every row
-agrees, rows out of step are resubmitted with the confirmed tokens appended, stop strings, EOS and
-max_new_tokens end the request, a failed row fails it, and closing the stream aborts the rows.
+"""The lockstep runner's control flow (server/service/lockstep.py), with NBCE's combiner, on a
+scripted engine: tokens are confirmed only where every row agrees, rows out of step are
+resubmitted with the confirmed tokens appended, stop strings, EOS and max_new_tokens end the
+request, a failed row fails it, and closing the stream aborts the rows.
 
 The combination itself runs inside the real engine (tests/e2e/test_nbce_engine.py); here the rows'
 outputs are scripted, which is how the rare desync paths get exercised at all."""
