@@ -8,7 +8,8 @@ time), so strategies, engines, the server and the Python client all import it:
   beyond rotating each token at its own position (one small file per scheme in server/attention/);
 - `RopeConfig`: a row's complete RoPE configuration, with its attention scheme if any;
 - `OutputConstraint`: what a row's output must match (structured output);
-- `ExecutionPlan`: what the engine runs for one request (rows under one `RopeConfig`);
+- `ExecutionPlan`: what the engine runs for one request (rows under one `RopeConfig`), and how
+  several rows become one stream (`LockstepCombiner`, `RowCombiner`);
 - `StrategySpec`, `StrategyError`, `FinishReason`: a request's `strategy` field, a strategy's
   refusal, why a generation ended; `clipped` and `refuse_many_unknown`, how client text and unknown
   keys are quoted in a refusal (the contract's schemas and the strategies' parameters alike).
@@ -26,7 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field, fields
 from itertools import islice
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, get_args, runtime_checkable
 
 if TYPE_CHECKING:  # the engine side of a scheme works on tensors; the plan itself needs no torch
     from torch import Tensor
@@ -241,10 +242,10 @@ class OutputConstraint:
 class RowCombiner(Protocol):
     """Runs the rows of a multi-row plan on an engine and yields one combined token stream.
 
-    A strategy puts one in its plan (NBCE: strategies/nbce/runner.py); the service runs it in
-    place of a single-row generation. Closing the stream must abort every row it started. The
-    engine (server/engines/base.py `Engine`), the job (`RowJob`) and the steps (`EngineStep`) are
-    the engine API's types: the plan types import nothing of the project, so they are not named here.
+    A plugin strategy may bring one that drives the engine itself; the service runs it in place of
+    a single-row generation. Closing the stream must abort every row it started. The engine
+    (server/engines/base.py `Engine`), the job (`RowJob`) and the steps (`EngineStep`) are the
+    engine API's types: the plan types import nothing of the project, so they are not named here.
     """
 
     @property
@@ -255,20 +256,62 @@ class RowCombiner(Protocol):
     def run(self, engine: Any, job: Any) -> AsyncGenerator[Any, None]: ...
 
 
+@dataclass(frozen=True)
+class LockstepRow:
+    """One row of one submission of a lockstep group, as its combiner tags it for the engine.
+
+    `group` names the submission (request id:attempt); `row` is the row's index among `rows`;
+    `base` is how many tokens were confirmed before this submission (appended to every row's
+    prompt); `stop_token_ids` are the tokens that end the request (EOS, unless ignored by the
+    combination's own rule: the processor reads them).
+    """
+
+    job: str
+    group: str
+    row: int
+    rows: int
+    base: int
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@runtime_checkable
+class LockstepCombiner(Protocol):
+    """Rows that decode in lockstep, one token forced into every row at each step by a logits
+    processor inside the engine; the service runs them (server/service/lockstep.py) and the
+    combiner only says what each row carries to that processor (NBCE: strategies/nbce/protocol.py).
+
+    `sampling` is the request's `SamplingOptions` (server/engines/rows.py), not named here for the
+    reason `RowCombiner` gives.
+    """
+
+    @property
+    def name(self) -> str:
+        """What the combiner is (logs, errors, the `<name>_rows` figures of a job)."""
+        ...
+
+    def row_args(self, row: LockstepRow, sampling: Any) -> dict[str, Any]:
+        """The `extra_args` of one row of a submission."""
+        ...
+
+    def prefill_args(self, sampling: Any) -> dict[str, Any] | None:
+        """The `extra_args` of a row's one-token prefill, run before the group is admitted."""
+        ...
+
+
 @dataclass
 class ExecutionPlan:
     """What the engine runs for one request.
 
-    One row is an ordinary generation; several rows are run by the plan's `combiner` (e.g.
-    NBCE's lockstep decoding), which turns them into one token stream. `resolved` is echoed back
-    in the response.
+    One row is an ordinary generation; several rows are turned into one token stream by the plan's
+    `combiner`: the service decodes a `LockstepCombiner`'s rows in lockstep (NBCE), and runs a
+    `RowCombiner` as it is. `resolved` is echoed back in the response.
     """
 
     rope: RopeConfig
     rows: list[list[int]]
     max_total_tokens: int
     resolved: dict[str, Any]
-    combiner: RowCombiner | None = None
+    combiner: RowCombiner | LockstepCombiner | None = None
 
     @property
     def prompt_tokens(self) -> int:

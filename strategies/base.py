@@ -128,7 +128,8 @@ P = TypeVar("P", bound=StrategyParams)
 class Strategy(ABC, Generic[P]):
     """One long-context strategy. Subclasses set `name`, `description` and `Params`.
 
-    A strategy whose plans have several rows puts a `RowCombiner` in them; if its combiner needs
+    A strategy whose plans have several rows puts a combiner in them (server/plan.py: a
+    `LockstepCombiner`, whose rows the service decodes in lockstep, or a `RowCombiner`); if it needs
     code inside the engine (a vLLM logits processor, "module:Class"), it names it in
     `engine_logits_processors` and the server registers it when the engine starts.
     """

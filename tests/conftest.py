@@ -77,7 +77,7 @@ def start_server(tmp_dir: Path, extra_env: dict[str, str] | None = None, name: s
         "ROPESERVE_PORT": str(port),
         "ROPESERVE_KV_CACHE_GIB": os.environ.get("ROPESERVE_TEST_KV_CACHE_GIB", "2"),
         # float32 so engine logits can be compared token-exactly with transformers references
-        # (NBCE exactness, strategies/nbce/runner.py); bf16 kernels differ in rounding.
+        # (NBCE exactness, server/service/lockstep.py); bf16 kernels differ in rounding.
         "ROPESERVE_DTYPE": os.environ.get("ROPESERVE_TEST_DTYPE", "float32"),
         "PYTHONUNBUFFERED": "1",
         # Admission by queued work off: tests send bursts of documents to one-core float32 engines

@@ -35,7 +35,7 @@ from server.engines.rows import (
     TokenEvent,
     TopToken,
 )
-from server.plan import ExecutionPlan, FinishReason, ModelFacts, RopeConfig, RowCombiner
+from server.plan import ExecutionPlan, FinishReason, LockstepCombiner, LockstepRow, ModelFacts, RopeConfig, RowCombiner
 
 __all__ = [
     "Engine",
@@ -48,6 +48,8 @@ __all__ = [
     "ExecutorBackend",
     "FinishReason",
     "FinishedRow",
+    "LockstepCombiner",
+    "LockstepRow",
     "OutputConstraint",
     "Parallelism",
     "RowCombiner",

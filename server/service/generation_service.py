@@ -13,13 +13,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from server.engines.base import Engine, RowRequest, SamplingOptions, StepStream, Tokenizer
+from server.engines.base import Engine, LockstepCombiner, RowRequest, SamplingOptions, StepStream, Tokenizer
 from server.ops.metrics import UNKNOWN_STRATEGY, Metrics
 from server.ops.watchdog import watch_engine
 from server.plan import ModelFacts, StrategyError, StrategySpec
 from server.service.admission import AdmissionController, default_priority
 from server.service.capacity import capacity_refusal
 from server.service.jobs import Job, within_deadline
+from server.service.lockstep import run_lockstep
 from server.service.plan_checks import RopeVerdicts, check_plan, check_token_ids
 from server.service.queue_admission import job_work, queue_refusal
 from server.service.refusal import Refusal
@@ -234,7 +235,11 @@ class GenerationService:
             record.finish(status)
 
     def _steps(self, job: Job) -> StepStream:
-        if job.plan.combiner is not None:
-            return job.plan.combiner.run(self.engine, job)
+        """The plan's own kind picks how it runs: one row, rows in lockstep, or a combiner's own run."""
+        combiner = job.plan.combiner
+        if isinstance(combiner, LockstepCombiner):
+            return run_lockstep(self.engine, job, combiner)
+        if combiner is not None:
+            return combiner.run(self.engine, job)
         row = RowRequest(job.request_id, job.plan.rows[0], job.sampling, job.plan.rope, job.priority)
         return self.engine.generate(row)

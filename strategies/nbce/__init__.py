@@ -2,10 +2,11 @@
 
 - `strategy.py`: the strategy (parameters, planning the rows) — what the registry loads;
 - `chunking.py`: a long document into row-sized chunks;
-- `protocol.py`: the typed tag each row carries to the engine, and the combination's defaults;
+- `protocol.py`: the typed tag each row carries to the engine, the combination's defaults, and
+  `NbceCombiner`, which tags the rows (the service decodes them in lockstep:
+  server/service/lockstep.py);
 - `combine.py`: the arithmetic of one step, in plain PyTorch (the engine and the test reference
   both use it);
-- `runner.py`: the `RowCombiner` that decodes the rows in lockstep on the engine (API process);
 - `processor.py`: the vLLM logits processor that combines the rows in the engine (engine-core
   process; imports vLLM).
 

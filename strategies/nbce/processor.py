@@ -10,7 +10,8 @@ computes the full-vocabulary NBCE choice from the rows' logits (combine.py) and 
 in every row (all other logits -inf; the rows sample greedily). Otherwise the group is out of
 step: it is marked desynced for good and each row is forced to its own marker token
 (`marker_token(k)`), so the rows' outputs disagree at that position and the runner notices,
-aborts the rows and submits them again with the confirmed tokens appended (runner.py).
+aborts the rows and submits them again with the confirmed tokens appended
+(server/service/lockstep.py).
 
 A constrained request (structured output) masks every row's logits with its group's grammar
 state before the combination (grammar.py), so the combined choice is always a token the grammar

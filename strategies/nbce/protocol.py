@@ -1,8 +1,9 @@
 """What NBCE's rows tell the engine: one typed tag per row, carried in `SamplingParams.extra_args`.
 
-The API process (runner.py) writes a `RowTag` into each row's `extra_args["nbce"]`; the engine's
-logits processor (processor.py) reads it back. The defaults of the combination live here and
-nowhere else: the strategy's parameters, the runner, the processor and the reference use them.
+`NbceCombiner`, the `LockstepCombiner` an NBCE plan carries, writes a `RowTag` into each row's
+`extra_args["nbce"]` as the service's lockstep runner (server/service/lockstep.py) submits the
+rows; the engine's logits processor (processor.py) reads it back. The defaults of the combination
+live here and nowhere else: the strategy's parameters, the processor and the reference use them.
 
     >>> tag = RowTag(job="j", group="j:0", row=1, rows=3, base=0, combination=Combination(beta=0.5), draw=Draw())
     >>> RowTag.from_extra_args(tag.to_extra_args()) == tag
@@ -15,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from server.engines.base import OutputConstraint, SamplingOptions
+from server.engines.base import LockstepRow, OutputConstraint, SamplingOptions
 
 EXTRA_KEY = "nbce"
 # A row that announces its request's output constraint before the group runs (NBCE's prefill rows),
@@ -124,3 +125,23 @@ def announced(extra_args: Mapping[str, Any] | None) -> OutputConstraint | None:
     """The constraint a row announces, if any. ValueError if malformed."""
     raw = (extra_args or {}).get(GRAMMAR_AHEAD_KEY)
     return None if raw is None else OutputConstraint.from_dict(raw)
+
+
+@dataclass(frozen=True)
+class NbceCombiner:
+    """The `LockstepCombiner` of an NBCE plan: its rows are [question alone, document rows...], each
+    tagged for the engine's NBCE processor, which combines them."""
+
+    combination: Combination
+    name: str = "nbce"
+
+    def row_args(self, row: LockstepRow, sampling: SamplingOptions) -> dict[str, Any]:
+        # The row's place in its group (job, group, row, rows, base, stop_token_ids), as the runner gave it.
+        place = asdict(row)
+        return RowTag(
+            **place, combination=self.combination, draw=Draw.from_sampling(sampling), constraint=sampling.constraint
+        ).to_extra_args()
+
+    def prefill_args(self, sampling: SamplingOptions) -> dict[str, Any] | None:
+        # A constrained request's grammar is compiled in the engine core while its rows prefill.
+        return announce(sampling.constraint)

@@ -16,7 +16,8 @@ The documents become rows that decode in lockstep (docs/CONTRACT.md, "NBCE rows"
 The rows run under a RoPE strategy of their own (`rope`, default `native`) resolved through the
 server's registry (`PlanContext.resolve`), so NBCE composes with every RoPE scaling; its plan
 gives the RoPE configuration and the longest row. The plan's rows are `[uncond, row_1, ..., row_n]`
-(the unconditioned row first, as in the reference); its combiner (runner.py) runs them.
+(the unconditioned row first, as in the reference); the service decodes them in lockstep
+(server/service/lockstep.py), each tagged by its combiner (protocol.py).
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ from strategies.base import (
     too_many_rows,
 )
 from strategies.nbce.chunking import row_text, split_document
-from strategies.nbce.protocol import Combination, Pooling
-from strategies.nbce.runner import NbceCombiner
+from strategies.nbce.protocol import Combination, NbceCombiner, Pooling
 
 # Tokens kept free in every row beyond the question and max_new_tokens (tokenization of a chunk
 # next to the question is not exactly additive).

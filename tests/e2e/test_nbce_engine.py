@@ -3,7 +3,7 @@ the same engine, streaming + disconnect frees every row, and a ~30k-token passke
 `nbce` and `auto` while other clients are served.
 
 The session server runs the engine in float32 (tests/conftest.py sets ROPESERVE_DTYPE), so the
-engine's logits and the transformers reference agree up to float rounding (strategies/nbce/runner.py).
+engine's logits and the transformers reference agree up to float rounding (server/service/lockstep.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from server.ops.model_store import default_checkpoint_dir
 from strategies.base import StrategyRequest
-from strategies.nbce.runner import NbceCombiner
+from strategies.nbce.protocol import NbceCombiner
 from tests.support.planning import plan_for
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
@@ -258,6 +258,28 @@ def test_nbce_stream_equals_generate(http):
                 final = event
     assert texts == [t["id"] for t in whole.json()["details"]["tokens"]]
     assert final["generated_text"] == whole.json()["generated_text"]
+
+
+def test_nbce_stop_string_cuts_the_text_as_for_one_row(http):
+    """A stop string in NBCE's combined text (server/service/text_output.py) ends it as vLLM ends an
+    ordinary row's: the text before the stop's first occurrence, finish reason `stop_sequence`."""
+    body = {
+        "inputs": CHAT.format(q="Who lives in Oslo?"),
+        "context": [directory(11), directory(12)],
+        "strategy": "nbce",
+        "parameters": {"max_new_tokens": 16, "details": True},
+    }
+    whole = http.post("/generate", json=body)
+    assert whole.status_code == 200, whole.text
+    text = whole.json()["generated_text"]
+    assert len(text) >= 8, text
+    middle = len(text) // 2
+    stop = text[middle : middle + 4]
+    body["parameters"]["stop"] = [stop]
+    cut = http.post("/generate", json=body)
+    assert cut.status_code == 200, cut.text
+    assert cut.json()["generated_text"] == text[: text.find(stop)]
+    assert cut.json()["details"]["finish_reason"] == "stop_sequence"
 
 
 def passkey_case(tokenizer, target: int, key: str, depth: float):

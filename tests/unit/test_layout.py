@@ -4,6 +4,7 @@ including those inside functions)."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,14 @@ def test_strategies_see_only_the_engine_api_and_vllm_only_inside_the_engine() ->
     with_vllm = {str(p.relative_to(ROOT)) for p in files("strategies") if any(under(m, "vllm") for m in imports(p))}
     # The NBCE logits processor runs in vLLM's engine core; no other strategy code touches vLLM.
     assert with_vllm == {"strategies/nbce/processor.py"}
+
+
+def test_strategies_plan_and_the_service_runs() -> None:
+    """No strategy drives the engine: rows decoded in lockstep are run by the service
+    (server/service/lockstep.py), whatever strategy planned them."""
+    driving = re.compile(r"\.(generate|generate_group|abort)\(")
+    assert {str(p.relative_to(ROOT)) for p in files("strategies") if driving.search(p.read_text())} == set()
+    assert driving.search((ROOT / "server" / "service" / "lockstep.py").read_text())  # the check reads real calls
 
 
 def engine_internals(module: str) -> bool:

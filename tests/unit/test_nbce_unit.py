@@ -15,8 +15,7 @@ from strategies.base import PlanContext, StrategyError, StrategyRequest
 from strategies.nbce import NbceParams, NbceStrategy
 from strategies.nbce.chunking import split_document
 from strategies.nbce.combine import choose_token, combine, top_p_filter
-from strategies.nbce.protocol import Combination, Draw, RowTag
-from strategies.nbce.runner import NbceCombiner
+from strategies.nbce.protocol import Combination, Draw, NbceCombiner, RowTag
 from strategies.registry import default_registry
 from strategies.rope import RopeParams, RopeStrategy
 from tests.support.planning import plan_context

@@ -24,10 +24,10 @@ from server.http.errors import as_api_error
 from server.ops.watchdog import watch_engine
 from server.plan import ModelFacts
 from server.service.admission import AdmissionController, RequestWork, Throughput
+from server.service.lockstep import LockstepError
 from server.service.queue_admission import admission_controller, all_listeners, learning_from_steps
 from server.service.refusal import Refusal
 from server.settings import Settings
-from strategies.nbce.runner import NbceError
 from tests.support.fake_engine import FakeEngine, fake_service_factory
 from tests.support.metrics_text import sample_value
 
@@ -253,10 +253,10 @@ async def test_an_engine_restart_clears_the_queue() -> None:
 # --- every engine death is a 503 -----------------------------------------------------------------
 
 
-def nbce_row_failure(cause: BaseException) -> NbceError:
+def nbce_row_failure(cause: BaseException) -> LockstepError:
     try:
-        raise NbceError(f"an nbce row failed: {cause}") from cause
-    except NbceError as exc:
+        raise LockstepError(f"an nbce row failed: {cause}") from cause
+    except LockstepError as exc:
         return exc
 
 

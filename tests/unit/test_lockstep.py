@@ -1,6 +1,7 @@
-"""The NBCE runner's control flow on a scripted engine: tokens are confirmed only where every row
-agrees, rows out of step are resubmitted with the confirmed tokens appended, stop strings, EOS and
-max_new_tokens end the request, a failed row fails it, and closing the stream aborts the rows.
+"""The lockstep runner's control flow (server/service/lockstep.py), with NBCE's combiner, on a
+scripted engine: tokens are confirmed only where every row agrees, rows out of step are
+resubmitted with the confirmed tokens appended, stop strings, EOS and max_new_tokens end the
+request, a failed row fails it, and closing the stream aborts the rows.
 
 The combination itself runs inside the real engine (tests/e2e/test_nbce_engine.py); here the rows'
 outputs are scripted, which is how the rare desync paths get exercised at all."""
@@ -23,8 +24,8 @@ from server.engines.base import (
     TokenEvent,
 )
 from server.plan import ModelFacts, RopeConfig
-from strategies.nbce.protocol import Combination, RowTag
-from strategies.nbce.runner import MAX_RESUBMITS, NbceCombiner, NbceError
+from server.service.lockstep import MAX_RESUBMITS, LockstepError, run_lockstep
+from strategies.nbce.protocol import Combination, NbceCombiner, RowTag
 
 SPECIAL, EOS = 0, 1
 
@@ -101,7 +102,7 @@ def job(max_new_tokens: int = 8, **sampling: Any) -> Job:
 
 
 async def run(engine: ScriptedEngine, request: Job) -> list[EngineStep]:
-    return [step async for step in NbceCombiner(Combination()).run(engine, request)]  # type: ignore[arg-type]
+    return [step async for step in run_lockstep(engine, request, NbceCombiner(Combination()))]  # type: ignore[arg-type]
 
 
 def same(*chunks: list[int]) -> list[list[int]]:
@@ -166,13 +167,13 @@ async def test_text_that_may_begin_a_stop_string_is_held_back_until_it_cannot() 
 async def test_a_failed_row_fails_the_request() -> None:
     rows: list[list[list[int]] | BaseException] = [same(letters("ab")), RuntimeError("row died"), same(letters("ab"))]
     engine = ScriptedEngine([rows])
-    with pytest.raises(NbceError, match="row died"):
+    with pytest.raises(LockstepError, match="row died"):
         await run(engine, job())
     assert set(engine.aborted) >= {"req:0:0", "req:0:1", "req:0:2"}
 
 
 async def test_an_engine_death_fails_the_request_as_the_engines_death() -> None:
-    """Not wrapped in NbceError: the HTTP layer answers EngineDown with 503 whatever the strategy."""
+    """Not wrapped in LockstepError: the HTTP layer answers EngineDown with 503 whatever the strategy."""
     died = EngineDown("the engine died while serving this request")
     engine = ScriptedEngine([[same(letters("ab")), died, same(letters("ab"))]])
     with pytest.raises(EngineDown, match="engine died"):
@@ -192,14 +193,14 @@ async def test_every_row_runs_at_the_requests_priority() -> None:
 async def test_rows_that_never_agree_are_given_up() -> None:
     never = [same(letters("a")), same(letters("b")), same(letters("a"))]
     engine = ScriptedEngine([never] * (MAX_RESUBMITS + 2))
-    with pytest.raises(NbceError, match="out of step"):
+    with pytest.raises(LockstepError, match="out of step"):
         await run(engine, job())
     assert len(engine.groups) == MAX_RESUBMITS + 1
 
 
 async def test_closing_the_stream_aborts_the_rows() -> None:
     engine = ScriptedEngine([[same(letters("abcdef"))] * 3])
-    stream = NbceCombiner(Combination()).run(engine, job())  # type: ignore[arg-type]
+    stream = run_lockstep(engine, job(), NbceCombiner(Combination()))  # type: ignore[arg-type]
     first = await anext(stream)
     assert first.text == "a"
     await stream.aclose()
