@@ -9,14 +9,14 @@ response says which band and which scores chose it. Without a policy, or past it
   → `native`;
 * else, up to `max_rope_factor` × the window (and within what the KV cache holds) → the RoPE
   scaling the RoPE measurements rank best (`dynamic_ntk`, factor `rope_factor`), or the smallest
-  sufficient power-of-two factor if that is larger (see README "Strategies" for the passkey table);
+  sufficient power-of-two factor if that is larger;
 * beyond that → `nbce` over chunks that fit the native window (it needs a `context`; a prompt
   that is all `inputs` gets the RoPE scaling while one fits, else the 422 of the chosen strategy).
 
 A scoring request (the client reads the prompt's own log-probabilities: `echo`,
 `decoder_input_details`) past the native window gets the first of `scoring` the engine serves
-instead: the window strategies, which score text past the window best (perplexity, README
-"Window strategies") but retrieve worse than `dynamic_ntk`.
+instead: the window strategies, which score text past the window best (perplexity:
+docs/evaluation.md, "Perplexity past the window").
 
 `rope` and `scoring` name strategies of the server's registry; they are checked on every request,
 used or not (errors name `strategy.rope`, `strategy.scoring[i]`). A request that chooses its RoPE
