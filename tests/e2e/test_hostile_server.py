@@ -42,7 +42,8 @@ def _address(server: RunningServer) -> tuple[str, int]:
 
 
 def _bearer(key: bytes) -> dict[str, bytes]:
-    return {"authorization": b"Bearer " + key}
+    """The header for `key`; an empty key is `Bearer` alone (a client refuses a trailing space)."""
+    return {"authorization": (b"Bearer " + key).rstrip(b" ")}
 
 
 @pytest.mark.parametrize("route", sorted(BODIES))
