@@ -51,12 +51,12 @@ FAMILIES: dict[str, list[Any]] = {
         "dynamic_ntk",
     ],
     "window": [
-        {"name": "rerope", "window": 64},
-        {"name": "leaky_rerope", "window": 64, "leak": 8},
-        {"name": "self_extend", "window": 64, "group": 4},
+        {"name": "rerope", "window": 128},
+        {"name": "leaky_rerope", "window": 128, "leak": 8},
+        {"name": "self_extend", "window": 128, "group": 4},
     ],
     "scheme": [
-        {"name": "dca", "chunk_size": 128, "local_window": 32},
+        {"name": "dca", "chunk_size": 256, "local_window": 64},
         {"name": "string", "shift": 128, "local_window": 16},
     ],
     "nbce": ["nbce"],
