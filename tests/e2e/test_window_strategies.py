@@ -276,8 +276,12 @@ def test_a_long_novel_is_answered_while_other_requests_are_served(
         length - fact_recall.MAX_NEW_TOKENS - varied.PROBE_TOKENS, load_token_counter(None), 20, 0, 0
     )
 
+    # A line of its own before the passage: each parameter's document is fresh (not in the prefix
+    # cache from another's run), so the long prefill really runs beside the short requests.
+    document = f"Copy {uuid.uuid4().hex}.\n\n{probed.text}"
+
     def body(fact: int) -> dict[str, Any]:
-        return {"inputs": probed.cases[fact].inputs, "context": probed.text, "strategy": strategy,
+        return {"inputs": probed.cases[fact].inputs, "context": document, "strategy": strategy,
                 "parameters": {"max_new_tokens": fact_recall.MAX_NEW_TOKENS, "do_sample": False, "details": True}}  # fmt: skip
 
     async def main() -> tuple[httpx.Response, float, list[float]]:
