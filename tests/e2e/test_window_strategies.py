@@ -203,6 +203,23 @@ def test_bad_window_parameters_get_a_422_naming_the_field(
     assert field in message and all(w in message for w in words), message
 
 
+async def long_beside_short_requests(base_url: str, body: dict[str, Any]) -> tuple[httpx.Response, float, list[float]]:
+    """POST `body` to /generate and, while it runs, a short request every 5 s (up to three): the
+    long reply, its seconds, and the latencies of the short requests answered before it."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=3600) as client:
+        started = time.monotonic()
+        long = asyncio.create_task(client.post("/generate", json=body))
+        answered: list[float] = []
+        while not long.done() and len(answered) < 3:
+            await asyncio.sleep(5)
+            sent = time.monotonic()
+            reply = await client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}})
+            assert reply.status_code == 200
+            if not long.done():
+                answered.append(time.monotonic() - sent)
+        return await long, time.monotonic() - started, answered
+
+
 @pytest.mark.long_tier
 @pytest.mark.parametrize(
     ("strategy", "tokens"), [({"name": "rerope"}, 24_000), ({"name": "dca"}, 32_000)], ids=["rerope-24k", "dca-32k"]
@@ -223,22 +240,7 @@ def test_a_long_document_is_answered_while_other_requests_are_served(
     body = {"inputs": case.inputs, "context": case.context, "strategy": strategy}
     body["parameters"] = {"max_new_tokens": 12, "details": True}
 
-    async def main() -> tuple[httpx.Response, float, list[float]]:
-        async with httpx.AsyncClient(base_url=base_url, timeout=3600) as client:
-            started = time.monotonic()
-            long = asyncio.create_task(client.post("/generate", json=body))
-            answered: list[float] = []  # latencies of short requests answered while the long one ran
-            while not long.done() and len(answered) < 3:
-                await asyncio.sleep(5)
-                sent = time.monotonic()
-                reply = await client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}})
-                assert reply.status_code == 200
-                if not long.done():
-                    answered.append(time.monotonic() - sent)
-            long_reply = await long
-            return long_reply, time.monotonic() - started, answered
-
-    reply, long_seconds, answered = asyncio.run(main())
+    reply, long_seconds, answered = asyncio.run(long_beside_short_requests(base_url, body))
     assert reply.status_code == 200, reply.text
     data = reply.json()
     print(f"{strategy}: {data['details']['input_length']} tokens in {long_seconds:.0f} s -> {data['generated_text']!r}")
@@ -284,21 +286,7 @@ def test_a_long_novel_is_answered_while_other_requests_are_served(
         return {"inputs": probed.cases[fact].inputs, "context": document, "strategy": strategy,
                 "parameters": {"max_new_tokens": fact_recall.MAX_NEW_TOKENS, "do_sample": False, "details": True}}  # fmt: skip
 
-    async def main() -> tuple[httpx.Response, float, list[float]]:
-        async with httpx.AsyncClient(base_url=base_url, timeout=3600) as client:
-            started = time.monotonic()
-            long = asyncio.create_task(client.post("/generate", json=body(NEAR_FACT)))
-            answered: list[float] = []
-            while not long.done() and len(answered) < 3:
-                await asyncio.sleep(5)
-                sent = time.monotonic()
-                reply = await client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}})
-                assert reply.status_code == 200
-                if not long.done():
-                    answered.append(time.monotonic() - sent)
-            return await long, time.monotonic() - started, answered
-
-    reply, long_seconds, answered = asyncio.run(main())
+    reply, long_seconds, answered = asyncio.run(long_beside_short_requests(base_url, body(NEAR_FACT)))
     assert reply.status_code == 200, reply.text
     near = reply.json()
     assert near["details"]["input_length"] > length - 1_000
