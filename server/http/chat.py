@@ -16,8 +16,10 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
 from server.engines.base import TokenEvent
+from server.http.body_checks import check_input_chars
+from server.http.body_values import documents_of, openai_sampling
 from server.http.errors import as_api_error, error_body, validation_error
-from server.http.generation import GenerationResult, check_input_chars, documents_of, openai_sampling
+from server.http.generation_result import GenerationResult
 from server.http.guarded_route import GuardedRoute
 from server.http.openai import ERRORS, LOGPROB_FLOOR, OpenAIReply, answer, finish, include_usage, logprob, usage
 from server.http.preparation import Serving, get_serving

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from server.engines.base import TokenEvent
-from server.http.generation import GenerationResult
+from server.http.generation_result import GenerationResult
 
 # Logprob entries (a token, or one of its likeliest alternatives) from which a reply is built in a thread.
 ENTRIES_IN_THREAD = 4096

@@ -19,8 +19,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from server.engines.base import FinishReason, SamplingOptions, TokenEvent
+from server.http.body_values import documents_of, openai_sampling
 from server.http.errors import as_api_error, error_body
-from server.http.generation import GenerationResult, collect, documents_of, openai_sampling
+from server.http.generation_result import GenerationResult, collect
 from server.http.guarded_route import GuardedRoute
 from server.http.large_replies import ENTRIES_IN_THREAD, built_reply, logprob_entries
 from server.http.preparation import RouteRequest, Serving, dry_run, get_serving, prepare_job

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from server.http.body_checks import refuse_combined_echo, refuse_combined_logprobs
 from server.http.deps import get_service, get_settings_dep
 from server.http.errors import as_api_error
-from server.http.generation import refuse_combined_echo, refuse_combined_logprobs
 from server.http.presets import ServedModels, get_served_models
 from server.schemas import DryRunResponse
 from server.service.generation_service import GenerationService, JobDraft

@@ -15,8 +15,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.engines.base import TokenEvent
+from server.http.body_values import tgi_request_values
 from server.http.errors import as_api_error, error_body
-from server.http.generation import GenerationResult, collect, tgi_request_values
+from server.http.generation_result import GenerationResult, collect
 from server.http.guarded_route import GuardedRoute
 from server.http.large_replies import built_reply
 from server.http.preparation import RouteRequest, Serving, dry_run, get_serving, prepare_job

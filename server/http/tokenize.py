@@ -16,10 +16,11 @@ from fastapi import APIRouter, Body, Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from server.http.body_checks import check_input_chars
+from server.http.body_values import documents_of
 from server.http.chat import chat_prompt, message_texts
 from server.http.deps import get_service, get_settings_dep
 from server.http.errors import validation_error
-from server.http.generation import check_input_chars, documents_of
 from server.http.guarded_route import GuardedRoute
 from server.http.openai import ERRORS
 from server.http.presets import ServedModels, get_served_models

@@ -1,17 +1,13 @@
-"""Request bodies to engine-neutral values, and engine steps back to full results.
+"""A request body as engine-neutral values: its documents and its sampling options.
 
-Shared by the TGI and OpenAI routes, so both apply the same limits and the same TGI meanings.
+Shared by the TGI and OpenAI routes, so both give each field the same meaning (TGI's or OpenAI's).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-
-from server.engines.base import EngineStep, FinishReason, SamplingOptions, TokenEvent
-from server.http.errors import validation_error
+from server.engines.base import SamplingOptions
+from server.http.body_checks import check_limits
 from server.schemas import ChatCompletionRequest, CompletionRequest, GenerateParameters, GenerateRequest
-from server.service.jobs import Job
 from server.settings import Settings
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
@@ -24,22 +20,6 @@ def documents_of(context: str | list[str] | None) -> tuple[str, ...]:
     if context is None:
         return ()
     return (context,) if isinstance(context, str) else tuple(context)
-
-
-def check_limits(settings: Settings, max_new_tokens: int, field_name: str, texts: list[str]) -> None:
-    if max_new_tokens > settings.max_new_tokens_limit:
-        raise validation_error(f"{field_name}: must be <= {settings.max_new_tokens_limit} (got {max_new_tokens})")
-    check_input_chars(settings, texts)
-
-
-def check_input_chars(settings: Settings, texts: list[str], field_name: str = "inputs") -> None:
-    """The prompt's texts and the documents together hold at most `max_input_chars` characters."""
-    chars = sum(len(t) for t in texts)
-    if chars > settings.max_input_chars:
-        raise validation_error(
-            f"{field_name}: {field_name} and context together hold {chars} characters; the limit is "
-            f"{settings.max_input_chars}"
-        )
 
 
 def tgi_sampling(params: GenerateParameters, settings: Settings) -> SamplingOptions:
@@ -112,49 +92,3 @@ def openai_sampling(
         prompt_logprobs=prompt_logprobs,
         constraint=body.constraint(),
     )
-
-
-def refuse_combined_logprobs(job: Job, field_name: str | None) -> None:
-    """A multi-row plan's tokens come from its combiner, not from one distribution of the model:
-    there are no logprobs to report, and nulls where a client expects numbers would mislead.
-    `field_name`: the body field that asks for them (None: not asked)."""
-    if field_name is not None and len(job.plan.rows) > 1:
-        raise validation_error(
-            f"{field_name}: '{job.strategy_name}' chooses each token from {len(job.plan.rows)} rows combined; "
-            f"it has no per-token logprobs (leave out {field_name.rsplit('.', 1)[-1]}, or use a single-row strategy)"
-        )
-
-
-def refuse_combined_echo(job: Job, echo: bool) -> None:
-    """A multi-row plan reads its documents in several rows, not as one prompt: there is no prompt
-    to echo (docs/CONTRACT.md: NBCE refuses `echo`), with or without its logprobs."""
-    if echo and len(job.plan.rows) > 1:
-        raise validation_error(
-            f"echo: '{job.strategy_name}' reads {len(job.plan.rows)} rows combined, not one prompt; there is "
-            "no prompt to echo (leave out echo, or use a single-row strategy)"
-        )
-
-
-@dataclass
-class GenerationResult:
-    text: str = ""
-    tokens: list[TokenEvent] = field(default_factory=list)
-    finish_reason: FinishReason = "length"
-    prompt_tokens: int = 0
-    prompt_logprobs: list[TokenEvent] | None = None
-
-    def add(self, step: EngineStep) -> None:
-        if step.prompt_logprobs is not None:
-            self.prompt_logprobs = step.prompt_logprobs
-        self.text += step.text
-        self.tokens.extend(step.tokens)
-        self.prompt_tokens = max(self.prompt_tokens, step.prompt_tokens)
-        if step.finished and step.finish_reason is not None:
-            self.finish_reason = step.finish_reason
-
-
-async def collect(steps: AsyncIterator[EngineStep]) -> GenerationResult:
-    result = GenerationResult()
-    async for step in steps:
-        result.add(step)
-    return result
