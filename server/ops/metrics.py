@@ -69,6 +69,24 @@ BY_ENGINE = ("engine",)
 REFUSAL_REASONS = ("draining", "engine_down", "max_concurrent_requests", "rope_slots", "prefill_backlog", "rows_full")
 
 
+# Most series are labelled by strategy or by engine alone: one constructor each, so a declaration
+# says only its name, its help and (for histograms) its buckets.
+def strategy_histogram(r: CollectorRegistry, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+    return Histogram(name, doc, BY_STRATEGY, buckets=buckets, registry=r)
+
+
+def strategy_counter(r: CollectorRegistry, name: str, doc: str) -> Counter:
+    return Counter(name, doc, BY_STRATEGY, registry=r)
+
+
+def engine_gauge(r: CollectorRegistry, name: str, doc: str) -> Gauge:
+    return Gauge(name, doc, BY_ENGINE, registry=r)
+
+
+def engine_counter(r: CollectorRegistry, name: str, doc: str) -> Counter:
+    return Counter(name, doc, BY_ENGINE, registry=r)
+
+
 @dataclass(frozen=True)
 class AdmissionFigures:
     """Admission's figures, as /metrics shows them (server/service/admission.py makes them)."""
@@ -220,17 +238,15 @@ class PrefixCacheMetrics:
     strategy: vLLM's own `prefix_cache_queries` and `prefix_cache_hits`, with the row's strategy."""
 
     def __init__(self, r: CollectorRegistry) -> None:
-        self.queries = Counter(
+        self.queries = strategy_counter(
+            r,
             "ropeserve_prefix_cache_queries",
             "Prompt tokens of finished engine rows looked up in vLLM's prefix cache (every row of NBCE).",
-            BY_STRATEGY,
-            registry=r,
         )
-        self.hits = Counter(
+        self.hits = strategy_counter(
+            r,
             "ropeserve_prefix_cache_hits",
             "Prompt tokens of finished engine rows that vLLM's prefix cache served (not computed again).",
-            BY_STRATEGY,
-            registry=r,
         )
         self.counters = (self.queries, self.hits)
 
@@ -257,40 +273,36 @@ class Metrics:
 
     def _add_client_view(self, r: CollectorRegistry) -> None:
         """What the client sees, per strategy (fed by GenerationService)."""
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = strategy_histogram(
+            r,
             "ropeserve_time_to_first_token_seconds",
             "Time from request arrival to its first generated token.",
-            BY_STRATEGY,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.inter_token_latency = Histogram(
+        self.inter_token_latency = strategy_histogram(
+            r,
             "ropeserve_inter_token_latency_seconds",
             "Time between consecutive generated tokens of one request.",
-            BY_STRATEGY,
-            buckets=TOKEN_LATENCY_BUCKETS,
-            registry=r,
+            TOKEN_LATENCY_BUCKETS,
         )
-        self.request_duration = Histogram(
+        self.request_duration = strategy_histogram(
+            r,
             "ropeserve_request_duration_seconds",
             "Time from request arrival to its last token (end to end).",
-            BY_STRATEGY,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
         self.requests = Counter(
             "ropeserve_requests", "Requests by strategy and outcome.", (*BY_STRATEGY, "status"), registry=r
         )
-        self.prompt_tokens = Counter(
-            "ropeserve_prompt_tokens", "Prompt tokens of finished requests (all rows).", BY_STRATEGY, registry=r
+        self.prompt_tokens = strategy_counter(
+            r, "ropeserve_prompt_tokens", "Prompt tokens of finished requests (all rows)."
         )
-        self.generated_tokens = Counter("ropeserve_generated_tokens", "Generated tokens.", BY_STRATEGY, registry=r)
-        self.request_kv_tokens = Histogram(
+        self.generated_tokens = strategy_counter(r, "ropeserve_generated_tokens", "Generated tokens.")
+        self.request_kv_tokens = strategy_histogram(
+            r,
             "ropeserve_request_kv_tokens",
             "KV-cache tokens a request held at its peak (NBCE counts every row).",
-            BY_STRATEGY,
-            buckets=KV_TOKEN_BUCKETS,
-            registry=r,
+            KV_TOKEN_BUCKETS,
         )
         self.requests_in_flight = Gauge(
             "ropeserve_requests_in_flight", "Requests being served now.", BY_STRATEGY, registry=r
@@ -298,47 +310,41 @@ class Metrics:
 
     def _add_vllm_measures(self, r: CollectorRegistry) -> None:
         """What vLLM measures per iteration (fed by `engine_listener`)."""
-        self.request_queue_time = Histogram(
+        self.request_queue_time = strategy_histogram(
+            r,
             "ropeserve_request_queue_time_seconds",
             "Time a request's engine rows waited in vLLM's scheduler queue (as vLLM measures it).",
-            BY_STRATEGY,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.request_prefill_time = Histogram(
+        self.request_prefill_time = strategy_histogram(
+            r,
             "ropeserve_request_prefill_time_seconds",
             "Time from a row's scheduling to its first token (as vLLM measures it).",
-            BY_STRATEGY,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.requests_running = Gauge(
-            "ropeserve_requests_running", "Engine rows vLLM's scheduler is running, per engine.", BY_ENGINE, registry=r
+        self.requests_running = engine_gauge(
+            r, "ropeserve_requests_running", "Engine rows vLLM's scheduler is running, per engine."
         )
-        self.requests_queued = Gauge(
-            "ropeserve_requests_queued",
-            "Engine rows waiting in vLLM's scheduler queue, per engine.",
-            BY_ENGINE,
-            registry=r,
+        self.requests_queued = engine_gauge(
+            r, "ropeserve_requests_queued", "Engine rows waiting in vLLM's scheduler queue, per engine."
         )
-        self.kv_cache_usage = Gauge(
-            "ropeserve_kv_cache_usage_ratio", "Fraction of the KV cache in use, per engine.", BY_ENGINE, registry=r
+        self.kv_cache_usage = engine_gauge(
+            r, "ropeserve_kv_cache_usage_ratio", "Fraction of the KV cache in use, per engine."
         )
-        self.preemptions = Counter(
-            "ropeserve_engine_preemptions", "Rows vLLM preempted (KV cache full), per engine.", BY_ENGINE, registry=r
+        self.preemptions = engine_counter(
+            r, "ropeserve_engine_preemptions", "Rows vLLM preempted (KV cache full), per engine."
         )
 
     def _add_engine_gauges(self, r: CollectorRegistry) -> None:
         """The running engine: its start, its ranks, its RoPE slots (refreshed by `refresh_engine`)."""
         self.engines = Gauge("ropeserve_engines", "Engines running.", registry=r)
-        self.engine_startup = Gauge(
-            "ropeserve_engine_startup_seconds", "How long the running engine took to start.", BY_ENGINE, registry=r
+        self.engine_startup = engine_gauge(
+            r, "ropeserve_engine_startup_seconds", "How long the running engine took to start."
         )
-        self.engine_starts = Counter(
+        self.engine_starts = engine_counter(
+            r,
             "ropeserve_engine_starts",
             "Engines started since the server started (1: strategies never start engines).",
-            BY_ENGINE,
-            registry=r,
         )
         self.engine_ranks = Gauge(
             "ropeserve_engine_ranks",
@@ -346,20 +352,16 @@ class Metrics:
             (*BY_ENGINE, *PARALLELISM_LABELS),
             registry=r,
         )
-        self.rope_slots = Gauge(
-            "ropeserve_rope_slots",
-            "RoPE slots of the engine's cos/sin table (besides the native one).",
-            BY_ENGINE,
-            registry=r,
+        self.rope_slots = engine_gauge(
+            r, "ropeserve_rope_slots", "RoPE slots of the engine's cos/sin table (besides the native one)."
         )
-        self.rope_slots_in_use = Gauge(
-            "ropeserve_rope_slots_in_use", "RoPE slots held by running requests' configurations.", BY_ENGINE, registry=r
+        self.rope_slots_in_use = engine_gauge(
+            r, "ropeserve_rope_slots_in_use", "RoPE slots held by running requests' configurations."
         )
-        self.rope_slot_loads = Counter(
+        self.rope_slot_loads = engine_counter(
+            r,
             "ropeserve_rope_slot_loads",
             "RoPE configurations placed in a slot (each a cos/sin table built in the engine).",
-            BY_ENGINE,
-            registry=r,
         )
 
     # --- requests -------------------------------------------------------------------------------
