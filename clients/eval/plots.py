@@ -3,7 +3,10 @@ task, the varied-text tasks' score by distance, and perplexity-by-position curve
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from clients.eval.results import EvalResults, Score
 
@@ -12,11 +15,33 @@ def _k(n: int) -> str:
     return f"{n / 1000:g}k" if n % 1000 == 0 or n >= 10_000 else f"{n:,}"
 
 
-def heatmap(results: EvalResults, task: str, path: Path) -> None:
+@contextmanager
+def _figure(path: Path, size: tuple[float, float]) -> Iterator[tuple[Any, Any]]:
+    """A figure and its axes to draw on, laid out and written to `path` as PNG when the block ends.
+    matplotlib is imported here, not at module level: only `ropeserve eval` draws."""
     import matplotlib
 
+    # Agg: no display on a server or in CI.
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield fig, ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def _curves_legend(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def heatmap(results: EvalResults, task: str, path: Path) -> None:
     import numpy as np
 
     names, lengths = results.strategies, results.lengths
@@ -32,43 +57,29 @@ def heatmap(results: EvalResults, task: str, path: Path) -> None:
             elif score.accuracy is not None:
                 grid[i, j] = score.accuracy
                 notes[i][j] = f"{score.describe()}\n{score.seconds:.0f} s"
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(lengths), 0.9 + 0.55 * len(names)))
-    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [_k(n) for n in lengths])
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("prompt tokens")
-    for i in range(len(names)):
-        for j in range(len(lengths)):
-            ax.text(j, i, notes[i][j], ha="center", va="center", fontsize=7)
-    ax.set_title(f"{task}: mean score ({results.model})", fontsize=10)
-    fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, (1.6 + 1.3 * len(lengths), 0.9 + 0.55 * len(names))) as (fig, ax):
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [_k(n) for n in lengths])
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("prompt tokens")
+        for i in range(len(names)):
+            for j in range(len(lengths)):
+                ax.text(j, i, notes[i][j], ha="center", va="center", fontsize=7)
+        ax.set_title(f"{task}: mean score ({results.model})", fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.04)
 
 
 def perplexity_curves(results: EvalResults, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, curve in results.perplexity.items():
-        if curve.refused or not curve.ppl:
-            continue
-        xs = [(i + 0.5) * curve.bucket for i in range(len(curve.ppl))]
-        ax.plot(xs, curve.ppl, marker="o", markersize=3, label=name)
-    ax.axvline(results.native_window, color="grey", linestyle="--", linewidth=1)
-    ax.text(results.native_window, ax.get_ylim()[1], " native window", va="top", fontsize=8, color="grey")
-
-    ax.set_xlabel("position in the text (tokens)")
-    ax.set_ylabel("perplexity of the window")
-    ax.set_title(f"Perplexity by position: {results.perplexity_text} ({results.model})", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, (7, 4)) as (_, ax):
+        for name, curve in results.perplexity.items():
+            if curve.refused or not curve.ppl:
+                continue
+            xs = [(i + 0.5) * curve.bucket for i in range(len(curve.ppl))]
+            ax.plot(xs, curve.ppl, marker="o", markersize=3, label=name)
+        ax.axvline(results.native_window, color="grey", linestyle="--", linewidth=1)
+        ax.text(results.native_window, ax.get_ylim()[1], " native window", va="top", fontsize=8, color="grey")
+        title = f"Perplexity by position: {results.perplexity_text} ({results.model})"
+        _curves_legend(ax, "position in the text (tokens)", "perplexity of the window", title)
 
 
 # Distance bins of the score-by-distance plot (tokens from the fact or passage to the document's end).
@@ -89,31 +100,29 @@ def by_distance(results: EvalResults, task: str, name: str) -> list[tuple[int, f
 
 
 def distance_curves(results: EvalResults, task: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in results.strategies:
-        points = by_distance(results, task, name)
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
-    baselines = [
-        s.baseline for cells in results.tasks.get(task, {}).values() for s in cells.values() if s.baseline is not None
-    ]
-    if baselines:
-        ax.axhline(sum(baselines) / len(baselines), color="grey", linestyle=":", linewidth=1)
-        ax.text(ax.get_xlim()[0], sum(baselines) / len(baselines), " baseline", va="bottom", fontsize=8, color="grey")
-    ax.axvline(results.native_window, color="grey", linestyle="--", linewidth=1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("distance from the fact or passage to the end of the document (tokens, upper edge of bin)")
-    ax.set_ylabel("mean score")
-    ax.set_title(f"{task}: score by distance, all lengths pooled ({results.model})", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, (7, 4)) as (_, ax):
+        for name in results.strategies:
+            points = by_distance(results, task, name)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
+        baselines = [
+            s.baseline
+            for cells in results.tasks.get(task, {}).values()
+            for s in cells.values()
+            if s.baseline is not None
+        ]
+        if baselines:
+            baseline = sum(baselines) / len(baselines)
+            ax.axhline(baseline, color="grey", linestyle=":", linewidth=1)
+            ax.text(ax.get_xlim()[0], baseline, " baseline", va="bottom", fontsize=8, color="grey")
+        ax.axvline(results.native_window, color="grey", linestyle="--", linewidth=1)
+        ax.set_ylim(0, 1)
+        _curves_legend(
+            ax,
+            "distance from the fact or passage to the end of the document (tokens, upper edge of bin)",
+            "mean score",
+            f"{task}: score by distance, all lengths pooled ({results.model})",
+        )
 
 
 def _cell_text(score: Score) -> str:
