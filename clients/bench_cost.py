@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 
-from clients.bench_passkey import load_token_counter, make_case, parse_length, parse_strategy
+from clients.bench_grid import greedy_completion, run_grid
+from clients.bench_passkey import PasskeyCase
 from clients.bench_reuse import stream_completion
 
 DEFAULT_STRATEGIES = "dynamic_ntk;rerope;leaky_rerope;self_extend;dca"
@@ -37,19 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="write the results as JSON here")
 
 
-def one_request(
-    client: httpx.Client, strategy: dict[str, Any], context: str, question: str, new_tokens: int
-) -> dict[str, Any]:
+def one_request(client: httpx.Client, strategy: dict[str, Any], case: PasskeyCase, new_tokens: int) -> dict[str, Any]:
     """One streamed OpenAI completion (greedy, exactly `new_tokens` tokens: end of sequence ignored)."""
-    body = {
-        "prompt": question,
-        "context": context,
-        "strategy": strategy,
-        "max_tokens": new_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
+    body = {**greedy_completion(case.inputs, case.context, strategy, new_tokens), "ignore_eos": True}
     asked = stream_completion(client, body)
     if asked.error:
         return {"error": asked.error}
@@ -57,20 +48,7 @@ def one_request(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    count = load_token_counter(args.tokenizer)
-    strategies = [parse_strategy(s) for s in args.strategies.split(";") if s.strip()]
-    lengths = [parse_length(x) for x in args.lengths.split(",")]
-    results: dict[str, Any] = {"lengths": lengths, "strategies": strategies, "cells": []}
-    with httpx.Client(base_url=args.url, timeout=7200) as client:
-        for length in lengths:
-            for s, strategy in enumerate(strategies):
-                # A document of its own per cell (seeded by length and column): no shared prefix.
-                case = make_case(length, 0.5, f"{length % 100000:05d}{s}", count, varied=True)
-                cell = one_request(client, strategy, case.context, case.inputs, args.new_tokens)
-                cell.update(length=length, strategy=strategy)
-                results["cells"].append(cell)
-                print(json.dumps(cell), flush=True)
-    return results
+    return run_grid(args, lambda client, strategy, case: one_request(client, strategy, case, args.new_tokens))
 
 
 def table(results: dict[str, Any], baseline: str) -> str:

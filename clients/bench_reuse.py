@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from clients.bench_grid import greedy_completion
 from clients.bench_passkey import load_token_counter, make_case, parse_length, parse_strategy
 
 # `nbce` twice: by default its chunks are sized beside the question (a longer one moves the cuts);
@@ -126,15 +127,7 @@ def ask(client: httpx.Client, strategy: dict[str, Any], context: str, question: 
     """`question` on `context`, streamed, with the server's prefix-cache counters around it."""
     name = str(strategy.get("name"))
     before = read_counters(client, name)
-    body = {
-        "prompt": question,
-        "context": context,
-        "strategy": strategy,
-        "max_tokens": new_tokens,
-        "temperature": 0,
-        "stream": True,
-    }
-    asked = stream_completion(client, body)
+    asked = stream_completion(client, greedy_completion(question, context, strategy, new_tokens))
     if before is None or asked.error:
         return asked
     deadline = time.monotonic() + METRICS_SETTLE_S

@@ -24,7 +24,8 @@ from typing import Any
 
 import httpx
 
-from clients.bench_passkey import load_token_counter, make_case, parse_length, parse_strategy
+from clients.bench_grid import greedy_completion, run_grid
+from clients.bench_passkey import PasskeyCase
 
 DEFAULT_STRATEGIES = "yarn:factor=2;dca;nbce"
 GOAL_RATIO = 1.15
@@ -89,15 +90,7 @@ def per_token(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def cell(client: httpx.Client, strategy: dict[str, Any], context: str, new_tokens: int, repeats: int) -> dict[str, Any]:
-    base = {
-        "prompt": QUESTION,
-        "context": context,
-        "strategy": strategy,
-        "max_tokens": new_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    base = {**greedy_completion(QUESTION, context, strategy, new_tokens), "stream_options": {"include_usage": True}}
     free = {**base, "ignore_eos": True}
     schema = extraction_schema(new_tokens)
     constrained = {
@@ -122,19 +115,10 @@ def cell(client: httpx.Client, strategy: dict[str, Any], context: str, new_token
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    count = load_token_counter(args.tokenizer)
-    strategies = [parse_strategy(s) for s in args.strategies.split(";") if s.strip()]
-    lengths = [parse_length(x) for x in args.lengths.split(",")]
-    results: dict[str, Any] = {"lengths": lengths, "strategies": strategies, "cells": []}
-    with httpx.Client(base_url=args.url, timeout=7200) as client:
-        for length in lengths:
-            for s, strategy in enumerate(strategies):
-                case = make_case(length, 0.5, f"{length % 100000:05d}{s}", count, varied=True)
-                result = cell(client, strategy, case.context, args.new_tokens, args.repeats)
-                result.update(length=length, strategy=strategy)
-                results["cells"].append(result)
-                print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
-    return results
+    def measure(client: httpx.Client, strategy: dict[str, Any], case: PasskeyCase) -> dict[str, Any]:
+        return cell(client, strategy, case.context, args.new_tokens, args.repeats)
+
+    return run_grid(args, measure, shown=lambda result: {k: v for k, v in result.items() if k != "runs"})
 
 
 def table(results: dict[str, Any]) -> str:
