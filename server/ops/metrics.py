@@ -71,20 +71,20 @@ REFUSAL_REASONS = ("draining", "engine_down", "max_concurrent_requests", "rope_s
 
 # Most series are labelled by strategy or by engine alone: one constructor each, so a declaration
 # says only its name, its help and (for histograms) its buckets.
-def strategy_histogram(r: CollectorRegistry, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-    return Histogram(name, doc, BY_STRATEGY, buckets=buckets, registry=r)
+def strategy_histogram(name: str, doc: str, buckets: tuple[float, ...], registry: CollectorRegistry) -> Histogram:
+    return Histogram(name, doc, BY_STRATEGY, buckets=buckets, registry=registry)
 
 
-def strategy_counter(r: CollectorRegistry, name: str, doc: str) -> Counter:
-    return Counter(name, doc, BY_STRATEGY, registry=r)
+def strategy_counter(name: str, doc: str, registry: CollectorRegistry) -> Counter:
+    return Counter(name, doc, BY_STRATEGY, registry=registry)
 
 
-def engine_gauge(r: CollectorRegistry, name: str, doc: str) -> Gauge:
-    return Gauge(name, doc, BY_ENGINE, registry=r)
+def engine_gauge(name: str, doc: str, registry: CollectorRegistry) -> Gauge:
+    return Gauge(name, doc, BY_ENGINE, registry=registry)
 
 
-def engine_counter(r: CollectorRegistry, name: str, doc: str) -> Counter:
-    return Counter(name, doc, BY_ENGINE, registry=r)
+def engine_counter(name: str, doc: str, registry: CollectorRegistry) -> Counter:
+    return Counter(name, doc, BY_ENGINE, registry=registry)
 
 
 @dataclass(frozen=True)
@@ -239,14 +239,14 @@ class PrefixCacheMetrics:
 
     def __init__(self, r: CollectorRegistry) -> None:
         self.queries = strategy_counter(
-            r,
             "ropeserve_prefix_cache_queries",
             "Prompt tokens of finished engine rows looked up in vLLM's prefix cache (every row of NBCE).",
+            r,
         )
         self.hits = strategy_counter(
-            r,
             "ropeserve_prefix_cache_hits",
             "Prompt tokens of finished engine rows that vLLM's prefix cache served (not computed again).",
+            r,
         )
         self.counters = (self.queries, self.hits)
 
@@ -274,35 +274,35 @@ class Metrics:
     def _add_client_view(self, r: CollectorRegistry) -> None:
         """What the client sees, per strategy (fed by GenerationService)."""
         self.time_to_first_token = strategy_histogram(
-            r,
             "ropeserve_time_to_first_token_seconds",
             "Time from request arrival to its first generated token.",
             LATENCY_BUCKETS,
+            r,
         )
         self.inter_token_latency = strategy_histogram(
-            r,
             "ropeserve_inter_token_latency_seconds",
             "Time between consecutive generated tokens of one request.",
             TOKEN_LATENCY_BUCKETS,
+            r,
         )
         self.request_duration = strategy_histogram(
-            r,
             "ropeserve_request_duration_seconds",
             "Time from request arrival to its last token (end to end).",
             LATENCY_BUCKETS,
+            r,
         )
         self.requests = Counter(
             "ropeserve_requests", "Requests by strategy and outcome.", (*BY_STRATEGY, "status"), registry=r
         )
         self.prompt_tokens = strategy_counter(
-            r, "ropeserve_prompt_tokens", "Prompt tokens of finished requests (all rows)."
+            "ropeserve_prompt_tokens", "Prompt tokens of finished requests (all rows).", r
         )
-        self.generated_tokens = strategy_counter(r, "ropeserve_generated_tokens", "Generated tokens.")
+        self.generated_tokens = strategy_counter("ropeserve_generated_tokens", "Generated tokens.", r)
         self.request_kv_tokens = strategy_histogram(
-            r,
             "ropeserve_request_kv_tokens",
             "KV-cache tokens a request held at its peak (NBCE counts every row).",
             KV_TOKEN_BUCKETS,
+            r,
         )
         self.requests_in_flight = Gauge(
             "ropeserve_requests_in_flight", "Requests being served now.", BY_STRATEGY, registry=r
@@ -311,40 +311,40 @@ class Metrics:
     def _add_vllm_measures(self, r: CollectorRegistry) -> None:
         """What vLLM measures per iteration (fed by `engine_listener`)."""
         self.request_queue_time = strategy_histogram(
-            r,
             "ropeserve_request_queue_time_seconds",
             "Time a request's engine rows waited in vLLM's scheduler queue (as vLLM measures it).",
             LATENCY_BUCKETS,
+            r,
         )
         self.request_prefill_time = strategy_histogram(
-            r,
             "ropeserve_request_prefill_time_seconds",
             "Time from a row's scheduling to its first token (as vLLM measures it).",
             LATENCY_BUCKETS,
+            r,
         )
         self.requests_running = engine_gauge(
-            r, "ropeserve_requests_running", "Engine rows vLLM's scheduler is running, per engine."
+            "ropeserve_requests_running", "Engine rows vLLM's scheduler is running, per engine.", r
         )
         self.requests_queued = engine_gauge(
-            r, "ropeserve_requests_queued", "Engine rows waiting in vLLM's scheduler queue, per engine."
+            "ropeserve_requests_queued", "Engine rows waiting in vLLM's scheduler queue, per engine.", r
         )
         self.kv_cache_usage = engine_gauge(
-            r, "ropeserve_kv_cache_usage_ratio", "Fraction of the KV cache in use, per engine."
+            "ropeserve_kv_cache_usage_ratio", "Fraction of the KV cache in use, per engine.", r
         )
         self.preemptions = engine_counter(
-            r, "ropeserve_engine_preemptions", "Rows vLLM preempted (KV cache full), per engine."
+            "ropeserve_engine_preemptions", "Rows vLLM preempted (KV cache full), per engine.", r
         )
 
     def _add_engine_gauges(self, r: CollectorRegistry) -> None:
         """The running engine: its start, its ranks, its RoPE slots (refreshed by `refresh_engine`)."""
         self.engines = Gauge("ropeserve_engines", "Engines running.", registry=r)
         self.engine_startup = engine_gauge(
-            r, "ropeserve_engine_startup_seconds", "How long the running engine took to start."
+            "ropeserve_engine_startup_seconds", "How long the running engine took to start.", r
         )
         self.engine_starts = engine_counter(
-            r,
             "ropeserve_engine_starts",
             "Engines started since the server started (1: strategies never start engines).",
+            r,
         )
         self.engine_ranks = Gauge(
             "ropeserve_engine_ranks",
@@ -353,15 +353,15 @@ class Metrics:
             registry=r,
         )
         self.rope_slots = engine_gauge(
-            r, "ropeserve_rope_slots", "RoPE slots of the engine's cos/sin table (besides the native one)."
+            "ropeserve_rope_slots", "RoPE slots of the engine's cos/sin table (besides the native one).", r
         )
         self.rope_slots_in_use = engine_gauge(
-            r, "ropeserve_rope_slots_in_use", "RoPE slots held by running requests' configurations."
+            "ropeserve_rope_slots_in_use", "RoPE slots held by running requests' configurations.", r
         )
         self.rope_slot_loads = engine_counter(
-            r,
             "ropeserve_rope_slot_loads",
             "RoPE configurations placed in a slot (each a cos/sin table built in the engine).",
+            r,
         )
 
     # --- requests -------------------------------------------------------------------------------

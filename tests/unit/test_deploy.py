@@ -145,13 +145,14 @@ def drain_timeout_s(env: dict[str, str]) -> float:
 
 
 def exported_gauges() -> set[str]:
-    """Names of the gauges server/ops/metrics.py registers (Gauge(...) and collectors' GaugeMetricFamily(...))."""
+    """Names of the gauges server/ops/metrics.py registers (Gauge(...), engine_gauge(...) and collectors'
+    GaugeMetricFamily(...): each takes the name first)."""
     names = set()
     for node in ast.walk(ast.parse((ROOT / "server" / "ops" / "metrics.py").read_text())):
         if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             func = node.func
             called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
-            if called in ("Gauge", "GaugeMetricFamily") and isinstance(node.args[0].value, str):
+            if called in ("Gauge", "engine_gauge", "GaugeMetricFamily") and isinstance(node.args[0].value, str):
                 names.add(node.args[0].value)
     return names
 
