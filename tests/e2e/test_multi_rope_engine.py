@@ -12,11 +12,13 @@ in chunks. Tolerances: a row alone, tokens equal and logprobs within LOGPROB_EXA
 on the same shapes: in practice bitwise); in a mixed batch or after preemption, tokens equal and
 logprobs within LOGPROB_MIXED (vLLM is not batch-invariant: other rows change the matmul shapes).
 
-Tiers: the default tier runs each configuration alone against its own engine and the negative
-control, with a short prompt on the dynamic_ntk row (its configuration is still the one planned
-for an 8,300-token request: the base that length gets); the long tier adds the full-length
-dynamic_ntk row, the mixed batch, preemption and the Qwen2 / Mistral checkpoints (one spec for
-both tiers when long tests are selected, so no engine runs twice).
+Tiers: the default tier runs four configurations (DEFAULT_TIER: native; yarn, with its attention
+factor; llama3, frequency by frequency; dynamic_ntk, a base that follows the length) alone against
+their own engines, and the negative control, with a short prompt on the dynamic_ntk row (its
+configuration is still the one planned for an 8,300-token request: the base that length gets). The
+long tier adds linear and ntk (two more of vLLM's rotary classes in the same slot table), the
+full-length dynamic_ntk row, the mixed batch, preemption and the Qwen2 / Mistral checkpoints (one
+spec for both tiers when long tests are selected, so no engine runs twice).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ STRATEGIES: dict[str, Any] = {
     "llama3": {"name": "llama3", "factor": 4},
     "dynamic_ntk": {"name": "dynamic_ntk", "factor": 4},
 }
+
+DEFAULT_TIER = ("native", "yarn", "llama3", "dynamic_ntk")
 
 
 def model_path() -> str:
@@ -121,7 +125,7 @@ def llama(request: pytest.FixtureRequest) -> dict[str, Any]:
     from server.engines.vllm_engine import is_cpu_build
 
     full = long_tests_selected(request)
-    rows = llama_rows(ENGINE_LEN, long_dynamic_row=full)
+    rows = llama_rows(ENGINE_LEN, tuple(STRATEGIES) if full else DEFAULT_TIER, long_dynamic_row=full)
     base = {"max_num_batched_tokens": CHUNK, "max_model_len": ENGINE_LEN}
     multi_runs: list[dict[str, Any]] = [{"rows": rows}] + ([{"concurrent": True, "rows": rows}] if full else [])
     engines: list[dict[str, Any]] = [
@@ -166,10 +170,12 @@ def reference(out: dict[str, Any], name: str, run: int = 0) -> dict[str, Any]:
 
 def test_each_configuration_alone_equals_its_own_engine(llama: dict[str, Any]) -> None:
     out = llama["out"]
-    for name in STRATEGIES:
+    names = [row["id"] for row in llama["rows"]]
+    assert set(DEFAULT_TIER) <= set(names)
+    for name in names:
         assert_agree(out["multi"]["runs"][0][name], reference(out, name), LOGPROB_EXACT, f"{name} alone")
     # One configuration per scaled strategy was placed in a slot (the native one has slot 0).
-    assert out["multi"]["rope_slot_loads"] == len(STRATEGIES) - 1
+    assert out["multi"]["rope_slot_loads"] == len(names) - 1
 
 
 @pytest.mark.long_tier
@@ -192,7 +198,7 @@ def test_negative_control_rows_forced_to_the_native_slot_disagree(llama: dict[st
     differs from its reference once the rows are rotated natively."""
     out = llama["out"]
     assert_agree(out["slot0"]["runs"][0]["native"], reference(out, "native"), LOGPROB_EXACT, "native in slot0")
-    for name in STRATEGIES:
+    for name in (row["id"] for row in llama["rows"]):
         if name == "native":
             continue
         with pytest.raises(AssertionError):
