@@ -167,10 +167,11 @@ class Strategy(ABC, Generic[P]):
     def parameters_schema(cls) -> dict[str, Any]:
         return cls.Params.model_json_schema()
 
-    def prompt_texts(self, request: StrategyRequest) -> StrategyRequest:
+    def prompt_texts(self, request: StrategyRequest, context: PlanContext) -> StrategyRequest:
         """The request's texts as this strategy reads them, which the service then tokenizes for
-        `plan` (NBCE's `split` cuts a prompt into document and question); raises StrategyError.
-        By default, the texts as sent."""
+        `plan` (NBCE's `split` cuts a prompt into document and question), or StrategyError for a
+        request refused on its texts alone, before the work of tokenizing them. By default, the
+        texts as sent."""
         return request
 
     @abstractmethod

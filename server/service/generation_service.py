@@ -162,9 +162,10 @@ class GenerationService:
             token_ids=None if ids is None else tuple(ids),
             scoring=draft.sampling.prompt_logprobs is not None,
         )
-        read = strategy.prompt_texts(request)
+        context = self.plan_context()
+        read = strategy.prompt_texts(request, context)
         # Planning is a function of values (no tokenizer, no engine): cheap, so it runs inline.
-        planned = strategy.plan(replace(read, tokens=await self.prompt_tokens(read)), self.plan_context())
+        planned = strategy.plan(replace(read, tokens=await self.prompt_tokens(read)), context)
         plan = first_served(planned, self.engine.refuse_rope)
         check_plan(plan, strategy.name, draft.sampling, self.engine, self.engine_seeds)
         if (constraint := draft.sampling.constraint) is not None:

@@ -40,19 +40,36 @@ class Encoding:
         return tuple(self.ids[:count])
 
 
-def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> Encoding:
-    """`text`'s ids and end offsets: a fast (Rust) Hugging Face tokenizer gives its offsets; any
-    other has them spread evenly over the text, which only moves where a document is cut."""
+def encode(tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
+    """Each text's ids and end offsets: a fast (Rust) Hugging Face tokenizer gives its offsets, for
+    all the texts in one call; any other has them spread evenly over the text, which only moves
+    where a document is cut."""
+    if not texts:
+        return []
     if getattr(tokenizer, "is_fast", False):
         call: Any = tokenizer
         out = call(
-            text, add_special_tokens=add_special_tokens, return_offsets_mapping=True, return_special_tokens_mask=True
+            texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True, return_special_tokens_mask=True
         )
-        ends, last = [], 0
-        for _, end in out["offset_mapping"]:
-            last = max(last, min(int(end), len(text)))  # non-decreasing, whatever a tokenizer reports
-            ends.append(last)
-        return Encoding(list(out["input_ids"]), ends, [bool(m) for m in out["special_tokens_mask"]])
+        return [
+            Encoding(list(ids), _non_decreasing(offsets, len(text)), [bool(m) for m in mask])
+            for text, ids, offsets, mask in zip(
+                texts, out["input_ids"], out["offset_mapping"], out["special_tokens_mask"], strict=True
+            )
+        ]
+    return [_spread(tokenizer, text, add_special_tokens) for text in texts]
+
+
+def _non_decreasing(offsets: list[tuple[int, int]], length: int) -> list[int]:
+    """The offsets' ends, non-decreasing and within the text, whatever a tokenizer reports."""
+    ends, last = [], 0
+    for _, end in offsets:
+        last = max(last, min(int(end), length))
+        ends.append(last)
+    return ends
+
+
+def _spread(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> Encoding:
     ids = list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
     specials = set(tokenizer.all_special_ids) if add_special_tokens else set()
     special = [i in specials for i in ids]
@@ -75,17 +92,23 @@ class PromptTokenizer:
         are the inputs too: a token-id prompt has no documents)."""
         if prompt_ids is not None:
             return PromptTokens(tuple(prompt_ids), inputs=tuple(prompt_ids))
-        whole = encode(self.tokenizer, DOCUMENT_SEPARATOR.join((*documents, inputs)), add_special_tokens=True)
+        [whole] = encode(self.tokenizer, [DOCUMENT_SEPARATOR.join((*documents, inputs))], add_special_tokens=True)
         if not documents:
             inputs_ids = whole.text_tokens(inputs).ids
             return PromptTokens(tuple(whole.ids), inputs_ids, special_prefix=whole.leading_special())
+        pieces = [inputs, DOCUMENT_SEPARATOR + inputs, *documents]
+        alone, question, *tokenized = (
+            e.text_tokens(text) for e, text in zip(encode(self.tokenizer, pieces, False), pieces, strict=True)
+        )
         return PromptTokens(
             prompt=tuple(whole.ids),
-            inputs=self.text_tokens(inputs).ids,
-            question=self.text_tokens(DOCUMENT_SEPARATOR + inputs).ids,
-            documents=tuple(self.text_tokens(d) for d in documents),
+            inputs=alone.ids,
+            question=question.ids,
+            documents=tuple(tokenized),
             special_prefix=whole.leading_special(),
         )
 
-    def text_tokens(self, text: str) -> TokenizedText:
-        return encode(self.tokenizer, text, add_special_tokens=False).text_tokens(text)
+    def document(self, text: str) -> TokenizedText:
+        """One text's ids (no special tokens) with their end offsets, as a document is tokenized."""
+        [encoding] = encode(self.tokenizer, [text], add_special_tokens=False)
+        return encoding.text_tokens(text)

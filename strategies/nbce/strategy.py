@@ -117,6 +117,19 @@ def rope_plan_for(
     return plan
 
 
+def check_documents(request: StrategyRequest, context: PlanContext) -> None:
+    """A context to read, and no more documents than rows one engine step runs (StrategyError)."""
+    if not request.documents or not any(d.strip() for d in request.documents):
+        raise StrategyError(
+            "context: nbce needs a context (a document or a list of documents); a token-id prompt, or one "
+            "cut by `truncate`, has none",
+            field="context",
+        )
+    documents = sum(1 for d in request.documents if d.strip())
+    if len(request.documents) > 1 and context.max_rows is not None and documents + 1 > context.max_rows:
+        raise too_many_rows(documents + 1, context.max_rows)
+
+
 def split_prompt(request: StrategyRequest, separator: str) -> StrategyRequest:
     """The prompt as document (before the last `separator`) and question (after it)."""
     cut = request.inputs.rstrip().rfind(separator)
@@ -140,25 +153,19 @@ class NbceStrategy(Strategy[NbceParams]):
     Params = NbceParams
     engine_logits_processors = ("strategies.nbce.processor:NbceLogitsProcessor",)
 
-    def prompt_texts(self, request: StrategyRequest) -> StrategyRequest:
+    def prompt_texts(self, request: StrategyRequest, context: PlanContext) -> StrategyRequest:
         """With `split`, a prompt without `context` is cut into document and question here, before
         it is tokenized: the rows then read the question after the document as they read a
-        `context`'s (ids of "\n\n" + question), whichever separator the prompt had."""
+        `context`'s (ids of "\n\n" + question), whichever separator the prompt had. Documents
+        that cannot make rows are refused before any is tokenized."""
         if self.params.split != "context" and not request.documents:
-            return split_prompt(request, "\n\n" if self.params.split == "last_paragraph" else "\n")
+            request = split_prompt(request, "\n\n" if self.params.split == "last_paragraph" else "\n")
+        check_documents(request, context)
         return request
 
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
         p, model, tokens = self.params, context.model, request.prompt_tokens()
-        if not request.documents or not any(d.strip() for d in request.documents):
-            raise StrategyError(
-                "context: nbce needs a context (a document or a list of documents); a token-id prompt, or one "
-                "cut by `truncate`, has none",
-                field="context",
-            )
-        documents = sum(1 for d in request.documents if d.strip())
-        if len(request.documents) > 1 and context.max_rows is not None and documents + 1 > context.max_rows:
-            raise too_many_rows(documents + 1, context.max_rows)
+        check_documents(request, context)
         rope_strategy = resolve_rope_strategy(p.rope, context)
         # The RoPE plan for the question alone gives the row window.
         uncond = tokens.alone()

@@ -34,9 +34,11 @@ def prompt_tokenizer(tokenizer: AnyTokenizer) -> PromptTokenizer:
     return PromptTokenizer(tokenizer if hasattr(tokenizer, "encode") else FunctionTokenizer(tokenizer))
 
 
-def tokenized(strategy: Strategy[Any], request: StrategyRequest, tokenizer: AnyTokenizer) -> StrategyRequest:
+def tokenized(
+    strategy: Strategy[Any], request: StrategyRequest, context: PlanContext, tokenizer: AnyTokenizer
+) -> StrategyRequest:
     """`request` as `strategy` reads it, with its token ids (what the service hands `plan`)."""
-    read = strategy.prompt_texts(request)
+    read = strategy.prompt_texts(request, context)
     ids = None if read.token_ids is None else list(read.token_ids)
     return replace(read, tokens=prompt_tokenizer(tokenizer).tokens(read.inputs, read.documents, ids))
 
@@ -49,7 +51,7 @@ def plan_with(
     context: PlanContext, spec: StrategySpec, request: StrategyRequest, tokenizer: AnyTokenizer
 ) -> ExecutionPlan:
     strategy = context.resolve(spec)
-    return strategy.plan(tokenized(strategy, request, tokenizer), context)
+    return strategy.plan(tokenized(strategy, request, context, tokenizer), context)
 
 
 def plan_for(
