@@ -96,6 +96,25 @@ def test_string_context_is_chunked_on_boundaries(tokenizer, context):
     assert all(tokenizer.decode(gap).isspace() for gap in gaps[1:-1]) and gaps[0] == gaps[-1] == []
 
 
+@pytest.mark.parametrize(
+    ("document", "budget"),
+    [
+        (essay(120), 400),
+        (essay(40), 50),
+        (essay(10) + "\n\n" + "lantern meadow " * 300 + "x" * 2000 + " The end.\n\n\nAfter.", 64),
+        ("Ünïcödé wörds, 中文文本。 " * 200, 33),
+    ],
+)
+def test_string_context_rows_are_the_references(tokenizer, context, document, budget):
+    """The rows of a string context agree token for token with tests/support/nbce_reference.py's,
+    which writes the chunking rule out apart from the server's."""
+    from tests.support.nbce_reference import reference_rows
+
+    q = "What bends twice?"
+    plan = nbce_plan(tokenizer, context, StrategyRequest(q, (document,), 16), chunk_tokens=budget)
+    assert plan.rows == reference_rows(tokenizer, document, q, budget)
+
+
 def chunked(tokenizer, text: str, budget: int) -> tuple[TokenizedText, list[range]]:
     doc = prompt_tokenizer(tokenizer).document(text)
     return doc, chunk_spans(doc, budget)
