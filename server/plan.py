@@ -305,6 +305,11 @@ class ExecutionPlan:
     One row is an ordinary generation; several rows are turned into one token stream by the plan's
     `combiner`: the service decodes a `LockstepCombiner`'s rows in lockstep (NBCE), and runs a
     `RowCombiner` as it is. `resolved` is echoed back in the response.
+
+    A strategy that ranks others (`auto`) may name `fallbacks`: plans to run instead, best first,
+    where the engine refuses this plan's RoPE configuration. Which configurations the engine serves
+    is the engine's to say, so the service picks, after planning: the first of the plan and its
+    fallbacks that the engine serves.
     """
 
     rope: RopeConfig
@@ -312,6 +317,11 @@ class ExecutionPlan:
     max_total_tokens: int
     resolved: dict[str, Any]
     combiner: RowCombiner | LockstepCombiner | None = None
+    fallbacks: tuple[ExecutionPlan, ...] = ()
+
+    def candidates(self) -> tuple[ExecutionPlan, ...]:
+        """This plan, then its fallbacks: the order the service tries them in."""
+        return (self, *self.fallbacks)
 
     @property
     def prompt_tokens(self) -> int:

@@ -16,7 +16,9 @@ response says which band and which scores chose it. Without a policy, or past it
 A scoring request (the client reads the prompt's own log-probabilities: `echo`,
 `decoder_input_details`) past the native window gets the first of `scoring` the engine serves
 instead: the window strategies, which score text past the window best (perplexity:
-docs/evaluation.md, "Perplexity past the window").
+docs/evaluation.md, "Perplexity past the window"). Which the engine serves is the engine's to say:
+the plan is the first of `scoring` that plans, with the others and the plan by length as its
+fallbacks (ExecutionPlan.fallbacks), and the service runs the first of them the engine serves.
 
 `rope` and `scoring` name strategies of the server's registry; they are checked on every request,
 used or not (errors name `strategy.rope`, `strategy.scoring[i]`). A request that chooses its RoPE
@@ -29,6 +31,7 @@ The response's `strategy` field says what was chosen and why: `{"name": "auto", 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from pydantic import Field
@@ -43,7 +46,6 @@ from strategies.base import (
     StrategyParams,
     StrategyRequest,
     StrategySpec,
-    Tokenize,
 )
 from strategies.rope import SUGGESTION_ORDER, RopeStrategy, smallest_power_of_two_factor, suggest_rope_strategy
 
@@ -105,18 +107,6 @@ def _resolve_named(context: PlanContext, spec: StrategySpec, where: str) -> Stra
         raise StrategyError(where + exc.message.removeprefix("strategy")) from None
 
 
-def _memo(tokenize: Tokenize) -> Tokenize:
-    cache: dict[str, list[int]] = {}
-
-    def encode(text: str) -> list[int]:
-        ids = cache.get(text)
-        if ids is None:
-            ids = cache[text] = tokenize(text)
-        return list(ids)
-
-    return encode
-
-
 class AutoStrategy(Strategy[AutoParams]):
     name = "auto"
     description = (
@@ -128,15 +118,21 @@ class AutoStrategy(Strategy[AutoParams]):
 
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
         self._check_strategies(context)
-        # The chosen strategy tokenizes the same prompt again: once is enough.
-        context = context.with_tokenize(_memo(context.tokenize))
-        model, tokenize, p = context.model, context.tokenize, self.params
-        prompt_tokens = len(request.plain_prompt_ids(tokenize))
-        needed = prompt_tokens + request.max_new_tokens
-        if request.scoring and needed > model.native_window:
-            planned = self._plan_scoring(request, context, needed)
-            if planned is not None:
-                return planned
+        needed = len(request.plain_prompt_ids()) + request.max_new_tokens
+        scoring = []
+        if request.scoring and needed > context.model.native_window:
+            scoring = self._scoring_plans(request, context, needed)
+        try:
+            by_length = self._plan_by_length(request, context, needed)
+        except StrategyError:
+            if not scoring:
+                raise
+            return _with_fallbacks(scoring)
+        return _with_fallbacks([*scoring, by_length])
+
+    def _plan_by_length(self, request: StrategyRequest, context: PlanContext, needed: int) -> ExecutionPlan:
+        """The measured policy's choice for this length, else the thresholds'."""
+        model, p = context.model, self.params
         policy = context.options.get("auto_policy")
         if p.use_policy and not self._rope_chosen() and isinstance(policy, AutoPolicy):
             planned = self._follow_policy(policy, request, context, needed)
@@ -242,15 +238,16 @@ class AutoStrategy(Strategy[AutoParams]):
             return plan
         return None
 
-    def _plan_scoring(self, request: StrategyRequest, context: PlanContext, needed: int) -> ExecutionPlan | None:
-        """The first of `scoring` that plans one row the engine serves; None: none does."""
+    def _scoring_plans(self, request: StrategyRequest, context: PlanContext, needed: int) -> list[ExecutionPlan]:
+        """The plans of `scoring` that plan one row for this request, in order."""
+        plans = []
         for spec in self.params.scoring:
             strategy = context.resolve(spec)  # checked by _check_strategies
             try:
                 plan = strategy.plan(request, context)
             except StrategyError:  # this request does not fit it: the next one
                 continue
-            if len(plan.rows) != 1 or context.refuse_rope(plan.rope) is not None:
+            if len(plan.rows) != 1:
                 continue
             plan.resolved = {
                 "name": self.name,
@@ -259,8 +256,8 @@ class AutoStrategy(Strategy[AutoParams]):
                 f"{context.model.native_window}; '{spec.get('name')}' scores text past the window best of those "
                 "this engine serves (measured perplexity)",
             }
-            return plan
-        return None
+            plans.append(plan)
+        return plans
 
     @staticmethod
     def _rope_suggestion(needed: int, model: ModelFacts, p: AutoParams) -> dict[str, Any] | None:
@@ -268,3 +265,8 @@ class AutoStrategy(Strategy[AutoParams]):
         if suggestion is not None:
             suggestion["factor"] = max(suggestion["factor"], p.rope_factor)
         return suggestion
+
+
+def _with_fallbacks(plans: list[ExecutionPlan]) -> ExecutionPlan:
+    """The first plan, the others its fallbacks in order (the service runs the first the engine serves)."""
+    return replace(plans[0], fallbacks=tuple(plans[1:]))

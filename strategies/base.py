@@ -5,13 +5,17 @@ execution plan for the engine: the RoPE configuration to run under, the prompt r
 longest total length that configuration allows, and for several rows the combiner that runs
 them. The engine runs plans; it never sees strategies.
 
-    >>> from strategies.base import PlanContext, StrategyRequest
+Planning is a function of values: the request carries its token ids (strategies/tokens.py,
+tokenized by the service beforehand) and the context the model's facts and the strategy registry;
+a strategy calls nothing outside the strategies.
+
+    >>> from strategies.base import PlanContext, PromptTokens, StrategyRequest
     >>> from strategies.registry import default_registry
     >>> from server.plan import ModelFacts
     >>> registry = default_registry()
     >>> model = ModelFacts("m", native_window=8192, rope_parameters={"rope_theta": 1e5}, head_dim=64, vocab_size=100)
-    >>> context = PlanContext(model, tokenize=lambda text: [1] * 12_000, resolve=registry.resolve)
-    >>> plan = registry.resolve({"name": "yarn", "factor": 2}).plan(StrategyRequest("question"), context)
+    >>> request = StrategyRequest("question", tokens=PromptTokens((1,) * 12_000))
+    >>> plan = registry.resolve({"name": "yarn", "factor": 2}).plan(request, PlanContext(model, registry))
     >>> plan.rope.label(), plan.max_total_tokens
     ('yarn-x2', 16384)
 """
@@ -19,9 +23,9 @@ them. The engine runs plans; it never sees strategies.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -36,6 +40,7 @@ from server.plan import (
     clipped,
     refuse_many_unknown,
 )
+from strategies.tokens import PromptTokens, TokenizedText
 
 __all__ = [
     "DOCUMENT_SEPARATOR",
@@ -43,13 +48,15 @@ __all__ = [
     "ExecutionPlan",
     "ModelFacts",
     "PlanContext",
+    "PromptTokens",
     "RopeConfig",
     "Strategy",
     "StrategyError",
     "StrategyParams",
     "StrategyRequest",
+    "StrategyResolver",
     "StrategySpec",
-    "Tokenize",
+    "TokenizedText",
     "check_fits",
     "clipped",
     "refuse_many_unknown",
@@ -61,18 +68,21 @@ DOCUMENT_SEPARATOR = "\n\n"
 # length (dynamic_ntk's base, nbce's chunks): questions up to this long on the same documents then
 # plan the same rows, so the second reads the first's KV from the prefix cache.
 QUESTION_RESERVE_TOKENS = 256
-Tokenize = Callable[[str], list[int]]
 
 
 @dataclass(frozen=True)
 class StrategyRequest:
-    """One request as strategies see it. `token_ids`: the prompt as token ids (OpenAI's
-    `prompt: [ids]`), then without documents; `inputs` is their decoded text."""
+    """One request as strategies see it: its text, and its token ids (`tokens`). `token_ids`: the
+    prompt as the client sent it in token ids (OpenAI's `prompt: [ids]`), then without documents;
+    `inputs` is their decoded text."""
 
     inputs: str
     documents: tuple[str, ...] = ()
     max_new_tokens: int = 64
     token_ids: tuple[int, ...] | None = None
+    # Set by the service before planning; a request built elsewhere (a test, a strategy planning a
+    # row for another) sets it itself.
+    tokens: PromptTokens | None = None
     # The client reads the prompt's own log-probabilities (echo, decoder_input_details): a scoring
     # request, whose quality is the perplexity of the prompt rather than what is generated.
     scoring: bool = False
@@ -81,9 +91,15 @@ class StrategyRequest:
         """The text the plain strategies read (docs/CONTRACT.md): documents, blank line, inputs."""
         return DOCUMENT_SEPARATOR.join((*self.documents, self.inputs))
 
-    def plain_prompt_ids(self, tokenize: Tokenize) -> list[int]:
-        """The one row the plain strategies run: the given token ids, else the plain prompt tokenized."""
-        return list(self.token_ids) if self.token_ids is not None else tokenize(self.plain_prompt())
+    def prompt_tokens(self) -> PromptTokens:
+        """The request's token ids; a request planned without them is a bug, not a client error."""
+        if self.tokens is None:
+            raise ValueError("a StrategyRequest is planned without its tokens (StrategyRequest.tokens)")
+        return self.tokens
+
+    def plain_prompt_ids(self) -> list[int]:
+        """The one row the plain strategies run: the plain prompt's ids (or the client's)."""
+        return list(self.prompt_tokens().prompt)
 
 
 class StrategyParams(BaseModel):
@@ -100,26 +116,30 @@ class StrategyParams(BaseModel):
         return refuse_many_unknown(data, cls.model_fields.keys(), "parameters")
 
 
+class StrategyResolver(Protocol):
+    """The strategy registry as planning sees it (strategies/registry.py): a spec, built."""
+
+    def resolve(self, spec: StrategySpec) -> Strategy[Any]: ...
+
+
 @dataclass(frozen=True)
 class PlanContext:
-    """What a strategy may use while planning: the model, its tokenizer, and the server's own
-    strategy registry (`resolve`), for strategies built on other strategies (`auto`, NBCE's rows)."""
+    """What a strategy may use while planning, all of it values: the model, the server's strategy
+    registry (for strategies built on others: `auto`, NBCE's rows), its options and the engine's row
+    limit."""
 
     model: ModelFacts
-    tokenize: Tokenize
-    resolve: Callable[[StrategySpec], Strategy[Any]]
+    registry: StrategyResolver
     # Server-side configuration strategies may read, keyed by what it is (e.g. "auto_policy": the
     # measured policy `auto` follows); set by the server, never by a request.
     options: Mapping[str, Any] = field(default_factory=dict)
-    # Why the serving engine cannot run a RoPE configuration (None: it can), for strategies that
-    # choose between others (`auto`); the default accepts everything.
-    refuse_rope: Callable[[RopeConfig], str | None] = field(default=lambda rope: None)
     # Rows the engine runs in one step: the most rows a plan decoded in lockstep may have (None:
-    # no limit), known before planning so that a strategy can count before it tokenizes.
+    # no limit), known before planning so that a strategy can count rows before it builds them.
     max_rows: int | None = None
 
-    def with_tokenize(self, tokenize: Tokenize) -> PlanContext:
-        return replace(self, tokenize=tokenize)
+    def resolve(self, spec: StrategySpec) -> Strategy[Any]:
+        """`spec` (a name or {"name": ..., **params}) built by the server's registry (StrategyError)."""
+        return self.registry.resolve(spec)
 
 
 P = TypeVar("P", bound=StrategyParams)
@@ -147,9 +167,17 @@ class Strategy(ABC, Generic[P]):
     def parameters_schema(cls) -> dict[str, Any]:
         return cls.Params.model_json_schema()
 
+    def prompt_texts(self, request: StrategyRequest, context: PlanContext) -> StrategyRequest:
+        """The request's texts as this strategy reads them, which the service then tokenizes for
+        `plan` (NBCE's `split` cuts a prompt into document and question), or StrategyError for a
+        request refused on its texts alone, before the work of tokenizing them. By default, the
+        texts as sent."""
+        return request
+
     @abstractmethod
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
-        """Build the execution plan, or raise StrategyError."""
+        """Build the execution plan from the request's token ids (`request.tokens`, set), or raise
+        StrategyError. Planning reads values only: it is run inline, on the server's event loop."""
 
     def resolved(self) -> dict[str, Any]:
         return {"name": self.name, **self.params.model_dump()}

@@ -12,14 +12,14 @@ smaller than ChunkLlama's 3 L0 / 4 and L0 / 8 (its Llama-2 settings) because on 
 (L0 = 8,192) the smaller chunks retrieve: pass keys found of 5 at 16k / 32k were S = 6,144: 2 / -,
 S = 4,096 (w 1,024): 5 / 1, S = 2,048 (w 256): 5 / 5 (docs/eval/long/). Given only S, w = S / 8.
 
-    >>> from strategies.base import PlanContext, StrategyRequest
+    >>> from strategies.base import PlanContext, PromptTokens, StrategyRequest
     >>> from strategies.registry import default_registry
     >>> from server.plan import ModelFacts
     >>> registry = default_registry()
     >>> model = ModelFacts("m", native_window=8192, rope_parameters={"rope_theta": 1e5}, head_dim=64,
     ...                    vocab_size=100, max_context_tokens=65536)
-    >>> context = PlanContext(model, tokenize=lambda text: [1] * 30_000, resolve=registry.resolve)
-    >>> plan = registry.resolve("dca").plan(StrategyRequest("q"), context)
+    >>> request = StrategyRequest("q", tokens=PromptTokens((1,) * 30_000))
+    >>> plan = registry.resolve("dca").plan(request, PlanContext(model, registry))
     >>> plan.rope.label(), plan.max_total_tokens, plan.resolved
     ('native+dca-s2048-l256-mscale', 65536, {'name': 'dca', 'chunk_size': 2048, 'local_window': 256, 'mscale': True})
 """

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import Field
 
 from server.plan import ModelFacts, RopeConfig
-from strategies.base import DOCUMENT_SEPARATOR, QUESTION_RESERVE_TOKENS, ExecutionPlan, PlanContext, StrategyRequest
+from strategies.base import QUESTION_RESERVE_TOKENS, ExecutionPlan, PlanContext, StrategyRequest
 from strategies.rope import RopeParams, RopeStrategy, factor_field
 
 
@@ -81,7 +81,7 @@ class DynamicNtkStrategy(RopeStrategy[DynamicNtkParams]):
         reads the documents' KV from the prefix cache (requests inside the window stay native)."""
         if not request.documents or needed <= context.model.native_window:
             return needed
-        question = len(context.tokenize(DOCUMENT_SEPARATOR + request.inputs))
+        question = len(request.prompt_tokens().question)  # DOCUMENT_SEPARATOR + inputs
         return needed - question + max(question, QUESTION_RESERVE_TOKENS)
 
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:

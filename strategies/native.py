@@ -18,7 +18,7 @@ class NativeStrategy(Strategy[NativeParams]):
 
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
         model = context.model
-        row = request.plain_prompt_ids(context.tokenize)
+        row = request.plain_prompt_ids()
         needed = len(row) + request.max_new_tokens
         hint = longer_context_hint(needed, model) if needed > model.native_window else ""
         check_fits(len(row), request.max_new_tokens, model.native_window, self.name, hint)

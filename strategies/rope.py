@@ -134,7 +134,7 @@ class RopeStrategy(Strategy[RP]):
 
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
         model = context.model
-        row = request.plain_prompt_ids(context.tokenize)
+        row = request.plain_prompt_ids()
         needed = len(row) + request.max_new_tokens
         limit = self.max_total_tokens(model)
         hint = "" if needed <= limit else self._hint(needed, model)

@@ -48,7 +48,7 @@ class SchemeStrategy(Strategy[SP]):
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
         model = context.model
         scheme = self.scheme(model)
-        row = request.plain_prompt_ids(context.tokenize)
+        row = request.plain_prompt_ids()
         limit = model.max_context_tokens or 16 * model.native_window
         check_fits(len(row), request.max_new_tokens, limit, self.name)
         plain = self.is_plain(scheme, len(row) + request.max_new_tokens)

@@ -11,14 +11,14 @@ past it no score sees a position STRING would not use at L: a row may be as long
 holds. Every logit is scaled by STRING's attention factor squared (0.1 ln 2 + 1, as its code scales
 every cos/sin). Defaults from the paper: S = 0.33 L, W = 128.
 
-    >>> from strategies.base import PlanContext, StrategyRequest
+    >>> from strategies.base import PlanContext, PromptTokens, StrategyRequest
     >>> from strategies.registry import default_registry
     >>> from server.plan import ModelFacts
     >>> registry = default_registry()
     >>> model = ModelFacts("m", native_window=8192, rope_parameters={"rope_theta": 1e5}, head_dim=64,
     ...                    vocab_size=100, max_context_tokens=65536)
-    >>> context = PlanContext(model, tokenize=lambda text: [1] * 7_000, resolve=registry.resolve)
-    >>> plan = registry.resolve("string").plan(StrategyRequest("q"), context)
+    >>> request = StrategyRequest("q", tokens=PromptTokens((1,) * 7_000))
+    >>> plan = registry.resolve("string").plan(request, PlanContext(model, registry))
     >>> plan.rope.label(), plan.max_total_tokens
     ('native+string-s2703-w128-c5616', 65536)
     >>> plan.resolved

@@ -9,14 +9,14 @@ is exactly native. Parameters a client leaves out are derived from the model's w
 values are for a 4k Llama-2, and were measured too small on the bundled model (README *Window
 strategies*).
 
-    >>> from strategies.base import PlanContext, StrategyRequest
+    >>> from strategies.base import PlanContext, PromptTokens, StrategyRequest
     >>> from strategies.registry import default_registry
     >>> from server.plan import ModelFacts
     >>> registry = default_registry()
     >>> model = ModelFacts("m", native_window=8192, rope_parameters={"rope_theta": 1e5}, head_dim=64,
     ...                    vocab_size=100, max_context_tokens=32768)
-    >>> context = PlanContext(model, tokenize=lambda text: [1] * 20_000, resolve=registry.resolve)
-    >>> plan = registry.resolve("rerope").plan(StrategyRequest("q"), context)
+    >>> request = StrategyRequest("q", tokens=PromptTokens((1,) * 20_000))
+    >>> plan = registry.resolve("rerope").plan(request, PlanContext(model, registry))
     >>> plan.rope.label(), plan.max_total_tokens, plan.resolved
     ('native+rerope-w4096-logn', 32768, {'name': 'rerope', 'window': 4096, 'logn': True})
 """
@@ -85,7 +85,7 @@ class WindowStrategy(Strategy[WP]):
 
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
         model = context.model
-        row = request.plain_prompt_ids(context.tokenize)
+        row = request.plain_prompt_ids()
         needed = len(row) + request.max_new_tokens
         p = self.settings(model, needed)
         assert p.window is not None  # settings() fills it

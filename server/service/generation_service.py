@@ -10,7 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from server.engines.base import Engine, LockstepCombiner, RowRequest, SamplingOptions, StepStream, Tokenizer
@@ -21,12 +21,13 @@ from server.service.admission import AdmissionController, default_priority
 from server.service.capacity import capacity_refusal
 from server.service.jobs import Job, within_deadline
 from server.service.lockstep import run_lockstep
-from server.service.plan_checks import RopeVerdicts, check_plan, check_token_ids
+from server.service.plan_checks import check_plan, check_token_ids, first_served
+from server.service.prompt_tokens import PromptTokenizer
 from server.service.queue_admission import job_work, queue_refusal
 from server.service.refusal import Refusal
 from server.service.request_record import RequestRecord, failure_status, record_refusal
 from server.structured.compile_check import ConstraintCheck, refuse_unchecked
-from strategies.base import PlanContext, Strategy, StrategyRequest
+from strategies.base import PlanContext, PromptTokens, Strategy, StrategyRequest
 from strategies.registry import StrategyRegistry
 
 # Texts this long are tokenized off the event loop so other requests keep streaming; token-id
@@ -75,6 +76,8 @@ class GenerationService:
         self.strategy_options = dict(strategy_options or {})
         self.registry = registry
         self.tokenizer = tokenizer
+        # What planning reads: a request's ids, tokenized before it is planned.
+        self.prompt_tokenizer = PromptTokenizer(tokenizer)
         self.metrics = metrics
         self.default_strategy = default_strategy
         self.max_concurrent_requests = max_concurrent_requests
@@ -97,9 +100,6 @@ class GenerationService:
     @property
     def model(self) -> ModelFacts:
         return self.engine.model
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
 
     async def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The tokenizer's ids of `text`, off the event loop for a long text."""
@@ -131,18 +131,24 @@ class GenerationService:
     def resolve_strategy(self, spec: StrategySpec | None) -> Strategy[Any]:
         return self.registry.resolve(spec, self.default_strategy)
 
-    def plan_context(self, verdicts: RopeVerdicts) -> PlanContext:
+    def plan_context(self) -> PlanContext:
         return PlanContext(
             model=self.model,
-            tokenize=self.tokenize,
-            resolve=self.resolve_strategy,
+            registry=self.registry,
             options=self.strategy_options,
-            refuse_rope=verdicts,
             max_rows=self.engine.max_rows_per_step,
         )
 
+    async def prompt_tokens(self, request: StrategyRequest) -> PromptTokens:
+        """The token ids `request`'s planning reads, tokenized off the event loop for long texts."""
+        ids = None if request.token_ids is None else list(request.token_ids)
+        texts = (request.inputs, request.documents, ids)
+        if ids is None and len(request.inputs) + sum(map(len, request.documents)) >= TOKENIZE_IN_THREAD_CHARS:
+            return await asyncio.to_thread(self.prompt_tokenizer.tokens, *texts)
+        return self.prompt_tokenizer.tokens(*texts)
+
     async def plan_job(self, draft: JobDraft) -> Job:
-        """Resolve, plan and check a request; raises StrategyError (422) before any engine work."""
+        """Resolve, tokenize, plan and check a request; raises StrategyError (422) before any engine work."""
         arrived = time.perf_counter()
         strategy = self.resolve_strategy(draft.strategy)
         ids = draft.prompt if isinstance(draft.prompt, list) else None
@@ -156,13 +162,11 @@ class GenerationService:
             token_ids=None if ids is None else tuple(ids),
             scoring=draft.sampling.prompt_logprobs is not None,
         )
-        verdicts = RopeVerdicts(self.engine.refuse_rope)
-        context = self.plan_context(verdicts)
-        if len(request.inputs) + sum(map(len, request.documents)) >= TOKENIZE_IN_THREAD_CHARS:
-            plan = await asyncio.to_thread(strategy.plan, request, context)
-        else:
-            plan = strategy.plan(request, context)
-        verdicts.refuse(plan)
+        context = self.plan_context()
+        read = strategy.prompt_texts(request, context)
+        # Planning is a function of values (no tokenizer, no engine): cheap, so it runs inline.
+        planned = strategy.plan(replace(read, tokens=await self.prompt_tokens(read)), context)
+        plan = first_served(planned, self.engine.refuse_rope)
         check_plan(plan, strategy.name, draft.sampling, self.engine, self.engine_seeds)
         if (constraint := draft.sampling.constraint) is not None:
             await (self.constraint_check or refuse_unchecked).check(constraint)

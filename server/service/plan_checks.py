@@ -9,25 +9,14 @@ from server.plan import RopeConfig, StrategyError
 from strategies.base import too_many_rows
 
 
-class RopeVerdicts:
-    """The engine's answer for each RoPE configuration one request's planning asks about, asked
-    of the engine once each: `auto` consults it to choose among strategies (PlanContext.refuse_rope),
-    and the service refuses the chosen plan from the same answer."""
-
-    def __init__(self, refuse: Callable[[RopeConfig], str | None]) -> None:
-        self._refuse = refuse
-        self._answers: dict[str, str | None] = {}
-
-    def __call__(self, rope: RopeConfig) -> str | None:
-        key = rope.key()
-        if key not in self._answers:
-            self._answers[key] = self._refuse(rope)
-        return self._answers[key]
-
-    def refuse(self, plan: ExecutionPlan) -> None:
-        """The request's one refusal of its RoPE configuration (StrategyError), if the engine has one."""
-        if (refusal := self(plan.rope)) is not None:
-            raise StrategyError(f"strategy: {refusal}")
+def first_served(plan: ExecutionPlan, refuse: Callable[[RopeConfig], str | None]) -> ExecutionPlan:
+    """The first of the plan and its fallbacks whose RoPE configuration the engine serves (`refuse`:
+    the engine's reason not to, None where it does); else the last one's refusal (StrategyError)."""
+    refusal = None
+    for candidate in plan.candidates():
+        if (refusal := refuse(candidate.rope)) is None:
+            return candidate
+    raise StrategyError(f"strategy: {refusal}")
 
 
 def check_token_ids(

@@ -1,86 +1,108 @@
-"""Splitting a long document into row-sized chunks, on paragraph or sentence boundaries.
+"""Cutting a long document's token ids into row-sized chunks, where its text has a paragraph or
+sentence end.
 
->>> split_document("One. Two.\n\nThree.", budget=3, tokenize=lambda t: t.split())
-['One. Two.', 'Three.']
+A chunk is at most `budget` tokens. It ends at the last paragraph break in the last fifth of what
+fits, else at the last sentence end (or paragraph break) that fits, else at the last word boundary,
+else (one enormous word) at the last token boundary. Whitespace-only tokens at a cut belong to no
+chunk, so the chunks read as the document's text stripped at the cuts. The cuts are decided from
+the text at each token boundary (TokenizedText.ends); the ids are the document's own, so the
+chunks and the document's ids agree token for token.
+
+>>> from strategies.tokens import TokenizedText
+>>> doc = TokenizedText("One. Two.\\n\\nThree.", ids=tuple(range(7)), ends=(3, 4, 8, 9, 11, 16, 17))
+>>> spans = chunk_spans(doc, budget=5)
+>>> spans, [doc.span_text(span) for span in spans]
+([range(0, 4), range(5, 7)], ['One. Two.', 'Three.'])
 """
 
 from __future__ import annotations
 
-import re
+import math
+from collections.abc import Callable
 
-from strategies.base import DOCUMENT_SEPARATOR, Tokenize
+from strategies.tokens import TokenizedText
 
 # A chunk may end at a paragraph break once it holds this share of its budget.
 PARAGRAPH_PREFERENCE = 0.8
-
-_PARAGRAPH = re.compile(r"(?<=\n\n)")
-_SENTENCE = re.compile(r"(?<=[.!?;:。！？])(?=\s)")
-_WORD = re.compile(r"(?=\s)")
+SENTENCE_ENDS = frozenset(".!?;:。！？")
 
 
-def _pieces(text: str) -> list[tuple[str, bool]]:
-    """The text cut into paragraphs, then sentences, then words: (piece, ends a paragraph)."""
-    out: list[tuple[str, bool]] = []
-    for para in _PARAGRAPH.split(text):
-        if not para:
-            continue
-        sentences = [s for s in _SENTENCE.split(para) if s]
-        for i, sentence in enumerate(sentences):
-            out.append((sentence, i == len(sentences) - 1))
-    return out
+def chunk_spans(doc: TokenizedText, budget: int) -> list[range]:
+    """The chunks of `doc` as token index ranges, in order, each of at most `budget` tokens."""
+    if budget < 1:
+        raise ValueError(f"a chunk budget of {budget} tokens")
+    spans: list[range] = []
+    start = _skip_blank(doc, 0)
+    while start < len(doc):
+        stop = len(doc) if len(doc) - start <= budget else _cut(doc, start, budget)
+        span = _stripped(doc, start, stop)
+        if span:
+            spans.append(span)
+        start = _skip_blank(doc, stop)
+    return spans
 
 
-def split_document(text: str, budget: int, tokenize: Tokenize) -> list[str]:
-    """Split `text` into chunks of at most `budget` tokens (as counted piece by piece).
-
-    Chunks end on a paragraph break when one lies in the last fifth of the chunk, else on a
-    sentence end, else on a word boundary, else (one enormous word) on a token boundary.
-    Concatenated, the chunks are the document (whitespace at the cuts aside).
-    """
-    pieces: list[tuple[str, int, bool]] = []
-    for piece, para_end in _pieces(text):
-        n = len(tokenize(piece))
-        if n <= budget:
-            pieces.append((piece, n, para_end))
-            continue
-        words = [w for w in _WORD.split(piece) if w]
-        for j, word in enumerate(words):
-            wn = len(tokenize(word))
-            last = para_end and j == len(words) - 1
-            if wn <= budget:
-                pieces.append((word, wn, last))
-                continue
-            # A "word" longer than a chunk: cut it by characters into budget-sized parts.
-            step = max(1, len(word) * budget // (wn + 1))
-            parts = [word[i : i + step] for i in range(0, len(word), step)]
-            for pi, part in enumerate(parts):
-                pieces.append((part, len(tokenize(part)), last and pi == len(parts) - 1))
-
-    chunks: list[str] = []
-    current: list[tuple[str, int, bool]] = []
-    used = 0
-    for sized in pieces:
-        if current and used + sized[1] > budget:
-            cut = len(current)
-            # Prefer the last paragraph end when it leaves the chunk well filled.
-            acc = 0
-            best = None
-            for i, (_, n, para_end) in enumerate(current):
-                acc += n
-                if para_end and acc >= PARAGRAPH_PREFERENCE * budget:
-                    best = i + 1
-            if best is not None:
-                cut = best
-            chunks.append("".join(p for p, _, _ in current[:cut]))
-            current = current[cut:]
-            used = sum(n for _, n, _ in current)
-        current.append(sized)
-        used += sized[1]
-    if current:
-        chunks.append("".join(p for p, _, _ in current))
-    chunks = [c.strip() for c in chunks]
-    return [c for c in chunks if c]
+def _cut(doc: TokenizedText, start: int, budget: int) -> int:
+    """Where the chunk that starts at token `start` ends (exclusive), by the preferences above."""
+    limit = start + budget
+    paragraph_from = start + max(1, math.ceil(PARAGRAPH_PREFERENCE * budget))
+    preferences: tuple[tuple[int, Callable[[TokenizedText, int], bool]], ...] = (
+        (paragraph_from, _paragraph_end),
+        (start + 1, _sentence_end),
+        (start + 1, _word_boundary),
+        (start + 1, _between_characters),
+    )
+    for first, ends_here in preferences:
+        for i in range(limit, first - 1, -1):
+            if ends_here(doc, i):
+                return i
+    return limit
 
 
-def row_text(document: str, inputs: str) -> str:
-    return document + DOCUMENT_SEPARATOR + inputs
+def _blank_around(doc: TokenizedText, i: int) -> tuple[int, int]:
+    """The run of whitespace around the boundary before token i, as character offsets [a, b)."""
+    text, at = doc.text, doc.boundary(i)
+    a = at
+    while a > 0 and text[a - 1].isspace():
+        a -= 1
+    b = at
+    while b < len(text) and text[b].isspace():
+        b += 1
+    return a, b
+
+
+def _paragraph_end(doc: TokenizedText, i: int) -> bool:
+    a, b = _blank_around(doc, i)
+    return doc.text.count("\n", a, b) >= 2
+
+
+def _sentence_end(doc: TokenizedText, i: int) -> bool:
+    a, b = _blank_around(doc, i)
+    return (b > a and a > 0 and doc.text[a - 1] in SENTENCE_ENDS) or _paragraph_end(doc, i)
+
+
+def _word_boundary(doc: TokenizedText, i: int) -> bool:
+    a, b = _blank_around(doc, i)
+    return b > a
+
+
+def _between_characters(doc: TokenizedText, i: int) -> bool:
+    """Not inside one character (byte-level tokens of one character end where it does)."""
+    return doc.ends[i - 1] < doc.ends[i]
+
+
+def _blank(doc: TokenizedText, i: int) -> bool:
+    """Token i is whitespace only."""
+    return doc.text[doc.boundary(i) : doc.ends[i]].isspace()
+
+
+def _skip_blank(doc: TokenizedText, i: int) -> int:
+    while i < len(doc) and _blank(doc, i):
+        i += 1
+    return i
+
+
+def _stripped(doc: TokenizedText, start: int, stop: int) -> range:
+    while stop > start and _blank(doc, stop - 1):
+        stop -= 1
+    return range(start, stop)

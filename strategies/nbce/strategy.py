@@ -2,10 +2,11 @@
 
 The documents become rows that decode in lockstep (docs/CONTRACT.md, "NBCE rows"):
 
-* a list `context` gives one row per document; a string `context` is split into chunks of at
-  most `chunk_tokens` tokens, on paragraph or sentence boundaries when one is near;
-* row k reads `d_k + "\n\n" + inputs`, and one more row reads `inputs` alone (the
-  unconditioned row), each tokenized as one string;
+* a list `context` gives one row per document; a string `context`'s token ids are cut into
+  chunks of at most `chunk_tokens` tokens, on paragraph or sentence ends when one is near
+  (chunking.py);
+* row k is the ids of `d_k` followed by the ids of `"\n\n" + inputs` (tokenized as one string),
+  and one more row is the ids of `inputs` alone (the unconditioned row);
 * at every step the rows' next-token log-probabilities are pooled (`min_entropy` as the
   reference: the row of least entropy; `max_prob`: the row whose best token is most likely;
   `mean`: the average log-probability of the context rows, or, at a step where `top_p` leaves
@@ -32,6 +33,7 @@ from strategies.base import (
     QUESTION_RESERVE_TOKENS,
     ExecutionPlan,
     PlanContext,
+    PromptTokens,
     Strategy,
     StrategyError,
     StrategyParams,
@@ -39,12 +41,9 @@ from strategies.base import (
     StrategySpec,
     too_many_rows,
 )
-from strategies.nbce.chunking import row_text, split_document
+from strategies.nbce.chunking import chunk_spans
 from strategies.nbce.protocol import Combination, NbceCombiner, Pooling
 
-# Tokens kept free in every row beyond the question and max_new_tokens (tokenization of a chunk
-# next to the question is not exactly additive).
-ROW_MARGIN_TOKENS = 8
 MIN_CHUNK_TOKENS = 16
 
 
@@ -103,15 +102,32 @@ def resolve_rope_strategy(spec: StrategySpec, context: PlanContext) -> Strategy[
     return strategy
 
 
-def rope_plan_for(rope_strategy: Strategy[Any], text: str, max_new_tokens: int, context: PlanContext) -> ExecutionPlan:
-    """The RoPE strategy's plan for one row's text: its RoPE config and its longest total length."""
+def rope_plan_for(
+    rope_strategy: Strategy[Any], text: str, ids: list[int], max_new_tokens: int, context: PlanContext
+) -> ExecutionPlan:
+    """The RoPE strategy's plan for one row (`ids`, the ids of `text`): its RoPE config and its
+    longest total length."""
+    row = StrategyRequest(inputs=text, max_new_tokens=max_new_tokens, tokens=PromptTokens(tuple(ids)))
     try:
-        plan = rope_strategy.plan(StrategyRequest(inputs=text, max_new_tokens=max_new_tokens), context)
+        plan = rope_strategy.plan(row, context)
     except StrategyError as exc:
         raise StrategyError(f"strategy.rope: {exc.message}", field="inputs") from None
     if plan.combiner is not None or len(plan.rows) != 1:
         raise StrategyError(f"strategy.rope: '{rope_strategy.name}' is not a single-row RoPE strategy")
     return plan
+
+
+def check_documents(request: StrategyRequest, context: PlanContext) -> None:
+    """A context to read, and no more documents than rows one engine step runs (StrategyError)."""
+    if not request.documents or not any(d.strip() for d in request.documents):
+        raise StrategyError(
+            "context: nbce needs a context (a document or a list of documents); a token-id prompt, or one "
+            "cut by `truncate`, has none",
+            field="context",
+        )
+    documents = sum(1 for d in request.documents if d.strip())
+    if len(request.documents) > 1 and context.max_rows is not None and documents + 1 > context.max_rows:
+        raise too_many_rows(documents + 1, context.max_rows)
 
 
 def split_prompt(request: StrategyRequest, separator: str) -> StrategyRequest:
@@ -137,26 +153,28 @@ class NbceStrategy(Strategy[NbceParams]):
     Params = NbceParams
     engine_logits_processors = ("strategies.nbce.processor:NbceLogitsProcessor",)
 
+    def prompt_texts(self, request: StrategyRequest, context: PlanContext) -> StrategyRequest:
+        """With `split`, a prompt without `context` is cut into document and question here, before
+        it is tokenized: the rows then read the question after the document as they read a
+        `context`'s (ids of "\n\n" + question), whichever separator the prompt had. Documents
+        that cannot make rows are refused before any is tokenized."""
+        if self.params.split != "context" and not request.documents:
+            request = split_prompt(request, "\n\n" if self.params.split == "last_paragraph" else "\n")
+        check_documents(request, context)
+        return request
+
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
-        p, model, tokenize = self.params, context.model, context.tokenize
-        if p.split != "context" and not request.documents:
-            request = split_prompt(request, "\n\n" if p.split == "last_paragraph" else "\n")
-        if not request.documents or not any(d.strip() for d in request.documents):
-            raise StrategyError(
-                "context: nbce needs a context (a document or a list of documents); a token-id prompt, or one "
-                "cut by `truncate`, has none",
-                field="context",
-            )
-        documents = sum(1 for d in request.documents if d.strip())
-        if len(request.documents) > 1 and context.max_rows is not None and documents + 1 > context.max_rows:
-            raise too_many_rows(documents + 1, context.max_rows)  # counted before any is tokenized
+        p, model, tokens = self.params, context.model, request.prompt_tokens()
+        check_documents(request, context)
         rope_strategy = resolve_rope_strategy(p.rope, context)
         # The RoPE plan for the question alone gives the row window.
-        probe = rope_plan_for(rope_strategy, request.inputs, request.max_new_tokens, context)
+        uncond = tokens.alone()
+        probe = rope_plan_for(rope_strategy, request.inputs, uncond, request.max_new_tokens, context)
         row_limit = probe.max_total_tokens
-        uncond = tokenize(request.inputs)
-        question_tokens = len(tokenize(DOCUMENT_SEPARATOR + request.inputs))
-        room = row_limit - request.max_new_tokens - question_room(question_tokens, row_limit) - ROW_MARGIN_TOKENS
+        question_tokens = len(tokens.question)
+        room = (
+            row_limit - request.max_new_tokens - question_room(question_tokens, row_limit) - len(tokens.special_prefix)
+        )
         chunk_tokens = p.chunk_tokens if p.chunk_tokens is not None else room
         if chunk_tokens < MIN_CHUNK_TOKENS or (p.chunk_tokens is not None and chunk_tokens > room):
             raise StrategyError(
@@ -166,7 +184,8 @@ class NbceStrategy(Strategy[NbceParams]):
                 field="strategy",
             )
 
-        rows, texts = self._rows(request, uncond, chunk_tokens, row_limit, rope_strategy.name, context)
+        texts, rows = self._rows(request, tokens, chunk_tokens, row_limit, rope_strategy.name, context)
+        rows = [uncond, *rows]
 
         rope: RopeConfig = probe.rope
         max_total = row_limit
@@ -174,7 +193,8 @@ class NbceStrategy(Strategy[NbceParams]):
         # request fits its window (the window strategies): plan for the longest row, so that every
         # row runs under one configuration that fits all of them.
         longest = max(range(len(texts)), key=lambda i: len(rows[i + 1]))
-        final = rope_plan_for(rope_strategy, row_text(texts[longest], request.inputs), request.max_new_tokens, context)
+        text = texts[longest] + DOCUMENT_SEPARATOR + request.inputs
+        final = rope_plan_for(rope_strategy, text, rows[longest + 1], request.max_new_tokens, context)
         if final.max_total_tokens >= row_limit:
             rope, max_total = final.rope, final.max_total_tokens
 
@@ -202,19 +222,19 @@ class NbceStrategy(Strategy[NbceParams]):
     @staticmethod
     def _rows(
         request: StrategyRequest,
-        uncond: list[int],
+        tokens: PromptTokens,
         chunk_tokens: int,
         row_limit: int,
         rope_name: str,
         context: PlanContext,
-    ) -> tuple[list[list[int]], list[str]]:
-        """[uncond, row_1, ...] and the documents of rows 1..n."""
-        tokenize = context.tokenize
+    ) -> tuple[list[str], list[list[int]]]:
+        """The documents (or chunks) of rows 1..n, and those rows: each one's ids, then the question's."""
         if len(request.documents) > 1:
-            texts = [d for d in request.documents if d.strip()]
-            rows = [uncond]
-            for i, doc in enumerate(texts):
-                row = tokenize(row_text(doc, request.inputs))
+            texts, rows = [], []
+            for i, (text, document) in enumerate(zip(request.documents, tokens.documents, strict=True)):
+                if not text.strip():
+                    continue
+                row = tokens.after(document.ids)
                 if len(row) + request.max_new_tokens > row_limit:
                     raise StrategyError(
                         f"context[{i}]: this document's row has {len(row)} tokens; with max_new_tokens "
@@ -222,26 +242,16 @@ class NbceStrategy(Strategy[NbceParams]):
                         "(pass one long string context to have it chunked)",
                         field="context",
                     )
+                texts.append(text)
                 rows.append(row)
-            return rows, texts
-        budget = chunk_tokens
-        for _ in range(6):
-            # Chunks are sized piece by piece; tokenization beside the question is not quite
-            # additive, so when a row overshoots, chunk again with a budget smaller by the excess.
-            texts = split_document(request.documents[0], budget, tokenize)
-            if context.max_rows is not None and len(texts) + 1 > context.max_rows:
-                raise too_many_rows(len(texts) + 1, context.max_rows)  # before the rows are tokenized
-            rows = [uncond] + [tokenize(row_text(doc, request.inputs)) for doc in texts]
-            over = max(len(r) + request.max_new_tokens - row_limit for r in rows)
-            if over <= 0:
-                return rows, texts
-            budget -= over + 8
-            if budget < MIN_CHUNK_TOKENS:
-                break
-        raise StrategyError(
-            f"strategy.chunk_tokens: could not chunk the context into rows of <= {row_limit} tokens",
-            field="strategy",
-        )
+            return texts, rows
+        document = tokens.documents[0]
+        spans = chunk_spans(document, chunk_tokens)
+        if context.max_rows is not None and len(spans) + 1 > context.max_rows:
+            raise too_many_rows(len(spans) + 1, context.max_rows)  # before the rows are built
+        # Every row fits: a chunk is at most chunk_tokens, which leaves room for the question.
+        rows = [tokens.after(document.ids[span.start : span.stop]) for span in spans]
+        return [document.span_text(span) for span in spans], rows
 
     @staticmethod
     def _check_kv(rows: list[list[int]], max_new_tokens: int, model: ModelFacts) -> None:

@@ -103,7 +103,7 @@ def plan_rows(tokenizer, context, question, spec):
     facts = read_model_facts(str(MODEL_DIR))
     documents = (context,) if isinstance(context, str) else tuple(context)
     return plan_for(
-        spec, StrategyRequest(inputs=question, documents=documents, max_new_tokens=MAX_NEW), facts, tokenizer.encode
+        spec, StrategyRequest(inputs=question, documents=documents, max_new_tokens=MAX_NEW), facts, tokenizer
     )
 
 

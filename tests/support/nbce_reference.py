@@ -7,7 +7,9 @@ the model's own arithmetic enters; each step combines the rows with NBCE's arith
 written out) and takes the argmax.
 
 It is slow (plain eager forward passes) and meant for tests and spot checks on short rows; the
-server runs the same combination inside vLLM (strategies/nbce/processor.py).
+server runs the same combination inside vLLM (strategies/nbce/processor.py). `reference_rows`
+builds a string context's rows from the rule docs/CONTRACT.md states, written out here apart
+from the server's chunking (strategies/nbce/chunking.py), which the unit tests check against it.
 
     .venv/bin/python -m tests.support.nbce_reference --context-file doc.txt --question "..." --max-new-tokens 32
 """
@@ -15,15 +17,84 @@ server runs the same combination inside vLLM (strategies/nbce/processor.py).
 from __future__ import annotations
 
 import argparse
+import bisect
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from server.ops.model_store import default_checkpoint_dir
-from strategies.nbce.chunking import row_text, split_document
 from strategies.nbce.combine import combine
 from strategies.nbce.protocol import Combination
+
+SENTENCE_MARKS = ".!?;:。！？"
+
+
+def reference_chunks(tokenizer: Any, text: str, budget: int) -> list[list[int]]:
+    """`text`'s ids cut into chunks of at most `budget` tokens: each ends at the last paragraph break
+    at or past 4/5 of the budget, else the last sentence end (a mark then whitespace; a paragraph
+    break counts), else the last whitespace, else the last token boundary not inside a character;
+    whitespace-only tokens at a cut are dropped."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    after = [end for _, end in encoded["offset_mapping"]]  # the character a cut after token i is at
+    runs = [(m.start(), m.end()) for m in re.finditer(r"\s+", text)]
+    starts = [a for a, _ in runs]
+
+    def run_at(c: int) -> tuple[int, int]:
+        k = bisect.bisect_right(starts, c) - 1
+        return runs[k] if k >= 0 and runs[k][0] <= c <= runs[k][1] else (c, c)
+
+    def rank(i: int) -> int:
+        """How good a cut before token i is: 3 paragraph, 2 sentence, 1 word, 0 token, -1 none."""
+        a, b = run_at(after[i - 1])
+        if text.count("\n", a, b) >= 2:
+            return 3
+        if b > a and a > 0 and text[a - 1] in SENTENCE_MARKS:
+            return 2
+        if b > a:
+            return 1
+        return 0 if after[i - 1] < after[i] else -1
+
+    def blank(i: int) -> bool:
+        return text[after[i - 1] if i else 0 : after[i]].isspace()
+
+    chunks, start = [], 0
+    while start < len(ids):
+        while start < len(ids) and blank(start):
+            start += 1
+        if start == len(ids):
+            break
+        stop = len(ids)
+        if len(ids) - start > budget:
+            cuts = range(start + 1, start + budget + 1)
+            paragraphs = [i for i in cuts if rank(i) == 3 and i - start >= math.ceil(0.8 * budget)]
+            stop = next(
+                (
+                    max(found)
+                    for found in (paragraphs, *([i for i in cuts if rank(i) >= r] for r in (2, 1, 0)))
+                    if found
+                ),
+                start + budget,
+            )
+        end = stop
+        while end > start and blank(end - 1):
+            end -= 1
+        if end > start:
+            chunks.append(ids[start:end])
+        start = stop
+    return chunks
+
+
+def reference_rows(tokenizer: Any, document: str, question: str, budget: int) -> list[list[int]]:
+    """A string context's NBCE rows: the question alone, then each chunk's ids followed by the ids of
+    "\n\n" + question (tokenized as one string)."""
+    after = tokenizer("\n\n" + question, add_special_tokens=False)["input_ids"]
+    prefix = tokenizer("", add_special_tokens=True)["input_ids"]  # a BOS, for a tokenizer that adds one
+    rows = [list(tokenizer(question)["input_ids"])]
+    return rows + [[*prefix, *chunk, *after] for chunk in reference_chunks(tokenizer, document, budget)]
 
 
 @dataclass
@@ -90,14 +161,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.model)
-
-    def encode(text: str) -> list[int]:
-        return list(tok.encode(text))
-
     with open(args.context_file) as f:
         text = f.read()
-    docs = split_document(text, args.chunk_tokens, encode)
-    rows = [encode(args.question)] + [encode(row_text(d, args.question)) for d in docs]
+    rows = reference_rows(tok, text, args.question, args.chunk_tokens)
     model = load_model(args.model, getattr(torch, args.dtype))
     res = generate(model, rows, args.max_new_tokens, eos_token_ids=(tok.eos_token_id,))
     print(tok.decode(res.token_ids, skip_special_tokens=True))

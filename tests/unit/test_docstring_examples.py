@@ -1,5 +1,5 @@
-"""The runnable examples in the docstrings of the plan types, the attention schemes and the
-strategies run, and say what they print."""
+"""The runnable examples in the docstrings of the plan types, the attention schemes, the
+strategies and the tokens they plan from run, and say what they print."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = sorted(
     ".".join(path.relative_to(ROOT).with_suffix("").parts)
-    for pattern in ("server/plan.py", "server/attention/*.py", "strategies/*.py")
+    for pattern in (
+        "server/plan.py",
+        "server/attention/*.py",
+        "server/service/prompt_tokens.py",
+        "strategies/*.py",
+        "strategies/nbce/chunking.py",
+    )
     for path in ROOT.glob(pattern)
     if path.name != "__init__.py" or path.parent.name == "attention"
 )

@@ -13,9 +13,9 @@ from clients.eval.policy import measured_policy, merged_policy
 from clients.eval.results import Curve, EvalResults, Score
 from server.plan import ModelFacts
 from strategies.auto_policy import SHIPPED_POLICY, AutoPolicy, load_policy
-from strategies.base import StrategyError, StrategyRequest
+from strategies.base import PlanContext, StrategyError, StrategyRequest
 from strategies.registry import default_registry
-from tests.support.planning import plan_context
+from tests.support.planning import plan_with
 
 MODEL = ModelFacts("m", 8192, {"rope_type": "default", "rope_theta": 100000.0}, 64, 49152, max_context_tokens=40_000)
 
@@ -132,10 +132,8 @@ def policy_with(*bands: tuple[int, list[dict]]) -> AutoPolicy:
 
 def auto_plan(policy: AutoPolicy | None, request: StrategyRequest, **params: object):
     """auto's plan with one token per character (so lengths are the texts' lengths)."""
-    registry = default_registry()
-    context = plan_context(MODEL, lambda text: [1] * len(text), registry)
-    context = type(context)(context.model, context.tokenize, context.resolve, {"auto_policy": policy})
-    return registry.resolve({"name": "auto", **params}).plan(request, context)
+    context = PlanContext(MODEL, default_registry(), {"auto_policy": policy})
+    return plan_with(context, {"name": "auto", **params}, request, lambda text: [1] * len(text))
 
 
 def document(tokens: int) -> str:

@@ -11,14 +11,14 @@ import torch
 
 from server.ops.model_store import default_checkpoint_dir
 from server.plan import ModelFacts
-from strategies.base import PlanContext, StrategyError, StrategyRequest
+from strategies.base import PlanContext, PromptTokens, StrategyError, StrategyRequest, TokenizedText
 from strategies.nbce import NbceParams, NbceStrategy
-from strategies.nbce.chunking import split_document
+from strategies.nbce.chunking import chunk_spans
 from strategies.nbce.combine import choose_token, combine, top_p_filter
 from strategies.nbce.protocol import Combination, Draw, NbceCombiner, RowTag
 from strategies.registry import default_registry
 from strategies.rope import RopeParams, RopeStrategy
-from tests.support.planning import plan_context
+from tests.support.planning import plan_context, plan_with, prompt_tokenizer, tokenized
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,18 @@ def facts() -> ModelFacts:
 
 
 @pytest.fixture(scope="module")
-def context(tokenizer, facts) -> PlanContext:
-    return plan_context(facts, tokenizer.encode)
+def context(facts) -> PlanContext:
+    return plan_context(facts)
 
 
-def nbce_plan(context: PlanContext, request: StrategyRequest, **params: Any):
-    return NbceStrategy(NbceParams(**params)).plan(request, context)
+def nbce_plan(tokenizer, context: PlanContext, request: StrategyRequest, **params: Any):
+    """NBCE's plan of `request`, tokenized as the service tokenizes it."""
+    strategy = NbceStrategy(NbceParams(**params))
+    return strategy.plan(tokenized(strategy, request, context, tokenizer), context)
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def essay(paragraphs: int) -> str:
@@ -57,30 +63,124 @@ def essay(paragraphs: int) -> str:
 def test_list_context_rows_follow_the_contract(tokenizer, context):
     docs = ("First document about apples.", "Second one, about pears.")
     q = "Which fruit?"
-    plan = nbce_plan(context, StrategyRequest(q, docs, 16))
+    plan = nbce_plan(tokenizer, context, StrategyRequest(q, docs, 16))
     assert plan.rows[0] == tokenizer.encode(q)
-    assert plan.rows[1:] == [tokenizer.encode(d + "\n\n" + q) for d in docs]
+    assert plan.rows[1:] == [ids(tokenizer, d) + ids(tokenizer, "\n\n" + q) for d in docs]
     assert plan.combiner == NbceCombiner(Combination(beta=0.25, pooling="min_entropy", eta=0.0, top_p=None))
     assert plan.rope.is_native and plan.resolved["rows"] == 3
+
+
+def gaps_between(document: list[int], chunks: list[list[int]]) -> list[list[int]]:
+    """The ids of `document` before, between and after `chunks`, found in it in order (AssertionError
+    where a chunk is not the document's next ids)."""
+    at, gaps = 0, []
+    for chunk in chunks:
+        start = next(i for i in range(at, len(document) - len(chunk) + 1) if document[i : i + len(chunk)] == chunk)
+        gaps.append(document[at:start])
+        at = start + len(chunk)
+    return [*gaps, document[at:]]
 
 
 def test_string_context_is_chunked_on_boundaries(tokenizer, context):
     text = essay(120)
     q = "What bends twice?"
-    plan = nbce_plan(context, StrategyRequest(q, (text,), 16), chunk_tokens=400)
-    chunks = split_document(text, 400, tokenizer.encode)
-    assert len(plan.rows) == len(chunks) + 1 > 3
-    for row, chunk in zip(plan.rows[1:], chunks, strict=False):
-        assert row == tokenizer.encode(chunk + "\n\n" + q)
-        assert len(tokenizer.encode(chunk)) <= 400 + 8
-        assert chunk.endswith(".")  # sentence (here: paragraph) boundaries, never mid-word
-    # Nothing lost: the chunks are the document's paragraphs and sentences in order.
-    assert " ".join(c.replace("\n\n", " ") for c in chunks) == text.replace("\n\n", " ")
+    plan = nbce_plan(tokenizer, context, StrategyRequest(q, (text,), 16), chunk_tokens=400)
+    question = ids(tokenizer, "\n\n" + q)
+    assert len(plan.rows) > 4 and all(row[-len(question) :] == question for row in plan.rows[1:])
+    chunks = [row[: -len(question)] for row in plan.rows[1:]]
+    for chunk in chunks:
+        assert len(chunk) <= 400
+        assert tokenizer.decode(chunk).endswith(".")  # sentence (here: paragraph) ends, never mid-word
+    # Nothing lost: the chunks are the document's own ids in order, less blank lines at the cuts.
+    gaps = gaps_between(ids(tokenizer, text), chunks)
+    assert all(tokenizer.decode(gap).isspace() for gap in gaps[1:-1]) and gaps[0] == gaps[-1] == []
 
 
-def test_default_chunk_fills_the_window(context, facts):
+@pytest.mark.parametrize(
+    ("document", "budget"),
+    [
+        (essay(120), 400),
+        (essay(40), 50),
+        (essay(10) + "\n\n" + "lantern meadow " * 300 + "x" * 2000 + " The end.\n\n\nAfter.", 64),
+        ("Ünïcödé wörds, 中文文本。 " * 200, 33),
+    ],
+)
+def test_string_context_rows_are_the_references(tokenizer, context, document, budget):
+    """The rows of a string context agree token for token with tests/support/nbce_reference.py's,
+    which writes the chunking rule out apart from the server's."""
+    from tests.support.nbce_reference import reference_rows
+
+    q = "What bends twice?"
+    plan = nbce_plan(tokenizer, context, StrategyRequest(q, (document,), 16), chunk_tokens=budget)
+    assert plan.rows == reference_rows(tokenizer, document, q, budget)
+
+
+def chunked(tokenizer, text: str, budget: int) -> tuple[TokenizedText, list[range]]:
+    doc = prompt_tokenizer(tokenizer).document(text)
+    return doc, chunk_spans(doc, budget)
+
+
+@pytest.mark.parametrize("budget", [16, 50, 120, 400])
+def test_chunks_are_the_documents_ids_cut_within_the_budget(tokenizer, budget):
+    """Every chunk holds at most `budget` tokens; together, in order, they are the document's ids
+    but for whitespace-only tokens at the cuts."""
+    text = essay(40) + "\n\n" + "word " * 300 + "x" * 3000 + " the end."
+    doc, spans = chunked(tokenizer, text, budget)
+    assert all(0 < len(span) <= budget for span in spans)
+    assert all(a.stop <= b.start for a, b in zip(spans, spans[1:], strict=False))
+    gaps = [
+        range(a.stop, b.start) for a, b in zip([range(0, 0), *spans], [*spans, range(len(doc), len(doc))], strict=True)
+    ]
+    assert all(doc.span_text(range(i, i + 1)).isspace() for gap in gaps for i in gap)
+    assert [doc.ids[i] for span in spans for i in span] == [
+        t for t, i in zip(doc.ids, range(len(doc)), strict=True) if not any(i in gap for gap in gaps)
+    ]
+
+
+def test_chunks_end_at_paragraphs_then_sentences_then_words(tokenizer):
+    # Paragraphs of ~60 tokens: a budget of 400 finds one in its last fifth, every time.
+    doc, spans = chunked(tokenizer, essay(60), 400)
+    assert len(spans) > 3
+    for span in spans[:-1]:
+        assert doc.text[doc.boundary(span.stop) :].startswith("\n\n"), doc.span_text(span)[-40:]
+    # Inside a paragraph (budget 50 < a paragraph), sentence ends: every sentence ends with ".".
+    doc, spans = chunked(tokenizer, essay(20), 50)
+    assert all(doc.span_text(span).endswith(".") for span in spans)
+    assert any(not doc.text[doc.boundary(span.stop) :].startswith("\n\n") for span in spans[:-1])
+    # No sentence end: word boundaries; one enormous word: token boundaries, the budget filled.
+    doc, spans = chunked(tokenizer, "lantern meadow " * 200, 50)
+    assert all(doc.text[doc.boundary(span.stop)].isspace() for span in spans[:-1])
+    doc, spans = chunked(tokenizer, "x" * 5000, 50)
+    assert [len(span) for span in spans[:-1]] == [50] * (len(spans) - 1)
+    assert [t for span in spans for t in doc.ids[span.start : span.stop]] == list(doc.ids)
+
+
+def test_planning_needs_no_tokenizer(facts):
+    """Planning reads values: nothing in the context can be called, and a strategy plans from ids
+    made by hand, with no tokenizer anywhere."""
+    context = plan_context(facts)
+    assert [f.name for f in dataclasses.fields(context) if callable(getattr(context, f.name))] == []
+    first = TokenizedText("Apples are red.", ids=(11, 12, 13, 14), ends=(6, 10, 14, 15))
+    second = TokenizedText("Pears are green.", ids=(21, 12, 23, 14), ends=(5, 9, 15, 16))
+    tokens = PromptTokens(prompt=(1, 2, 3), inputs=(7, 8), question=(5, 7, 8), documents=(first, second))
+    request = StrategyRequest("Which?", (first.text, second.text), 4, tokens=tokens)
+    plan = NbceStrategy(NbceParams()).plan(request, context)
+    assert plan.rows == [[7, 8], [11, 12, 13, 14, 5, 7, 8], [21, 12, 23, 14, 5, 7, 8]]
+    assert context.resolve("native").plan(request, context).rows == [[1, 2, 3]]
+
+
+@pytest.mark.parametrize(("split", "prompt"), [("last_paragraph", "A doc.\n\nQ?"), ("last_line", "A doc.\nQ?")])
+def test_a_split_prompt_reads_like_a_context(tokenizer, context, split, prompt):
+    """`split` cuts the prompt before it is tokenized: the rows are those of the same document and
+    question sent as `context` and `inputs`, whatever separator the prompt had."""
+    plan = nbce_plan(tokenizer, context, StrategyRequest(prompt, (), 8), split=split)
+    assert plan.rows == nbce_plan(tokenizer, context, StrategyRequest("Q?", ("A doc.",), 8)).rows
+    assert plan.rows == [tokenizer.encode("Q?"), ids(tokenizer, "A doc.") + ids(tokenizer, "\n\nQ?")]
+
+
+def test_default_chunk_fills_the_window(tokenizer, context, facts):
     text = essay(900)  # ~ 3-4 native windows
-    plan = nbce_plan(context, StrategyRequest("Q?", (text,), 64))
+    plan = nbce_plan(tokenizer, context, StrategyRequest("Q?", (text,), 64))
     assert all(len(r) + 64 <= facts.native_window for r in plan.rows)
     assert max(len(r) for r in plan.rows) > 0.9 * facts.native_window
 
@@ -89,19 +189,19 @@ def test_questions_up_to_the_reserve_get_the_same_chunks(tokenizer, context):
     """A second question on the same document plans the same chunks, so its rows' documents are a
     prefix the first question left in the cache; a question past the reserve moves the cuts."""
     text = essay(900)
-    short = nbce_plan(context, StrategyRequest("Q?", (text,), 64))
-    longer = nbce_plan(context, StrategyRequest("Which road is closed, and to what? " * 8, (text,), 64))
-    chunks = [row[: -len(tokenizer.encode("\n\nQ?"))] for row in short.rows[1:]]
+    short = nbce_plan(tokenizer, context, StrategyRequest("Q?", (text,), 64))
+    longer = nbce_plan(tokenizer, context, StrategyRequest("Which road is closed, and to what? " * 8, (text,), 64))
+    chunks = [row[: -len(ids(tokenizer, "\n\nQ?"))] for row in short.rows[1:]]
     assert short.resolved["chunk_tokens"] == longer.resolved["chunk_tokens"]
     for chunk, row in zip(chunks, longer.rows[1:], strict=True):
-        assert row[: len(chunk) - 1] == chunk[:-1]
-    huge = nbce_plan(context, StrategyRequest("Which road is closed? " * 80, (text,), 64))
+        assert row[: len(chunk)] == chunk
+    huge = nbce_plan(tokenizer, context, StrategyRequest("Which road is closed? " * 80, (text,), 64))
     assert huge.resolved["chunk_tokens"] < short.resolved["chunk_tokens"]
 
 
-def test_rope_composes_through_the_registry(context, facts):
+def test_rope_composes_through_the_registry(tokenizer, context, facts):
     text = essay(900)
-    plan = nbce_plan(context, StrategyRequest("Q?", (text,), 32), rope={"name": "yarn", "factor": 2})
+    plan = nbce_plan(tokenizer, context, StrategyRequest("Q?", (text,), 32), rope={"name": "yarn", "factor": 2})
     assert plan.rope.as_dict()["rope_type"] == "yarn"
     assert max(len(r) for r in plan.rows) > facts.native_window
     assert plan.resolved["rope"]["name"] == "yarn"
@@ -118,34 +218,36 @@ def test_rope_composes_through_the_registry(context, facts):
         {"name": "nbce", "bogus": 1},
     ],
 )
-def test_bad_parameters_are_strategy_errors(spec, context):
+def test_bad_parameters_are_strategy_errors(spec, tokenizer, context):
     with pytest.raises(StrategyError):
-        context.resolve(spec).plan(StrategyRequest("Q?", ("doc",), 8), context)
+        plan_with(context, spec, StrategyRequest("Q?", ("doc",), 8), tokenizer)
 
 
-def test_nbce_needs_context_and_fitting_documents(context):
+def test_nbce_needs_context_and_fitting_documents(tokenizer, context):
     with pytest.raises(StrategyError, match="context"):
-        nbce_plan(context, StrategyRequest("Q?", (), 8))
+        nbce_plan(tokenizer, context, StrategyRequest("Q?", (), 8))
     with pytest.raises(StrategyError, match=r"context\[1\]"):
-        nbce_plan(context, StrategyRequest("Q?", ("short", essay(900)), 8))
+        nbce_plan(tokenizer, context, StrategyRequest("Q?", ("short", essay(900)), 8))
 
 
-def test_auto_picks_by_length(context, facts):
-    auto = context.resolve("auto")
-    short = auto.plan(StrategyRequest("Q?", ("tiny doc",), 8), context)
+def test_auto_picks_by_length(tokenizer, context, facts):
+    def plan(request: StrategyRequest):
+        return plan_with(context, "auto", request, tokenizer)
+
+    short = plan(StrategyRequest("Q?", ("tiny doc",), 8))
     assert short.resolved["chosen"]["name"] == "native" and "fit" in short.resolved["reason"]
-    mid = auto.plan(StrategyRequest("Q?", (essay(200),), 8), context)
+    mid = plan(StrategyRequest("Q?", (essay(200),), 8))
     assert mid.resolved["chosen"]["name"] not in ("native", "nbce") and mid.resolved["chosen"]["factor"] >= 2
     # Measured best: dynamic_ntk, whose base follows the length, up to 3 x the window.
-    between = auto.plan(StrategyRequest("Q?", (essay(330),), 8), context)
+    between = plan(StrategyRequest("Q?", (essay(330),), 8))
     assert 2 * facts.native_window < between.prompt_tokens < 3 * facts.native_window
     assert between.resolved["chosen"]["name"] == mid.resolved["chosen"]["name"] == "dynamic_ntk"
     assert between.rope != mid.rope, "a longer bucket gets a larger base"
-    long = auto.plan(StrategyRequest("Q?", (essay(700),), 8), context)
+    long = plan(StrategyRequest("Q?", (essay(700),), 8))
     assert long.resolved["chosen"]["name"] == "nbce" and isinstance(long.combiner, NbceCombiner)
     assert "within max_rope_factor 3" in between.resolved["reason"]
     # All `inputs`, nothing to split: RoPE scaling past max_rope_factor, and the reason says so.
-    asked = auto.plan(StrategyRequest(essay(700), (), 8), context)
+    asked = plan(StrategyRequest(essay(700), (), 8))
     assert asked.resolved["chosen"]["name"] == "dynamic_ntk"
     assert "no context to split" in asked.resolved["reason"], asked.resolved["reason"]
 
@@ -164,17 +266,18 @@ class HalfThetaStrategy(RopeStrategy[RopeParams]):
 def test_strategies_registered_at_run_time_are_resolved_by_nbce_and_auto(tokenizer, facts):
     registry = default_registry()
     registry.register(HalfThetaStrategy)
-    context = plan_context(facts, tokenizer.encode, registry)
-    plan = nbce_plan(context, StrategyRequest("Q?", (essay(60),), 8), rope={"name": "half_theta", "factor": 2})
+    context = plan_context(facts, registry)
+    request = StrategyRequest("Q?", (essay(60),), 8)
+    plan = nbce_plan(tokenizer, context, request, rope={"name": "half_theta", "factor": 2})
     assert plan.rope.as_dict()["rope_theta"] == facts.rope_theta / 2
-    chosen = context.resolve({"name": "auto", "rope": "half_theta"}).plan(
-        StrategyRequest("Q?", (essay(200),), 8), context
+    chosen = plan_with(
+        context, {"name": "auto", "rope": "half_theta"}, StrategyRequest("Q?", (essay(200),), 8), tokenizer
     )
     assert chosen.resolved["chosen"]["name"] == "half_theta"
     assert chosen.rope.as_dict()["rope_theta"] == facts.rope_theta / 2
     # The process-wide default registry does not know it: nothing leaks between registries.
     with pytest.raises(StrategyError, match="half_theta"):
-        nbce_plan(plan_context(facts, tokenizer.encode), StrategyRequest("Q?", ("doc",), 8), rope="half_theta")
+        nbce_plan(tokenizer, plan_context(facts), StrategyRequest("Q?", ("doc",), 8), rope="half_theta")
 
 
 # --- the row tag -----------------------------------------------------------------------------------
@@ -306,19 +409,20 @@ def test_choose_token_never_raises_inside_the_engine():
 
 
 def test_more_documents_than_one_engine_step_runs_are_refused_before_any_is_tokenized(tokenizer, context):
-    tokenized: list[str] = []
+    texts: list[str] = []
 
-    def tokenize(text: str) -> list[int]:
-        tokenized.append(text)
-        return tokenizer.encode(text)
+    class Counting:
+        all_special_ids: list[int] = []
 
-    limited = dataclasses.replace(context, tokenize=tokenize, max_rows=8)
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            texts.append(text)
+            return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    limited = dataclasses.replace(context, max_rows=8)
     with pytest.raises(StrategyError, match="needs 100001 rows") as err:
-        nbce_plan(limited, StrategyRequest("Q?", tuple(f"doc {i}" for i in range(100_000)), 8))
-    assert err.value.field == "context" and "8 rows" in err.value.message and tokenized == []
-    # A string context: its chunks are counted before the rows are tokenized.
-    tokenized.clear()
+        nbce_plan(Counting(), limited, StrategyRequest("Q?", tuple(f"doc {i}" for i in range(100_000)), 8))
+    assert err.value.field == "context" and "8 rows" in err.value.message and texts == []
+    # A string context: its chunks are counted before the rows are built.
     with pytest.raises(StrategyError, match="rows"):
-        nbce_plan(limited, StrategyRequest("Q?", (essay(60),), 8), chunk_tokens=32)
-    assert not any(t.endswith("\n\nQ?") and t != "\n\nQ?" for t in tokenized)
-    assert len(nbce_plan(limited, StrategyRequest("Q?", tuple(f"doc {i}" for i in range(7)), 8)).rows) == 8
+        nbce_plan(tokenizer, limited, StrategyRequest("Q?", (essay(60),), 8), chunk_tokens=32)
+    assert len(nbce_plan(tokenizer, limited, StrategyRequest("Q?", tuple(f"doc {i}" for i in range(7)), 8)).rows) == 8

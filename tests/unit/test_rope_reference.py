@@ -15,7 +15,7 @@ import torch
 
 from server.engines.vllm_launch import hf_overrides_for
 from server.plan import ModelFacts
-from strategies.base import StrategyRequest
+from strategies.base import PromptTokens, StrategyRequest
 from strategies.dynamic_ntk import bucket_length
 from strategies.registry import default_registry
 from tests.support.planning import plan_context
@@ -45,10 +45,9 @@ CASES = [
 
 
 def plan_for(name: str, params: dict, total_tokens: int):
-    registry = default_registry()
-    context = plan_context(MODEL, lambda _text: list(range(total_tokens - 16)), registry)
-    strategy = registry.resolve({"name": name, **params})
-    return strategy, strategy.plan(StrategyRequest("x", max_new_tokens=16), context)
+    strategy = default_registry().resolve({"name": name, **params})
+    request = StrategyRequest("x", max_new_tokens=16, tokens=PromptTokens(tuple(range(total_tokens - 16))))
+    return strategy, strategy.plan(request, plan_context(MODEL))
 
 
 def vllm_rope(rope_parameters: dict, max_position: int):

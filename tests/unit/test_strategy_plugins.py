@@ -77,7 +77,7 @@ def test_pip_installed_plugins_are_discovered(installed_plugin: Path) -> None:
         {"name": "per_document", "rope": "shifted_theta"},
         StrategyRequest("q", ("a", "b", "c"), 16),
         MODEL,
-        lambda text: [len(text)] * 9000,
+        lambda text: [len(text)] * 4500,  # rows of 9,000 tokens: past the native window
         registry,
     )
     assert len(rows.rows) == 3 and rows.combiner is not None and rows.combiner.name == "one_after_another"

@@ -19,9 +19,9 @@ from clients.eval.results import EvalResults, Score
 from clients.eval.server_meter import Reading, ServerMeter, counter_total
 from server.engines.base import ModelFacts
 from strategies.auto_policy import AutoPolicy
-from strategies.base import StrategyRequest
+from strategies.base import PlanContext, StrategyRequest
 from strategies.registry import default_registry
-from tests.support.planning import plan_context
+from tests.support.planning import plan_with
 
 MODEL = ModelFacts("m", 8192, {"rope_type": "default", "rope_theta": 100000.0}, 64, 49152, max_context_tokens=40_000)
 
@@ -229,10 +229,9 @@ def test_autos_reason_names_the_varied_text_cell() -> None:
     results = varied_grid()
     raw = measured_policy(results, "ropeserve eval (docs/eval/varied/results.json)", ["fact_recall", "continuation"])
     policy = AutoPolicy.model_validate(raw)
-    registry = default_registry()
-    context = plan_context(MODEL, lambda text: [1] * len(text), registry)  # one token per character
-    context = type(context)(context.model, context.tokenize, context.resolve, {"auto_policy": policy})
-    plan = registry.resolve({"name": "auto"}).plan(StrategyRequest("Words. " * 1715, (), 8), context)  # 12,005 tokens
+    context = PlanContext(MODEL, default_registry(), {"auto_policy": policy})
+    one_per_character = lambda text: [1] * len(text)  # noqa: E731
+    plan = plan_with(context, "auto", StrategyRequest("Words. " * 1715, (), 8), one_per_character)  # 12,005 tokens
     reason = plan.resolved["reason"]
     assert plan.resolved["chosen"]["name"] == "dca"
     assert "measured at 16000 tokens on varied text (Austen's novels): fact_recall 15/20, continuation 0.25 of 20" in (

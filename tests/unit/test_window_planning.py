@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from server.attention.leaky_rerope import LeakyRerope
@@ -11,8 +9,9 @@ from server.attention.logn import LogN
 from server.attention.rerope import Rerope
 from server.attention.self_extend import SelfExtend
 from server.plan import AttentionScheme, ModelFacts, RopeConfig
+from server.service.plan_checks import first_served
 from strategies.base import StrategyError, StrategyRequest
-from tests.support.planning import plan_context, plan_for
+from tests.support.planning import plan_for
 from tests.support.window_reference import Scheme, relative_positions
 
 MODEL = ModelFacts("m", 8192, {"rope_theta": 1e5}, head_dim=64, vocab_size=100, max_context_tokens=90_000)
@@ -118,11 +117,11 @@ def test_nbce_rows_run_under_a_window_strategy_when_longer_than_its_window() -> 
 
 
 def scoring_plan(prompt_tokens: int, reads_prompt: bool = True, refuse: str | None = None, **auto: object):  # type: ignore[no-untyped-def]
-    context = dataclasses.replace(
-        plan_context(MODEL, lambda _t: [1] * prompt_tokens), refuse_rope=lambda rope: refuse if rope.attention else None
-    )
+    """auto's plan, and of it and its fallbacks the one an engine that refuses attention schemes
+    with `refuse` (None: refuses nothing) serves, as the service picks it."""
     request = StrategyRequest("q", max_new_tokens=0, scoring=reads_prompt)
-    return context.resolve({"name": "auto", **auto}).plan(request, context)
+    planned = plan_for({"name": "auto", **auto}, request, MODEL, lambda _t: [1] * prompt_tokens)  # type: ignore[arg-type]
+    return first_served(planned, lambda rope: refuse if rope.attention else None)
 
 
 def test_auto_scores_past_the_window_with_the_lowest_measured_perplexity() -> None:

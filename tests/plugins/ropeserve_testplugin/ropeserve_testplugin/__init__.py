@@ -15,7 +15,16 @@ from pydantic import Field
 
 from server.engines.base import Engine, EngineStep, RowJob, RowRequest, StepStream
 from server.plan import ModelFacts
-from strategies.base import ExecutionPlan, PlanContext, Strategy, StrategyError, StrategyParams, StrategyRequest
+from strategies.base import (
+    DOCUMENT_SEPARATOR,
+    ExecutionPlan,
+    PlanContext,
+    PromptTokens,
+    Strategy,
+    StrategyError,
+    StrategyParams,
+    StrategyRequest,
+)
 from strategies.rope import RopeParams, RopeStrategy
 
 
@@ -69,12 +78,14 @@ class PerDocumentStrategy(Strategy[PerDocumentParams]):
     def plan(self, request: StrategyRequest, context: PlanContext) -> ExecutionPlan:
         if not request.documents:
             raise StrategyError("context: per_document needs a list of documents", field="context")
-        plans = [
-            context.resolve(self.params.rope).plan(
-                StrategyRequest(request.inputs, (doc,), request.max_new_tokens), context
-            )
-            for doc in request.documents
-        ]
+        tokens, rope = request.prompt_tokens(), context.resolve(self.params.rope)
+        plans = []
+        for text, document in zip(request.documents, tokens.documents, strict=True):
+            # The row reads the document, a blank line and the question: the document's ids, then
+            # the question's (PromptTokens.after), planned as a prompt of its own.
+            row = PromptTokens(tuple(tokens.after(document.ids)))
+            text = text + DOCUMENT_SEPARATOR + request.inputs
+            plans.append(rope.plan(StrategyRequest(text, max_new_tokens=request.max_new_tokens, tokens=row), context))
         return ExecutionPlan(
             rope=plans[0].rope,
             rows=[p.rows[0] for p in plans],
