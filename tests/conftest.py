@@ -20,6 +20,7 @@ pytest_plugins = ["tests.support.prometheus_fixture"]
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 600
+PLUGIN_SERVER_MAX_NEW_TOKENS = 16
 # Every end-to-end test belongs to a tier (pyproject.toml's markers; scripts/test.sh selects them).
 TIERS = ("default_tier", "long_tier")
 
@@ -145,6 +146,32 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """The one real server of the session: `ropeserve serve` on the bundled model."""
     running = start_server(tmp_path_factory.mktemp("server"))
     print(f"\nserver started in {running.startup_seconds:.1f} s", file=sys.stderr)
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def plugin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A second real server, for what the shared one must not have: the test plugin installed (its
+    strategies listed) and small request limits (at most 16 new tokens, 2,000 characters of input,
+    64 KiB bodies), so that fuzzing it keeps every generated request short. One for the session:
+    tests/e2e/test_plugin_server.py and tests/e2e/test_api_fuzz.py share its start."""
+    from tests.support.plugins import install_plugin
+
+    site = tmp_path_factory.mktemp("plugin-site")
+    install_plugin(site)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    running = start_server(
+        tmp_path_factory.mktemp("plugin-server"),
+        {
+            "PYTHONPATH": path,
+            "ROPESERVE_KV_CACHE_GIB": "1",
+            "ROPESERVE_MAX_NEW_TOKENS_LIMIT": str(PLUGIN_SERVER_MAX_NEW_TOKENS),
+            "ROPESERVE_MAX_INPUT_CHARS": "2000",
+            "ROPESERVE_MAX_BODY_BYTES": "65536",
+        },
+        name="plugin",
+    )
     yield running
     stop_server(running)
 

