@@ -50,8 +50,11 @@ class PromptTokens:
     prompt: the client's ids). `question`: DOCUMENT_SEPARATOR + inputs, what follows a document in
     a row that reads one document first (NBCE); empty without documents. `documents`: each document,
     with its text. `special_prefix`: the special tokens the tokenizer puts before a text (a BOS;
-    none for many tokenizers), which a row assembled from pieces starts with. Only `prompt` has
-    special tokens.
+    none for many tokenizers), which a row assembled from pieces starts with. `document_prompts`:
+    for two or more documents, each one's own plain prompt (the document, DOCUMENT_SEPARATOR, the
+    inputs) as the model reads that text, special tokens included: the row of a strategy that reads
+    each document alone before the inputs (one document's is `prompt`). Only `prompt` and
+    `document_prompts` have special tokens.
 
     A request that is only a prompt's ids (a row another strategy planned) has the rest empty.
     """
@@ -61,6 +64,7 @@ class PromptTokens:
     question: tuple[int, ...] = ()
     documents: tuple[TokenizedText, ...] = ()
     special_prefix: tuple[int, ...] = ()
+    document_prompts: tuple[tuple[int, ...], ...] = ()
 
     def alone(self) -> list[int]:
         """The row that reads the inputs alone, as the model reads a text."""

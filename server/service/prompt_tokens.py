@@ -100,12 +100,16 @@ class PromptTokenizer:
         alone, question, *tokenized = (
             e.text_tokens(text) for e, text in zip(encode(self.tokenizer, pieces, False), pieces, strict=True)
         )
+        # Each document's own prompt, tokenized as one text: a document's last characters and the
+        # separator can make other tokens together than apart (trailing whitespace does).
+        own = [DOCUMENT_SEPARATOR.join((d, inputs)) for d in documents] if len(documents) > 1 else []
         return PromptTokens(
             prompt=tuple(whole.ids),
             inputs=alone.ids,
             question=question.ids,
             documents=tuple(tokenized),
             special_prefix=whole.leading_special(),
+            document_prompts=tuple(tuple(e.ids) for e in encode(self.tokenizer, own, add_special_tokens=True)),
         )
 
     def document(self, text: str) -> TokenizedText:

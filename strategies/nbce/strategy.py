@@ -5,7 +5,9 @@ The documents become rows that decode in lockstep (docs/CONTRACT.md, "NBCE rows"
 * a list `context` gives one row per document; a string `context`'s token ids are cut into
   chunks of at most `chunk_tokens` tokens, on paragraph or sentence ends when one is near
   (chunking.py);
-* row k is the ids of `d_k` followed by the ids of `"\n\n" + inputs` (tokenized as one string),
+* a document's row is its text `d_k + "\n\n" + inputs` tokenized as one string (the service's
+  `PromptTokens.document_prompts`); a chunk's row is the chunk's ids followed by the ids of
+  `"\n\n" + inputs` (the same ids: a chunk ends on a non-blank token of a byte-level tokenizer),
   and one more row is the ids of `inputs` alone (the unconditioned row);
 * at every step the rows' next-token log-probabilities are pooled (`min_entropy` as the
   reference: the row of least entropy; `max_prob`: the row whose best token is most likely;
@@ -231,10 +233,10 @@ class NbceStrategy(Strategy[NbceParams]):
         """The documents (or chunks) of rows 1..n, and those rows: each one's ids, then the question's."""
         if len(request.documents) > 1:
             texts, rows = [], []
-            for i, (text, document) in enumerate(zip(request.documents, tokens.documents, strict=True)):
+            for i, (text, own_prompt) in enumerate(zip(request.documents, tokens.document_prompts, strict=True)):
                 if not text.strip():
                     continue
-                row = tokens.after(document.ids)
+                row = list(own_prompt)
                 if len(row) + request.max_new_tokens > row_limit:
                     raise StrategyError(
                         f"context[{i}]: this document's row has {len(row)} tokens; with max_new_tokens "

@@ -61,13 +61,16 @@ def essay(paragraphs: int) -> str:
 
 
 def test_list_context_rows_follow_the_contract(tokenizer, context):
-    docs = ("First document about apples.", "Second one, about pears.")
+    """docs/CONTRACT.md, "NBCE rows": row k reads `d_k + "\n\n" + inputs` tokenized as one string;
+    a document that ends in blank space makes other tokens with the separator than apart."""
+    docs = ("First document about apples.", "Second one, about pears.\n", "Third, plums. \n\n")
     q = "Which fruit?"
     plan = nbce_plan(tokenizer, context, StrategyRequest(q, docs, 16))
     assert plan.rows[0] == tokenizer.encode(q)
-    assert plan.rows[1:] == [ids(tokenizer, d) + ids(tokenizer, "\n\n" + q) for d in docs]
+    assert plan.rows[1:] == [tokenizer.encode(d + "\n\n" + q) for d in docs]
+    assert plan.rows[2] != ids(tokenizer, docs[1]) + ids(tokenizer, "\n\n" + q)  # why: one string
     assert plan.combiner == NbceCombiner(Combination(beta=0.25, pooling="min_entropy", eta=0.0, top_p=None))
-    assert plan.rope.is_native and plan.resolved["rows"] == 3
+    assert plan.rope.is_native and plan.resolved["rows"] == 4
 
 
 def gaps_between(document: list[int], chunks: list[list[int]]) -> list[list[int]]:
@@ -113,6 +116,17 @@ def test_string_context_rows_are_the_references(tokenizer, context, document, bu
     q = "What bends twice?"
     plan = nbce_plan(tokenizer, context, StrategyRequest(q, (document,), 16), chunk_tokens=budget)
     assert plan.rows == reference_rows(tokenizer, document, q, budget)
+
+
+@pytest.mark.parametrize(("document", "budget"), [(essay(120), 400), (essay(40), 50)])
+def test_a_chunks_row_is_its_text_and_the_question_tokenized_as_one_string(tokenizer, context, document, budget):
+    """The contract's row for a chunk of a string context: its text, the separator and the inputs
+    tokenized as one string, as the chunk's ids and the question's ids are for this tokenizer."""
+    q = "What bends twice?"
+    plan = nbce_plan(tokenizer, context, StrategyRequest(q, (document,), 16), chunk_tokens=budget)
+    doc = prompt_tokenizer(tokenizer).document(document)
+    texts = [doc.span_text(span) for span in chunk_spans(doc, budget)]
+    assert plan.rows[1:] == [tokenizer.encode(text + "\n\n" + q) for text in texts]
 
 
 def chunked(tokenizer, text: str, budget: int) -> tuple[TokenizedText, list[range]]:
@@ -162,10 +176,15 @@ def test_planning_needs_no_tokenizer(facts):
     assert [f.name for f in dataclasses.fields(context) if callable(getattr(context, f.name))] == []
     first = TokenizedText("Apples are red.", ids=(11, 12, 13, 14), ends=(6, 10, 14, 15))
     second = TokenizedText("Pears are green.", ids=(21, 12, 23, 14), ends=(5, 9, 15, 16))
-    tokens = PromptTokens(prompt=(1, 2, 3), inputs=(7, 8), question=(5, 7, 8), documents=(first, second))
+    own_prompts = ((11, 12, 13, 14, 5, 7, 8), (21, 12, 23, 14, 5, 7, 8))
+    tokens = PromptTokens(
+        prompt=(1, 2, 3), inputs=(7, 8), question=(5, 7, 8), documents=(first, second), document_prompts=own_prompts
+    )
     request = StrategyRequest("Which?", (first.text, second.text), 4, tokens=tokens)
     plan = NbceStrategy(NbceParams()).plan(request, context)
-    assert plan.rows == [[7, 8], [11, 12, 13, 14, 5, 7, 8], [21, 12, 23, 14, 5, 7, 8]]
+    assert plan.rows == [[7, 8], *map(list, own_prompts)]
+    one = StrategyRequest("Which?", (first.text,), 4, tokens=dataclasses.replace(tokens, documents=(first,)))
+    assert NbceStrategy(NbceParams()).plan(one, context).rows == [[7, 8], [11, 12, 13, 14, 5, 7, 8]]
     assert context.resolve("native").plan(request, context).rows == [[1, 2, 3]]
 
 
